@@ -1,1 +1,53 @@
-"""lorakit."""
+"""lorakit: parameter-efficient fine-tuning with LoRA and its family.
+
+    import lorakit
+    model = lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    ...  # train: only the LoRA factors require grad
+    lorakit.save_adapter(model, "out/adapter")      # PEFT's on-disk format
+    model = lorakit.merge_and_unload(model)          # the plain model, zero inference overhead
+"""
+
+from .adapters import (
+    active_adapters,
+    delete_adapter,
+    disabled,
+    list_adapters,
+    merge,
+    merge_and_unload,
+    per_row_adapters,
+    set_adapter,
+    set_trainable,
+    unload,
+    unmerge,
+)
+from .combine import combine_adapters
+from .config import LoraConfig
+from .errors import LorakitError
+from .inject import inject
+from .io import load_adapter, save_adapter
+from .summary import TrainableSummary, print_trainable_parameters, trainable_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LorakitError",
+    "TrainableSummary",
+    "active_adapters",
+    "combine_adapters",
+    "delete_adapter",
+    "disabled",
+    "inject",
+    "list_adapters",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "per_row_adapters",
+    "print_trainable_parameters",
+    "save_adapter",
+    "set_adapter",
+    "set_trainable",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,168 @@
+"""Adapter lifecycle on an injected model: activate, disable, delete, merge, unmerge, unload.
+
+All functions take the model that :func:`lorakit.inject` returned and change it in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from .errors import AdapterNotFoundError, AdapterStateError
+from .inject import refresh_trainable
+from .state import clear_state, lora_layers, model_state, require_adapter, set_submodule, trainable_copies
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    st = model_state(model)
+    return list(st.adapters) if st else []
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    st = model_state(model)
+    return list(st.active) if st else []
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the active adapters; several active adapters add their updates."""
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        require_adapter(model, n)
+    st = model_state(model)
+    st.active = names
+    for _, host in lora_layers(model):
+        host.active = tuple(n for n in names if n in host.lora)
+    for _, host in trainable_copies(model):
+        # A full copy cannot be summed: the first active adapter that owns one wins.
+        host.active = next((n for n in names if n in host.modules_to_save), None)
+    refresh_trainable(model)
+
+
+def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
+    require_adapter(model, name).trainable = trainable
+    refresh_trainable(model)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model without any adapter inside the block (exception-safe).
+
+    Merged adapters are unmerged on entry and merged again on exit, so the block sees the base.
+    """
+    hosts = [h for _, h in lora_layers(model)]
+    copies = [h for _, h in trainable_copies(model)]
+    merged = {id(h): list(h.merged) for h in hosts}
+    for h in hosts:
+        h.unmerge()
+        h.disabled = True
+    for h in copies:
+        h.disabled = True
+    try:
+        yield model
+    finally:
+        for h in hosts:
+            h.disabled = False
+            h.merge(merged[id(h)])
+        for h in copies:
+            h.disabled = False
+
+
+@contextlib.contextmanager
+def per_row_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Serve several adapters in one batch: row i uses ``adapter_names[i]`` (None = the base model).
+
+    Example::
+
+        with lorakit.per_row_adapters(model, ["fr", "de", None]):
+            logits = model(input_ids).logits   # batch of 3
+    """
+    for n in adapter_names:
+        if n is not None:
+            require_adapter(model, n)
+    if any(h.merged for _, h in lora_layers(model)):
+        raise AdapterStateError("per-row adapters need unmerged adapters; call lorakit.unmerge(model) first.")
+    hosts = [h for _, h in lora_layers(model)]
+    for h in hosts:
+        h.row_adapters = list(adapter_names)
+    try:
+        yield model
+    finally:
+        for h in hosts:
+            h.row_adapters = None
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    require_adapter(model, name)
+    for path, host in list(lora_layers(model)):
+        if name in host.lora:
+            host.remove_adapter(name)
+            if len(host.lora) == 0:
+                set_submodule(model, path, host.base_layer)
+    for path, host in list(trainable_copies(model)):
+        if name in host.modules_to_save:
+            del host.modules_to_save[name]
+            if len(host.modules_to_save) == 0:
+                set_submodule(model, path, host.original_module)
+    st = model_state(model)
+    del st.adapters[name]
+    set_adapter(model, [n for n in st.active if n != name])
+    if not st.adapters:
+        clear_state(model)
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe_merge: bool = False) -> nn.Module:
+    """Add the updates of ``names`` (default: the active adapters) into the base weights.
+
+    Idempotent: an adapter already merged is skipped. With ``safe_merge`` a merge that would make any
+    weight non-finite raises ``AdapterStateError`` before touching that weight.
+    """
+    names = _names(model, names)
+    for _, host in lora_layers(model):
+        host.merge([n for n in names if n in host.lora], safe=safe_merge)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract every merged update again (restores W up to floating-point rounding)."""
+    for _, host in lora_layers(model):
+        host.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None,
+                     safe_merge: bool = False) -> nn.Module:
+    """Merge the active adapters (or ``names``) and return the plain model: every LoRA host replaced by
+    its base module (e.g. ``nn.Linear``) and every ``modules_to_save`` wrapper by its active copy."""
+    merge(model, names, safe_merge=safe_merge)
+    return _strip(model, keep_copies=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: the original model comes back."""
+    unmerge(model)
+    return _strip(model, keep_copies=False)
+
+
+def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
+    for path, host in list(lora_layers(model)):
+        set_submodule(model, path, host.base_layer)
+    for path, host in list(trainable_copies(model)):
+        set_submodule(model, path, host.current() if keep_copies else host.original_module)
+    clear_state(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _names(model: nn.Module, names) -> list[str]:
+    if names is None:
+        st = model_state(model)
+        if st is None:
+            raise AdapterNotFoundError("the model has no lorakit adapters to merge.")
+        return list(st.active)
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        require_adapter(model, n)
+    return names

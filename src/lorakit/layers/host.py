@@ -1,0 +1,130 @@
+"""``LoraLayer``: wraps a base module and adds named adapters beside it (composition).
+
+    x ──► base_layer ──────────────────────┐
+    │                                      + ──► y
+    └─► dropout ─► A (r) ─► B ─► ×scaling ─┘      (one branch per active, unmerged adapter)
+
+The base module is kept as it is (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Embedding``, ``nn.Conv*d``,
+a quantized linear, ...); its *kind* (``kinds.py``) knows its layout. Adapters are a name → module
+map. Merging adds ΔW into the base weight and is explicit and idempotent (never a side effect of
+``.eval()``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import AdapterNotFoundError, AdapterStateError
+from .adapter import LoraAdapter
+from .dropout import shared_dropout
+from .kinds import BaseKind
+
+
+class LoraLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module, kind: BaseKind):
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.lora = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+        self.row_adapters: list[str | None] | None = None  # per-row selection, set by a context
+
+    # -- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
+                    init: bool | str = True) -> LoraAdapter:
+        geometry = self.kind.geometry(self.base_layer, r)
+        ref = next(self.base_layer.parameters(), None)
+        device = ref.device if ref is not None else None
+        # Factors train in fp32 even on a bf16/fp16 base (stable Adam updates); the branch casts
+        # them to the compute dtype, which costs only rank-sized copies.
+        adapter = LoraAdapter(geometry, r, alpha, scaling, dropout, dtype=torch.float32, device=device)
+        adapter.reset(self.kind.zero_b, init)
+        self.lora[name] = adapter
+        return adapter
+
+    def add_module_adapter(self, name: str, adapter: nn.Module) -> None:
+        """Attach an adapter of another kind (AdaLoRA, O-LoRA) with the same contract."""
+        self.lora[name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise AdapterStateError(f"adapter {name!r} is merged into {self.kind.name} weights; unmerge first.")
+        del self.lora[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def adapter(self, name: str) -> nn.Module:
+        if name not in self.lora:
+            raise AdapterNotFoundError(f"this layer has no adapter {name!r}; it has {sorted(self.lora)}.")
+        return self.lora[name]
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        if self.row_adapters is not None:
+            return self._forward_rows(x, out)
+        for name in self.active:
+            if name in self.merged:
+                continue
+            adapter = self.lora[name]
+            out = adapter.apply(self.kind, self.base_layer, out, self._dropped(x, adapter))
+        return out
+
+    def _dropped(self, x: torch.Tensor, adapter: nn.Module) -> torch.Tensor:
+        p = getattr(adapter, "dropout", 0.0)
+        if not self.training or p == 0.0 or not torch.is_floating_point(x):
+            return x
+        return shared_dropout(x, p)
+
+    def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch uses adapter ``row_adapters[i]`` (None = base only)."""
+        names = self.row_adapters
+        if len(names) != x.shape[0]:
+            raise AdapterStateError(
+                f"per-row adapter names: got {len(names)} names for a batch of {x.shape[0]} rows; "
+                "give exactly one name (or None) per row."
+            )
+        if self.merged:
+            raise AdapterStateError(f"per-row adapters need unmerged adapters; {self.merged} are merged — unmerge first.")
+        for name in dict.fromkeys(n for n in names if n is not None):
+            if name not in self.lora:
+                continue  # this layer is not adapted by that adapter
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
+            adapter = self.lora[name]
+            sub_out = out.index_select(0, rows)
+            delta = adapter.apply(self.kind, self.base_layer, torch.zeros_like(sub_out),
+                                  self._dropped(x.index_select(0, rows), adapter))
+            out = out.index_add(0, rows, delta.to(out.dtype))
+        return out
+
+    # -- merging -------------------------------------------------------------------------------
+    def delta(self, name: str) -> torch.Tensor:
+        """ΔW of adapter ``name`` in the base weight's layout (fp32)."""
+        return self.kind.to_layout(self.base_layer, self.adapter(name).delta_2d().float())
+
+    def merge(self, names: list[str] | tuple[str, ...] | None = None, safe: bool = False) -> None:
+        for name in self.active if names is None else names:
+            if name in self.merged or name not in self.lora:
+                continue  # idempotent: merging twice is merging once
+            delta = self.delta(name)
+            if safe:
+                w = self.kind.weight(self.base_layer)
+                if not torch.isfinite(w.float() + delta).all():
+                    raise AdapterStateError(
+                        f"merging adapter {name!r} would put inf/NaN into a {self.kind.name} weight; "
+                        "the adapter was not merged. Check the adapter's weights (trained with a NaN loss?)."
+                    )
+            self.kind.add_to_weight(self.base_layer, delta)
+            self.merged.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged:
+            name = self.merged.pop()
+            self.kind.add_to_weight(self.base_layer, -self.delta(name))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.name}, active={list(self.active)}, merged={self.merged}"

@@ -1,0 +1,217 @@
+"""Base kinds: what LoRA needs to know about each kind of module it can wrap.
+
+A *kind* answers four questions about a base module: does it match, what are the shapes of A and B,
+how does the LoRA branch run on its input, and how does the dense update ΔW (always computed as a
+2-D ``(fan_out, fan_in)`` matrix by :meth:`LoraAdapter.delta_2d`) map onto the base's own weight
+layout. Nothing here knows about adapters' lifecycle; the host (``host.py``) does that.
+
+Dispatch is a first-match list (``KINDS``); a new base type (e.g. a quantized linear) registers its
+kind with :func:`register_kind` instead of adding branches to the LoRA code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .branch import lora_linear_branch
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: weight (in, out), y = x @ W + b. Matched by name so that lorakit
+    # does not import transformers for plain PyTorch models.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes of the LoRA factors for one base module and rank r."""
+
+    a_shape: tuple[int, ...]  # e.g. (r, in_features)
+    b_shape: tuple[int, ...]  # e.g. (out_features, r)
+
+
+class BaseKind:
+    """Interface of a kind; see the module docstring. Subclasses override what differs."""
+
+    name = "base"
+    #: True when A is the "input side" that starts random (B = 0); Embedding flips this (A = 0).
+    zero_b = True
+
+    def matches(self, module: nn.Module) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def geometry(self, module: nn.Module, r: int) -> Geometry:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def branch(self, module: nn.Module, base_out: torch.Tensor, x: torch.Tensor, a, b, scaling: float):
+        """Return ``base_out + scaling · B(A(x))`` (may reuse ``base_out``'s storage)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """The dense weight in the base's own layout (a view of the parameter where one exists)."""
+        return module.weight
+
+    def to_layout(self, module: nn.Module, delta_2d: torch.Tensor) -> torch.Tensor:
+        """Map ΔW from ``(fan_out, fan_in)`` onto the layout of :meth:`weight`."""
+        return delta_2d
+
+    def add_to_weight(self, module: nn.Module, delta: torch.Tensor) -> None:
+        """W ← W + delta in place (delta already in the base layout). Quantized kinds refuse."""
+        w = module.weight
+        w.data.add_(delta.to(w.dtype))
+
+    def bias(self, module: nn.Module):
+        return getattr(module, "bias", None)
+
+
+class LinearKind(BaseKind):
+    """``nn.Linear``: weight (out, in); A (r, in), B (out, r)."""
+
+    name = "linear"
+
+    def matches(self, module):
+        return isinstance(module, nn.Linear)
+
+    def dims(self, module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def geometry(self, module, r):
+        fan_in, fan_out = self.dims(module)
+        return Geometry((r, fan_in), (fan_out, r))
+
+    def branch(self, module, base_out, x, a, b, scaling):
+        return lora_linear_branch(base_out, x, a, b, scaling)
+
+
+class Conv1DKind(LinearKind):
+    """GPT-2's ``Conv1D``: weight stored transposed, (in, out). Same factors as Linear."""
+
+    name = "conv1d_gpt2"
+
+    def matches(self, module):
+        return _is_hf_conv1d(module)
+
+    def dims(self, module):
+        fan_in, fan_out = module.weight.shape
+        return fan_in, fan_out
+
+    def to_layout(self, module, delta_2d):
+        return delta_2d.T  # (out, in) -> (in, out)
+
+
+class EmbeddingKind(BaseKind):
+    """``nn.Embedding``: weight (num, dim); A (r, num) starts at zero, B (dim, r) normal (as PEFT).
+
+    The branch looks rows of Aᵀ up (an embedding of width r) and projects them with B, so ΔW as a
+    ``(fan_out=dim, fan_in=num)`` matrix is B·A and the weight layout is its transpose.
+    """
+
+    name = "embedding"
+    zero_b = False
+
+    def matches(self, module):
+        return isinstance(module, nn.Embedding)
+
+    def geometry(self, module, r):
+        return Geometry((r, module.num_embeddings), (module.embedding_dim, r))
+
+    def branch(self, module, base_out, x, a, b, scaling):
+        # (..., ) ids -> (..., r) -> (..., dim)
+        after_a = F.embedding(x, a.T.to(base_out.dtype), module.padding_idx, module.max_norm,
+                              module.norm_type, module.scale_grad_by_freq, module.sparse)
+        return base_out + (after_a @ b.T.to(base_out.dtype)) * scaling
+
+    def to_layout(self, module, delta_2d):
+        return delta_2d.T
+
+
+class ConvKind(BaseKind):
+    """``nn.Conv1d/2d/3d`` (groups = 1): A is a conv with the base's kernel, stride, padding and
+    dilation, in → r channels; B a 1×…×1 conv, r → out. ΔW = B·A over the flattened kernel."""
+
+    name = "conv"
+    _fns = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+    def matches(self, module):
+        return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+    def geometry(self, module, r):
+        if module.groups != 1:
+            from ..errors import UnsupportedModuleError
+
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} with groups={module.groups}: LoRA on grouped convolutions "
+                "is not supported; remove this module from target_modules."
+            )
+        if module.padding_mode != "zeros":
+            from ..errors import UnsupportedModuleError
+
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} with padding_mode={module.padding_mode!r}: only 'zeros' is "
+                "supported; remove this module from target_modules."
+            )
+        k = tuple(module.kernel_size)
+        ones = (1,) * len(k)
+        return Geometry((r, module.in_channels, *k), (module.out_channels, r, *ones))
+
+    def branch(self, module, base_out, x, a, b, scaling):
+        conv = self._fns[a.dim() - 2]
+        dt = base_out.dtype
+        xa = conv(x.to(dt), a.to(dt), None, module.stride, module.padding, module.dilation)
+        return base_out + conv(xa, b.to(dt)) * scaling
+
+    def to_layout(self, module, delta_2d):
+        return delta_2d.reshape(module.weight.shape)
+
+
+KINDS: list[BaseKind] = [LinearKind(), Conv1DKind(), EmbeddingKind(), ConvKind()]
+
+
+def register_kind(kind: BaseKind, first: bool = True) -> None:
+    """Teach LoRA a new base type (e.g. a quantized linear); ``first`` gives it priority."""
+    if any(type(k) is type(kind) for k in KINDS):
+        return
+    KINDS.insert(0, kind) if first else KINDS.append(kind)
+
+
+def kind_of(module: nn.Module) -> BaseKind | None:
+    for kind in KINDS:
+        if kind.matches(module):
+            return kind
+    return None
+
+
+def supported_type_names() -> Sequence[str]:
+    return ("nn.Linear", "transformers Conv1D", "nn.Embedding", "nn.Conv1d/2d/3d", "lorakit QuantLinear")
+
+
+def init_factors(a: torch.Tensor, b: torch.Tensor, zero_b: bool, mode: bool | str) -> None:
+    """LoRA's initialisation (Hu et al. §4.1): one factor random, the other zero, so ΔW = 0 at start.
+
+    Linear-like kinds (``zero_b``): A Kaiming-uniform (a=√5, as nn.Linear) or, with "gaussian",
+    N(0, (1/r)²); B = 0. Embedding: A = 0, B ~ N(0, 1) (PEFT's choice).
+    ``mode=False`` makes the zero factor random too (ΔW ≠ 0), for tests.
+    """
+    r = a.shape[0]
+    with torch.no_grad():
+        if zero_b:
+            if mode == "gaussian":
+                nn.init.normal_(a, std=1.0 / r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            if mode is False:
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(b)
+        else:
+            nn.init.normal_(b)
+            if mode is False:
+                nn.init.normal_(a)
+            else:
+                nn.init.zeros_(a)
