@@ -1,0 +1,64 @@
+"""``lorakit train --method adalora``: the AdaLoRA adapter plus its hook, registered on import.
+
+The LoRA flags map onto AdaLoRA at an equal final budget: ``--r`` is the *target* average rank
+(``target_r``), and each matrix starts at ``init_r`` = ⌈1.5·r⌉ (the paper's ratio, e.g. 12 → 8).
+Everything else AdaLoRA-specific goes through ``method_options`` with PEFT's names::
+
+    lorakit train --method adalora --r 8 method_options.init_r=12 method_options.deltaT=10
+
+Without ``total_step``/``tinit``/``tfinal`` the schedule follows the run: T = the run's optimizer
+steps, t_i = ⌊0.1·T⌋, t_f = ⌊0.3·T⌋ (set by the hook at the start of training).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from ...errors import ConfigError
+from ...train import methods
+from .config import AdaLoraConfig
+from .hook import AdaLoraHook
+from .layer import inject_adalora
+
+OPTIONS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+           "orth_reg_form", "total_step", "lora_alpha")
+#: t_i and t_f as fractions of the run when the options leave the schedule out.
+AUTO_WARMUPS = (0.1, 0.3)
+
+
+def adalora_config(args: Any) -> tuple[AdaLoraConfig, bool]:
+    """The ``AdaLoraConfig`` that ``TrainArgs`` describe, and whether the hook sets the schedule."""
+    opts = dict(args.method_options or {})
+    unknown = sorted(set(opts) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"method_options {unknown} are not AdaLoRA options; valid: {', '.join(OPTIONS)}.")
+    target_r = int(opts.pop("target_r", args.r))
+    auto = not any(k in opts for k in ("total_step", "tinit", "tfinal"))
+    config = AdaLoraConfig(
+        init_r=int(opts.pop("init_r", math.ceil(1.5 * target_r))),
+        target_r=target_r,
+        lora_alpha=opts.pop("lora_alpha", args.lora_alpha),
+        lora_dropout=args.lora_dropout,
+        target_modules=args.target_modules,
+        exclude_modules=args.exclude_modules,
+        modules_to_save=args.modules_to_save,
+        task_type="SEQ_CLS" if args.task == "seq-cls" else "CAUSAL_LM",
+        **opts,
+    )
+    return config, auto
+
+
+def build(model: nn.Module, args: Any) -> methods.MethodSetup:
+    if getattr(args, "use_rslora", False):
+        raise ConfigError("use_rslora does not apply to AdaLoRA (its scaling is α / init_r); drop --use-rslora.")
+    config, auto = adalora_config(args)
+    inject_adalora(model, config)
+    return methods.MethodSetup(model, hooks=[AdaLoraHook(model=model, auto_warmups=AUTO_WARMUPS if auto else None)])
+
+
+def register() -> None:
+    """Make ``--method adalora`` available (done on importing ``lorakit.variants.adalora``)."""
+    methods.register("adalora", build)
