@@ -15,6 +15,18 @@ The loop calls, in order, for every optimizer step::
 
 ``ctx`` is a :class:`HookContext`. A hook may replace ``ctx.optimizer`` in ``on_train_start`` or
 ``after_step`` (e.g. after AdaLoRA physically shrinks its factors) — the loop re-reads it.
+
+What ``lorakit.train.loop`` provides (details in docs/TRAINING.md):
+
+* ``ctx.model`` is the unwrapped model (never the DDP/FSDP wrapper); ``ctx.extra`` holds
+  ``"accelerator"``, ``"args"`` (the run's ``TrainArgs``) and ``"tokenizer"``.
+* ``extra_loss`` is called once per micro-batch inside autocast; the loop adds it with weight
+  ``1 / grad_accum``, so a step counts it once whatever the accumulation.
+* ``state_dict()`` goes into every checkpoint (``hooks.pt``, read with ``weights_only=True``: tensors
+  and plain data only); on resume ``load_state_dict`` runs before the trainable weights are loaded,
+  so a hook may first give its parameters the checkpoint's shapes.
+* Parameter groups of a replacement optimizer keep their schedule if they carry ``"base_lr"`` (the
+  peak rate); groups without it are taken to be at the current step's rate.
 """
 
 from __future__ import annotations

@@ -1,0 +1,164 @@
+"""``lorakit``: the command line. Thin on purpose — each command parses its arguments and calls one
+typed function (``lorakit.train.train``, ``lorakit.train.commands.*``).
+
+    lorakit train                                   # the embedded demo: tiny-base learns a new task
+    lorakit train --model DIR --data train.jsonl [--config recipe.yaml] [key=value ...]
+    lorakit eval    --adapter runs/default/adapter --data builtin:shift
+    lorakit merge   --adapter runs/default/adapter --out merged/
+    lorakit generate --adapter runs/default/adapter "shift abc="
+    lorakit info    runs/default/adapter
+
+``train``'s flags, recipe keys and ``key=value`` overrides are the fields of ``TrainArgs``; later
+sources win: defaults < (embedded defaults, with no --model/--data) < recipe < flags < key=value.
+Errors lorakit understands (bad config, bad data, bad checkpoint) print one message and exit 2;
+an interrupted run exits 130 (SIGINT) or 143 (SIGTERM) after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+
+from .errors import LorakitError
+
+
+def train_command(config: str | None, flags: dict[str, str], overrides: Sequence[str]) -> int:
+    from .train.args import EMBEDDED_DEFAULTS, TrainArgs
+    from .train.loop import train
+    from .train.options import build, load_yaml, parse_overrides
+
+    recipe = load_yaml(config) if config else {}
+    extra = parse_overrides(overrides)
+    user = {**recipe, **flags, **extra}
+    demo = user.get("model") in (None, "", "none", "null") and user.get("data") in (None, "", "none", "null")
+    layers = [("the embedded defaults", EMBEDDED_DEFAULTS if demo else {}),
+              (f"recipe {config}", recipe), ("the command-line flags", flags), ("key=value arguments", extra)]
+    args = build(TrainArgs, *layers)
+    result = train(args)
+    if result.interrupted:
+        return 143 if result.signal == signal.SIGTERM else 130
+    return 0
+
+
+def eval_command(data: str, adapter: str | None, model: str | None, max_length: int, batch_size: int,
+                 eval_rows: int, as_json: bool) -> int:
+    from .train.commands import evaluate, format_eval
+
+    result = evaluate(data, adapter=adapter, model=model, max_length=max_length, batch_size=batch_size,
+                      eval_rows=eval_rows)
+    print(json.dumps(result, indent=2) if as_json else "\n".join(format_eval(result)))
+    return 0
+
+
+def merge_command(adapter: str, out: str, model: str | None) -> int:
+    from .train.commands import merge
+
+    path = merge(adapter, out, model=model)
+    print(f"merged {adapter} into its base; saved a transformers checkpoint to {path}")
+    return 0
+
+
+def generate_command(prompt: str, adapter: str | None, model: str | None, max_new_tokens: int,
+                     temperature: float, chat: bool) -> int:
+    from .train.commands import generate
+
+    text = generate(prompt, adapter=adapter, model=model, max_new_tokens=max_new_tokens,
+                    temperature=temperature, chat=chat)
+    print(text, end="" if text.endswith("\n") else "\n")
+    return 0
+
+
+def info_command(adapter_dir: str, as_json: bool) -> int:
+    from .train.commands import format_info, info
+
+    data = info(adapter_dir)
+    print(json.dumps(data, indent=2, default=str) if as_json else "\n".join(format_info(data)))
+    return 0
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from .train.args import TrainArgs
+    from .train.options import add_flags
+
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, eval, merge, generate.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = parser.train_parser = sub.add_parser("train", help="fine-tune a model (no arguments: the embedded demo)",
+                       description="Fine-tune with LoRA (or another --method). Every flag is also a recipe "
+                                   "key and a key=value override.")
+    p.add_argument("--config", help="YAML recipe whose keys are the flags below (with underscores)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. lr=1e-4 r=16")
+    add_flags(p, TrainArgs)
+
+    p = sub.add_parser("eval", help="loss / perplexity / accuracy, base vs adapter")
+    p.add_argument("--data", required=True, help="a .jsonl/.csv/.parquet file or builtin:TASK (eval split)")
+    p.add_argument("--adapter", help="adapter directory (omit to score the base model alone)")
+    p.add_argument("--model", help="base model directory (default: the adapter's base, or the embedded model)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-rows", type=int, default=200, help="rows drawn from a builtin task")
+    p.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
+
+    p = sub.add_parser("merge", help="merge an adapter and save a dense transformers checkpoint")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True, help="output directory (from_pretrained loads it)")
+    p.add_argument("--model", help="base model directory (default: the adapter's base)")
+
+    p = sub.add_parser("generate", help="continue a prompt with an adapter")
+    p.add_argument("prompt")
+    p.add_argument("--adapter")
+    p.add_argument("--model")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+
+    p = sub.add_parser("info", help="describe an adapter directory")
+    p.add_argument("adapter_dir")
+    p.add_argument("--json", action="store_true", dest="as_json")
+
+    # Commands other modules contribute: each sub-parser sets `run(namespace) -> exit code`.
+    try:
+        from .cli_forgetting import add_subcommands
+    except ImportError:
+        pass
+    else:
+        add_subcommands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # flags and KEY=VALUE may interleave: `--model M lr=1e-4 --data D r=8`
+        ns = parser.train_parser.parse_intermixed_args(argv[1:])
+        ns.command = "train"
+    else:
+        ns = parser.parse_args(argv)
+    try:
+        if ns.command == "train":
+            flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "overrides")}
+            return train_command(ns.config, flags, ns.overrides)
+        if ns.command == "eval":
+            return eval_command(ns.data, ns.adapter, ns.model, ns.max_length, ns.batch_size, ns.eval_rows,
+                                ns.as_json)
+        if ns.command == "merge":
+            return merge_command(ns.adapter, ns.out, ns.model)
+        if ns.command == "generate":
+            return generate_command(ns.prompt, ns.adapter, ns.model, ns.max_new_tokens, ns.temperature, ns.chat)
+        if ns.command == "info":
+            return info_command(ns.adapter_dir, ns.as_json)
+        return ns.run(ns)  # a contributed command (lorakit forgetting, distill-data)
+    except LorakitError as exc:
+        print(f"lorakit {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during a save: the previous checkpoint is intact
+        print(f"lorakit {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

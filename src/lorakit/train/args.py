@@ -1,0 +1,174 @@
+"""``TrainArgs``: every setting of ``lorakit train``, validated on construction.
+
+This one dataclass is the source of truth for the command's flags (``--lr 1e-4``), the keys of a YAML
+recipe (``lr: 1.0e-4``) and ``key=value`` overrides (``lr=1e-4``): ``options.py`` builds all three from
+its fields, so they cannot drift apart. Each field's ``help`` is what ``lorakit train --help`` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import ConfigError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def _f(default: Any, help: str, *, factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainArgs:
+    # -- what to train ---------------------------------------------------------------------------
+    model: str | None = _f(None, "local transformers model directory (default: the embedded tiny-base)")
+    data: str | None = _f(None, "training data: a .jsonl/.json/.csv/.parquet file or builtin:TASK "
+                                "(default: builtin:<the embedded model's default task>)")
+    eval_data: str | None = _f(None, "evaluation data, same forms as --data (default for builtin data: "
+                                     "the task's eval split)")
+    output_dir: str = _f("runs/default", "where the adapter, metrics.json, loss.png, logs and checkpoints go")
+    task: Literal["auto", "causal-lm", "seq-cls"] = _f(
+        "auto", "model head: causal-lm, seq-cls, or auto (from the model's architectures and the data)")
+    data_format: Literal["auto", "text", "instruction", "chat", "classification"] = _f(
+        "auto", "row schema; auto picks it from the columns (messages / instruction+output / text+label / text)")
+    method: str = _f("lora", "fine-tuning method: lora, loraplus, full, or one registered by a variant "
+                              "(adalora, olora)")
+    method_options: dict[str, Any] = _f(None, "extra options for the method (YAML mapping, or "
+                                              "method_options.KEY=VALUE)", factory=dict)
+    # -- LoRA (names as in lorakit.LoraConfig) ----------------------------------------------------
+    r: int = _f(8, "LoRA rank")
+    lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/r")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input")
+    target_modules: list[str] | str = _f("all-linear", "modules to adapt: names (comma-separated), a regex, "
+                                                       "or all-linear")
+    exclude_modules: list[str] | None = _f(None, "modules removed from the targets (comma-separated)")
+    modules_to_save: list[str] | None = _f(None, "modules trained in full next to the adapter "
+                                                 "(default for seq-cls: the classification head)")
+    use_rslora: bool = _f(False, "scale by alpha/sqrt(r) (rank-stabilized LoRA)")
+    loraplus_ratio: float = _f(16.0, "LoRA+: B's learning rate = ratio x A's (method=loraplus)")
+    loraplus_embedding_lr: float | None = _f(None, "LoRA+: learning rate of embedding adapters (default 1e-6)")
+    # -- precision and memory ---------------------------------------------------------------------
+    quant: Literal["none", "nf4", "fp4", "int8"] = _f("none", "quantize the frozen base's linear layers with "
+                                                            "lorakit.quant (QLoRA)")
+    bf16: bool = _f(False, "bf16 autocast for forward/backward (LoRA factors stay fp32)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    # -- optimization -----------------------------------------------------------------------------
+    lr: float = _f(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    schedule: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate schedule after warm-up")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 = no clipping)")
+    epochs: float = _f(1.0, "passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = _f(None, "optimizer steps to run (overrides epochs)")
+    batch_size: int = _f(8, "rows per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    max_length: int = _f(512, "tokens per row; longer rows are truncated (and counted)")
+    packing: bool = _f(False, "concatenate rows into blocks of max_length tokens")
+    seed: int = _f(0, "seed for initialization, data order and dropout")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
+    # -- data ---------------------------------------------------------------------------------------
+    builtin_rows: int = _f(2000, "rows drawn from a builtin:TASK training split")
+    eval_rows: int = _f(200, "rows drawn from a builtin task's eval split (accuracy and loss)")
+    eval_tasks: list[str] | None = _f(None, "built-in tasks scored before/after (default: the data's task "
+                                            "and the model's base tasks, when it has lorakit_tasks.json)")
+    # -- checkpoints, logging -------------------------------------------------------------------------
+    save_every: int = _f(0, "write a checkpoint every N optimizer steps (0 = only at the end)")
+    keep_checkpoints: int = _f(2, "how many checkpoints to keep (oldest are deleted)")
+    resume: str | None = _f(None, "continue from a checkpoint directory, or 'auto' for the latest in "
+                                  "output_dir/checkpoints")
+    overwrite: bool = _f(False, "start over in an output_dir that already holds a run")
+    log_every: int = _f(10, "refresh the progress bar's loss every N steps (the CSV log gets every step)")
+    eval_every: int = _f(0, "evaluate the eval data every N steps (0 = before and after only)")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("r", "batch_size", "grad_accum", "max_length", "builtin_rows", "keep_checkpoints",
+                     "log_every"):
+            _positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "save_every", "eval_every", "eval_rows"):
+            _positive_int(name, getattr(self, name), minimum=0)
+        if self.max_steps is not None:
+            _positive_int("max_steps", self.max_steps)
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        for name in ("lr", "lora_alpha", "loraplus_ratio", "epochs"):
+            _positive_float(name, getattr(self, name))
+        if self.loraplus_embedding_lr is not None:
+            _positive_float("loraplus_embedding_lr", self.loraplus_embedding_lr)
+        for name in ("weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name}={v!r}: must be a finite number ≥ 0.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
+        if not self.method or not isinstance(self.method, str):
+            raise ConfigError(f"method={self.method!r}: name a method, e.g. lora, loraplus or full.")
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"method_options={self.method_options!r}: must be a mapping of option → value.")
+        if self.resume is not None and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: resume continues the run that "
+                              "overwrite would delete. Pass one of them.")
+        if self.packing and self.task == "seq-cls":
+            raise ConfigError("packing=true concatenates rows into token blocks, which makes no sense for "
+                              "sequence classification; drop packing or use a causal LM.")
+        if self.quant != "none" and self.method == "full":
+            raise ConfigError(f"quant={self.quant} freezes quantized base weights, so method=full cannot "
+                              "train them; use method=lora (QLoRA) or quant=none.")
+
+    # -- conveniences ---------------------------------------------------------------------------
+    @property
+    def builtin_task(self) -> str | None:
+        """``TASK`` when ``data`` is ``builtin:TASK``."""
+        return _builtin(self.data)
+
+    @property
+    def eval_builtin_task(self) -> str | None:
+        return _builtin(self.eval_data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainArgs:
+        return dataclasses.replace(self, **changes)
+
+
+def field_help(name: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(TrainArgs) if f.name == name)
+
+
+def _builtin(spec: str | None) -> str | None:
+    if spec and spec.startswith(BUILTIN_PREFIX):
+        return spec[len(BUILTIN_PREFIX):]
+    return None
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r}: must be an integer ≥ {minimum}.")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r}: must be a positive finite number.")
+
+
+# Settings of `lorakit train` with no --model and no --data: the embedded tiny model learns its
+# default new task in well under the 3-minute budget on 2 CPU cores. Layered *under* a recipe and the
+# command line, so `lorakit train lr=1e-3` still wins.
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "lr": 3e-3,
+    "batch_size": 32,
+    "max_steps": 300,
+    "warmup_steps": 20,
+    "schedule": "cosine",
+    "builtin_rows": 4000,
+    "save_every": 100,
+    # A 0.8 M-parameter model gains nothing from a second thread, and on a busy machine OpenMP's
+    # spinning threads make each step 10-20x slower; one thread keeps the demo's time predictable.
+    "threads": 1,
+}

@@ -1,0 +1,206 @@
+"""The commands around training: ``eval``, ``merge``, ``generate``, ``info``. Each is a typed function
+that returns what it printed as data, so tests and notebooks call them directly; ``cli.py`` only
+parses arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AdapterFileError, ConfigError
+from .args import BUILTIN_PREFIX
+
+LABELS_FILE = "lorakit_labels.json"  # label2id of a classifier's adapter, written next to it
+
+
+def base_of(adapter: str | None, model: str | None) -> str | None:
+    """The base model: ``--model``, else the adapter's ``base_model_name_or_path`` (None = embedded)."""
+    if model is not None or adapter is None:
+        return model
+    from ..io import read_adapter_config
+
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
+    if base and (Path(base) / "config.json").is_file():
+        return base
+    from ..tasks import embedded_model_dir
+
+    if base and Path(base).resolve() == embedded_model_dir(check=False).resolve():
+        return None
+    raise ConfigError(f"{adapter}: its base model {base!r} is not a local directory; pass --model DIR.")
+
+
+def load_for_inference(model: str | None, adapter: str | None):
+    """(model, tokenizer, task) with the adapter loaded (frozen) when one is given."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ..io import load_adapter
+    from .model import load_tokenizer, model_dir
+
+    path, _ = model_dir(base_of(adapter, model))
+    tokenizer = load_tokenizer(path)
+    labels_file = Path(adapter) / LABELS_FILE if adapter else None
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    is_cls = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+    if labels_file is not None and labels_file.is_file():
+        label2id = json.loads(labels_file.read_text())
+        net = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, num_labels=len(label2id), label2id=label2id,
+            id2label={v: k for k, v in label2id.items()}, ignore_mismatched_sizes=True)
+        net.config.pad_token_id = tokenizer.pad_token_id
+        task = "seq-cls"
+    elif is_cls:
+        net = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+        net.config.pad_token_id = tokenizer.pad_token_id
+        task = "seq-cls"
+    else:
+        net = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        task = "causal-lm"
+    if adapter is not None:
+        load_adapter(net, adapter)
+    net.eval()
+    return net, tokenizer, task
+
+
+# -- eval -------------------------------------------------------------------------------------------
+def evaluate(data: str, adapter: str | None = None, model: str | None = None, max_length: int = 512,
+             batch_size: int = 16, eval_rows: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Loss / perplexity / accuracy of the base model and (with ``adapter``) the adapted one."""
+    from ..adapters import disabled
+    from ..eval.metrics import evaluate_loss
+    from .data_files import read_data
+    from .encode import encode, label_mapping
+
+    net, tokenizer, task = load_for_inference(model, adapter)
+    raw = read_data(data, "auto", "eval", eval_rows, seed)
+    label2id = None
+    if raw.format == "classification":
+        label2id = {str(k): int(v) for k, v in (net.config.label2id or {}).items()} or label_mapping(raw.rows)
+    encoded = encode(raw, tokenizer, max_length, label2id)
+    builtin = data[len(BUILTIN_PREFIX):] if data.startswith(BUILTIN_PREFIX) else None
+
+    def score() -> dict[str, Any]:
+        result = {"loss": evaluate_loss(net, encoded.examples, tokenizer.pad_token_id, batch_size).to_dict()}
+        if builtin and task == "causal-lm":
+            from ..eval.task_eval import evaluate_task
+
+            result["exact_match"] = evaluate_task(net, tokenizer, builtin, n=eval_rows).accuracy
+        return result
+
+    out: dict[str, Any] = {"data": encoded.counts()}
+    if adapter is not None:
+        with disabled(net):
+            out["base"] = score()
+        out["adapter"] = score()
+    else:
+        out["base"] = score()
+    return out
+
+
+def format_eval(result: dict[str, Any]) -> list[str]:
+    d = result["data"]
+    lines = [f"data: {d['source']}: {d['rows']} rows, {d['truncated']} truncated, {sum(d['dropped'].values())} dropped",
+             f"{'':10}{'loss':>10}{'perplexity':>12}{'accuracy':>10}{'exact match':>13}"]
+    for name in ("base", "adapter"):
+        if name in result:
+            r, loss = result[name], result[name]["loss"]
+            ppl = f"{loss['perplexity']:.3f}" if loss["perplexity"] is not None else "-"
+            em = f"{100 * r['exact_match']:.1f}%" if "exact_match" in r else "-"
+            lines.append(f"{name:10}{loss['loss']:>10.4f}{ppl:>12}{100 * loss['accuracy']:>9.1f}%{em:>13}")
+    return lines
+
+
+# -- merge ------------------------------------------------------------------------------------------
+def merge(adapter: str, out: str, model: str | None = None) -> Path:
+    """Merge ``adapter`` into its base and save a dense transformers checkpoint (+ tokenizer) to ``out``."""
+    from ..adapters import merge_and_unload
+
+    net, tokenizer, _ = load_for_inference(model, adapter)
+    net = merge_and_unload(net)
+    path = Path(out)
+    net.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# -- generate -----------------------------------------------------------------------------------------
+@torch.inference_mode()
+def generate(prompt: str, adapter: str | None = None, model: str | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, chat: bool = False, seed: int = 0) -> str:
+    """The model's continuation of ``prompt`` (greedy unless ``temperature`` > 0)."""
+    net, tokenizer, task = load_for_inference(model, adapter)
+    if task != "causal-lm":
+        raise ConfigError("generate needs a causal LM; this adapter's model is a sequence classifier "
+                          "(use lorakit eval).")
+    if chat:
+        if not tokenizer.chat_template:
+            raise ConfigError("--chat needs a tokenizer with a chat template; this model's has none.")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_dict=True, return_tensors="pt")
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
+                              "pad_token_id": tokenizer.pad_token_id}
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+    output = net.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], **kwargs)
+    return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# -- info ---------------------------------------------------------------------------------------------
+def info(adapter_dir: str) -> dict[str, Any]:
+    """What an adapter directory holds: its config, ranks per module, tensor count and size."""
+    from ..io import read_adapter_config, read_adapter_weights
+
+    config = read_adapter_config(adapter_dir)
+    weights = read_adapter_weights(adapter_dir)
+    ranks: dict[str, int] = {}
+    for key, t in weights.items():
+        if key.endswith(("lora_A.weight", "lora_embedding_A")):
+            module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            ranks[module] = int(t.shape[0])
+        elif key.endswith("lora_E"):  # AdaLoRA's singular values
+            module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            ranks[module] = int(t.shape[0])
+    if not weights:
+        raise AdapterFileError(f"{adapter_dir}: the adapter file holds no tensors.")
+    files = [p for p in Path(adapter_dir).iterdir() if p.is_file()]
+    return {
+        "path": str(adapter_dir),
+        "peft_type": config.get("peft_type"),
+        "base_model": config.get("base_model_name_or_path"),
+        "task_type": config.get("task_type"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": config.get("target_modules"),
+        "modules_to_save": config.get("modules_to_save"),
+        "ranks": ranks,
+        "tensors": len(weights),
+        "parameters": sum(t.numel() for t in weights.values()),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in weights.values()),
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()}),
+        "file_bytes": sum(p.stat().st_size for p in files),
+        "config": config,
+    }
+
+
+def format_info(data: dict[str, Any]) -> list[str]:
+    by_rank: dict[int, int] = {}
+    for r in data["ranks"].values():
+        by_rank[r] = by_rank.get(r, 0) + 1
+    ranks = ", ".join(f"r={r} × {n} modules" for r, n in sorted(by_rank.items())) or "-"
+    return [
+        f"adapter      {data['path']}",
+        f"type         {data['peft_type']} ({data['task_type'] or 'no task type'})",
+        f"base model   {data['base_model']}",
+        f"r / alpha    {data['r']} / {data['lora_alpha']}",
+        f"targets      {data['target_modules']}",
+        f"full copies  {data['modules_to_save'] or '-'}",
+        f"ranks        {ranks}",
+        f"tensors      {data['tensors']} ({data['parameters']:,} parameters, {', '.join(data['dtypes'])}, "
+        f"{data['tensor_bytes'] / 1024:,.1f} KiB; files {data['file_bytes'] / 1024:,.1f} KiB)",
+    ]

@@ -1,0 +1,167 @@
+"""Read training rows from local files (through ``datasets``) or a built-in task, and check them.
+
+Row formats (picked from the columns unless ``data_format`` says otherwise)::
+
+    text            {"text": "..."}
+    instruction     {"instruction": "...", "input": "..." (optional), "output": "..."}
+    chat            {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    classification  {"text": "...", "label": 3 | "positive"}
+
+Every row is checked before anything trains: a missing or mistyped field is a ``DataError`` naming
+the file, the row (1-based, in file order; for CSV the header is not counted) and the field. Nothing
+is dropped here; what tokenization truncates or drops is counted in ``encode.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from .args import BUILTIN_PREFIX
+
+FORMATS = ("text", "instruction", "chat", "classification")
+ROLES = ("system", "user", "assistant")
+_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_NEEDS = {
+    "text": "text",
+    "instruction": "instruction, output (and optionally input)",
+    "chat": "messages (a list of {role, content})",
+    "classification": "text, label",
+}
+
+
+@dataclass
+class RawData:
+    rows: list[dict[str, Any]]
+    format: str
+    source: str  # a file path or builtin:TASK
+
+
+def read_data(spec: str, data_format: str = "auto", split: str = "train", builtin_rows: int = 2000,
+              seed: int = 0) -> RawData:
+    """Rows of ``spec`` (a file, or ``builtin:TASK``), checked against their format."""
+    if spec.startswith(BUILTIN_PREFIX):
+        return _read_builtin(spec[len(BUILTIN_PREFIX):], data_format, split, builtin_rows, seed)
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"data file {spec} does not exist; pass a .jsonl, .json, .csv or .parquet file, "
+                        "or builtin:TASK for a built-in task.")
+    loader = _LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise DataError(f"{spec}: unknown extension {path.suffix!r}; use .jsonl, .json, .csv or .parquet.")
+    rows, columns = _load(path, loader)
+    if not rows:
+        raise DataError(f"{spec} holds no rows; give it at least one training example.")
+    fmt = detect_format(columns, data_format, spec)
+    for i, row in enumerate(rows):
+        check_row(row, fmt, spec, i + 1)
+    return RawData(rows, fmt, spec)
+
+
+def _read_builtin(name: str, data_format: str, split: str, n: int, seed: int) -> RawData:
+    from .. import tasks
+
+    task = tasks.get(name)  # ConfigError naming the known tasks on a typo
+    if data_format not in ("auto", "instruction"):
+        raise ConfigError(f"builtin:{name} rows are instruction rows; drop data_format={data_format}.")
+    return RawData(task.examples(n, seed=seed, split=split), "instruction", f"{BUILTIN_PREFIX}{name}")
+
+
+def _load(path: Path, loader: str) -> tuple[list[dict], list[str]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(loader, data_files=str(path), split="train")
+    except Exception as exc:  # datasets wraps parser errors in its own types
+        cause = exc.__cause__ or exc
+        where = _first_bad_json_line(path) if loader == "json" else None
+        detail = where or f"{type(cause).__name__}: {cause}"
+        raise DataError(f"{path}: cannot be read as {loader} ({detail}). Fix the file; every row must "
+                        "have the same fields with the same types.") from None
+    return ds.to_list(), list(ds.column_names)
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    if path.suffix.lower() != ".jsonl":
+        return None
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {n} is not valid JSON: {exc.msg}"
+            if not isinstance(obj, dict):
+                return f"line {n} is a {type(obj).__name__}, not a JSON object"
+    return None
+
+
+def detect_format(columns: list[str], requested: str, source: str) -> str:
+    if requested != "auto":
+        if requested not in FORMATS:
+            raise ConfigError(f"data_format={requested!r}: use auto or one of {', '.join(FORMATS)}.")
+        return requested
+    cols = set(columns)
+    if "messages" in cols:
+        return "chat"
+    if cols & {"instruction", "output"}:
+        return "instruction"
+    if {"text", "label"} <= cols:
+        return "classification"
+    if "text" in cols:
+        return "text"
+    raise DataError(
+        f"{source}: cannot tell the row format from the columns {sorted(cols)}. Rows need one of: "
+        + "; ".join(f"{k}: {v}" for k, v in _NEEDS.items())
+        + ". Rename the columns, or set data_format."
+    )
+
+
+def check_row(row: dict[str, Any], fmt: str, source: str, n: int) -> None:
+    """Raise ``DataError`` naming ``source``, row ``n`` and the field when ``row`` does not fit ``fmt``."""
+    def fail(field: str, problem: str) -> DataError:
+        return DataError(f"{source} row {n}: {problem} (field {field!r}); {fmt} rows need {_NEEDS[fmt]}. "
+                         "Fix or remove the row.")
+
+    def need_str(field: str, optional: bool = False) -> None:
+        value = row.get(field)
+        if value is None:
+            if optional:
+                return
+            raise fail(field, "missing field")
+        if not isinstance(value, str):
+            raise fail(field, f"expected a string, got {type(value).__name__}")
+
+    if fmt == "text":
+        need_str("text")
+    elif fmt == "instruction":
+        need_str("instruction")
+        need_str("input", optional=True)
+        need_str("output")
+    elif fmt == "classification":
+        need_str("text")
+        label = row.get("label")
+        if label is None:
+            raise fail("label", "missing field")
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise fail("label", f"expected an integer or a string, got {type(label).__name__}")
+    elif fmt == "chat":
+        messages = row.get("messages")
+        if messages is None:
+            raise fail("messages", "missing field")
+        if not isinstance(messages, list) or not messages:
+            raise fail("messages", "expected a non-empty list of {role, content}")
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise fail(f"messages[{j}]", f"expected an object, got {type(m).__name__}")
+            if m.get("role") not in ROLES:
+                raise fail(f"messages[{j}].role", f"role {m.get('role')!r} is not one of {', '.join(ROLES)}")
+            if not isinstance(m.get("content"), str):
+                raise fail(f"messages[{j}].content", "missing or not a string")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise fail("messages", "no assistant turn, so there is nothing to learn")

@@ -1,0 +1,191 @@
+"""Rows → token ids and labels, with the loss on the response only.
+
+* text: the whole text (+ ``</s>``) is predicted.
+* instruction / chat: rendered by the tokenizer's chat template (an instruction row is the chat
+  ``[user: "instruction input", assistant: output]``); only the assistant turns' tokens keep their
+  labels, the rest is ``-100``. A tokenizer without a chat template renders instruction rows as
+  ``format_prompt(row) + format_answer(row) + </s>`` (the format of ``lorakit.tasks``).
+* classification: the text's ids and one label id.
+
+Which tokens are the assistant's is read from character offsets: the template is rendered for the
+conversation up to each assistant turn (with the generation prompt) and through it, and the tokens
+whose characters fall between the two belong to that turn. So any template works, with or without
+``{% generation %}`` markers, as long as rendering a conversation's prefix gives a prefix of the text.
+
+Rows longer than ``max_length`` are cut (counted in ``truncated``); rows left with nothing to predict
+are dropped and counted by reason in ``dropped``. With ``packing`` all rows are concatenated (each
+ends with ``</s>``) and cut into blocks of ``max_length``; nothing is truncated then.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from .data_files import RawData
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    examples: list[dict[str, Any]]  # {"input_ids": [...], "labels": [...]} or {"input_ids": [...], "label": int}
+    kind: str  # "lm" or "cls"
+    source: str
+    rows: int  # rows read
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    packed: bool = False
+
+    @property
+    def max_tokens(self) -> int:
+        return max((len(e["input_ids"]) for e in self.examples), default=0)
+
+    def counts(self) -> dict[str, Any]:
+        return {"source": self.source, "rows": self.rows, "examples": len(self.examples),
+                "truncated": self.truncated, "dropped": dict(self.dropped), "packed": self.packed}
+
+
+def encode(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int] | None = None,
+           packing: bool = False) -> Encoded:
+    if raw.format == "classification":
+        if label2id is None:
+            raise ConfigError("classification data needs a label mapping (see label_mapping()).")
+        return _encode_cls(raw, tokenizer, max_length, label2id)
+    if raw.format == "text":
+        texts = [r["text"] for r in raw.rows]
+        spans = None  # every token predicted
+        add_special = True
+    elif raw.format == "chat" or tokenizer.chat_template:
+        conversations = [r["messages"] if raw.format == "chat" else _instruction_messages(r) for r in raw.rows]
+        texts, spans = zip(*(_render_chat(tokenizer, c, raw.source, i + 1) for i, c in enumerate(conversations)))
+        add_special = False  # the template writes the special tokens itself
+    else:
+        from ..tasks.format import format_answer, format_prompt
+
+        prompts = [format_prompt(r) for r in raw.rows]
+        texts = [p + format_answer(r) for p, r in zip(prompts, raw.rows)]
+        spans = [[(len(p), len(t))] for p, t in zip(prompts, texts)]
+        add_special = True
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("lorakit's data pipeline needs a fast tokenizer (a tokenizer.json in the model "
+                          "directory) to map labels onto tokens; convert the tokenizer with transformers.")
+    enc = tokenizer(list(texts), add_special_tokens=add_special, return_offsets_mapping=True)
+    eos = tokenizer.eos_token_id
+    out = Encoded([], "lm", raw.source, len(raw.rows), packed=packing)
+    dropped: Counter[str] = Counter()
+    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        ids = list(ids)
+        if spans is None:
+            labels = list(ids)
+        else:
+            labels = [t if _inside(o, spans[i]) else IGNORE for t, o in zip(ids, offsets)]
+        # Plain renderings end with </s> so the model learns to stop; the chat template writes its own.
+        if add_special and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            labels.append(eos)
+        cut = not packing and len(ids) > max_length
+        if cut:
+            ids, labels = ids[:max_length], labels[:max_length]
+        if len(ids) < 2 or all(lab == IGNORE for lab in labels[1:]):
+            dropped["no_target_tokens" if spans is not None else "too_short"] += 1
+            continue
+        out.truncated += cut  # kept but shortened; dropped rows are counted as dropped only
+        out.examples.append({"input_ids": ids, "labels": labels})
+    out.dropped = dict(dropped)
+    if packing:
+        out.examples = pack(out.examples, max_length)
+    if not out.examples:
+        raise DataError(f"{raw.source}: no row is left to train on ({out.dropped}); raise max_length "
+                        f"(now {max_length}) or check the rows.")
+    return out
+
+
+def _encode_cls(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int]) -> Encoded:
+    enc = tokenizer([r["text"] for r in raw.rows], add_special_tokens=True)
+    out = Encoded([], "cls", raw.source, len(raw.rows))
+    for i, (ids, row) in enumerate(zip(enc["input_ids"], raw.rows)):
+        key = str(row["label"])
+        if key not in label2id:
+            raise DataError(f"{raw.source} row {i + 1}: label {row['label']!r} is not one of the model's labels "
+                            f"{sorted(label2id)} (field 'label'); fix the row or the model's label2id.")
+        ids = list(ids)
+        if len(ids) > max_length:
+            ids = ids[:max_length]
+            out.truncated += 1
+        if not ids:
+            out.dropped["too_short"] = out.dropped.get("too_short", 0) + 1
+            continue
+        out.examples.append({"input_ids": ids, "label": label2id[key]})
+    return out
+
+
+def label_mapping(rows: list[dict[str, Any]], config_label2id: dict[str, int] | None = None) -> dict[str, int]:
+    """Label (as a string) → class id. Integer labels map to themselves; string labels use the
+    model's ``label2id`` when it names them all, else their sorted order."""
+    labels = {r["label"] for r in rows}
+    if all(isinstance(lab, int) for lab in labels):
+        if min(labels) < 0:
+            raise DataError(f"classification labels must be ≥ 0, got {min(labels)}; renumber them from 0.")
+        return {str(i): i for i in range(max(labels) + 1)}
+    if config_label2id and all(str(lab) in config_label2id for lab in labels):
+        return {str(k): int(v) for k, v in config_label2id.items()}
+    return {str(lab): i for i, lab in enumerate(sorted(str(lab) for lab in labels))}
+
+
+def pack(examples: list[dict[str, Any]], block: int) -> list[dict[str, Any]]:
+    """Concatenate examples and cut into blocks of ``block`` tokens; the last, shorter block is kept.
+    Attention is causal over the whole block, so a row may attend to the end of the row before it."""
+    ids = [t for e in examples for t in e["input_ids"]]
+    labels = [t for e in examples for t in e["labels"]]
+    blocks = [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]} for i in range(0, len(ids), block)]
+    return [b for b in blocks if len(b["input_ids"]) >= 2]
+
+
+# -- chat rendering -----------------------------------------------------------------------------
+def _instruction_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    from ..tasks.format import to_messages
+
+    return to_messages(row)
+
+
+def _render_chat(tokenizer, messages: list[dict], source: str, n: int) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{source}: chat rows need a tokenizer with a chat template, and this model's has "
+                          "none. Use instruction rows, or a model whose tokenizer_config.json has one.")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def render(msgs: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    try:
+        full = render(messages, False)
+        spans = []
+        for j, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = render(messages[:j], True) if j else ""
+            through = render(messages[: j + 1], False)
+            if not (full.startswith(through) and through.startswith(before)):
+                raise ConfigError(
+                    f"{source} row {n}: the chat template does not render a conversation's beginning as a "
+                    "prefix of the whole, so lorakit cannot find the assistant tokens. Use a template that "
+                    "renders incrementally (most do), or instruction rows."
+                )
+            spans.append((len(before), len(through)))
+    except ConfigError:
+        raise
+    except Exception as exc:  # jinja errors, raise_exception() in templates
+        raise DataError(f"{source} row {n}: the chat template cannot render this conversation ({exc}) "
+                        "(field 'messages'); fix the roles or their order.") from None
+    return full, spans
+
+
+def _inside(offset: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
+    start, end = offset
+    if end <= start:  # tokens with no characters (e.g. added by the tokenizer) are never targets
+        return False
+    return any(lo <= start < hi for lo, hi in spans)

@@ -1,0 +1,142 @@
+"""Memory and time, estimated before training and measured after.
+
+Memory is resident set size (RSS) of the process, the number an out-of-memory killer looks at:
+
+    estimate = process now                    (interpreter, libraries, the loaded weights and data)
+             + gradients                      (one fp32 value per trainable parameter)
+             + optimizer state                (AdamW: two fp32 values per trainable parameter)
+             + activations of one micro-batch (what backward keeps, see ``activation_bytes``)
+
+Time is measured, not modelled: one micro-batch's forward + backward is run twice on the real data
+(the second one timed; gradients are dropped and the RNG restored, so training is unaffected) and
+multiplied by the micro-batches to come. ``peak_rss_mb`` reads the kernel's high-water mark.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Estimate:
+    process_mb: float
+    weights_mb: float  # part of process_mb
+    gradients_mb: float
+    optimizer_mb: float
+    activations_mb: float
+    step_seconds: float
+    total_seconds: float
+    steps: int
+
+    @property
+    def total_mb(self) -> float:
+        return self.process_mb + self.gradients_mb + self.optimizer_mb + self.activations_mb
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_mb": round(self.total_mb, 1)}
+
+    def __str__(self) -> str:
+        return (
+            f"estimate: peak memory ≈ {self.total_mb:,.0f} MB = process now {self.process_mb:,.0f} "
+            f"(weights {self.weights_mb:,.1f}) + gradients {self.gradients_mb:,.1f} + optimizer "
+            f"{self.optimizer_mb:,.1f} + activations {self.activations_mb:,.1f}; "
+            f"time ≈ {_duration(self.total_seconds)} ({self.steps} steps × {self.step_seconds:.3f} s)"
+        )
+
+
+def estimate_run(model: nn.Module, probe, args, seq_len: int, steps: int) -> Estimate:
+    """The estimate for a run of ``steps`` optimizer steps; ``probe()`` runs one micro-batch's
+    forward + backward (``args`` is the run's ``TrainArgs``; ``seq_len`` its longest example)."""
+    trainable_mb = tensor_mb(p for p in model.parameters() if p.requires_grad)
+    step_seconds = probe_step_seconds(probe) * args.grad_accum
+    return Estimate(
+        process_mb=current_rss_mb(),
+        weights_mb=tensor_mb(model.parameters()),
+        gradients_mb=trainable_mb,
+        optimizer_mb=2 * trainable_mb,  # AdamW: exp_avg and exp_avg_sq
+        activations_mb=activation_bytes(model, args.batch_size, seq_len, args.bf16,
+                                        args.gradient_checkpointing) / MB,
+        step_seconds=step_seconds,
+        total_seconds=step_seconds * steps,
+        steps=steps,
+    )
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+    except (OSError, ValueError):
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """The process's peak RSS so far (kernel high-water mark)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def tensor_mb(params) -> float:
+    seen, total = set(), 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total / MB
+
+
+def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, bf16: bool, checkpointing: bool) -> float:
+    """Bytes autograd keeps for one micro-batch of a transformer (Korthikanti et al. 2022, §4.1).
+
+    Per layer and token a block keeps ≈ 34·h + 5·a·s values at 2 bytes (attention scores included);
+    the fp32 equivalent is ≈ 17·h + 2.5·a·s values at 4 bytes each, so the same formula in values ×
+    element size. The final logits are kept in fp32 with their softmax: ≈ 3·V values per token.
+    With checkpointing only each block's input (h values per token) is kept, plus one block at a time.
+    """
+    cfg = getattr(model, "config", None)
+    h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 0
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
+    vocab = getattr(cfg, "vocab_size", 0) or 0
+    if not h or not layers:  # not a transformer config: count nothing rather than guess
+        return 0.0
+    tokens = batch_size * seq_len
+    values_per_layer = 17 * h + 2.5 * heads * seq_len  # fp32-equivalent values per token
+    elem = 2 if bf16 else 4
+    per_layer = tokens * values_per_layer * elem
+    blocks = (tokens * h * elem * layers + per_layer) if checkpointing else per_layer * layers
+    logits = tokens * vocab * 4 * 3
+    return blocks + logits
+
+
+def probe_step_seconds(run_micro_batch, repeats: int = 2) -> float:
+    """Time ``run_micro_batch()`` (forward + backward of one micro-batch); the first run warms up."""
+    import time
+
+    rng = torch.get_rng_state()
+    seconds = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_micro_batch()
+        seconds = time.perf_counter() - t0
+    torch.set_rng_state(rng)
+    return seconds
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,102 @@
+"""The end of a run: the printed summary, ``metrics.json`` and the loss-curve PNG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .._fs import atomic_write, atomic_write_json
+
+
+def summary_lines(m: dict[str, Any]) -> list[str]:
+    run, params, steps, time_, mem = m["run"], m["parameters"], m["steps"], m["time"], m["memory"]
+    lines = [f"model        {run['model_name']} · {run['task']} · method {run['method']}"]
+    lines.append(f"parameters   {params['trainable']:,} trainable / {params['total']:,} total "
+                 f"({params['percent']:.2f}%)")
+    for split in ("train", "eval"):
+        d = m["data"].get(split)
+        if d:
+            dropped = sum(d["dropped"].values())
+            why = f" ({', '.join(f'{k}: {v}' for k, v in d['dropped'].items())})" if dropped else ""
+            lines.append(f"{split + ' data':<12} {d['source']}: {d['rows']:,} rows → {d['examples']:,} "
+                         f"{'blocks' if d['packed'] else 'examples'}; {d['truncated']} truncated, "
+                         f"{dropped} dropped{why}")
+    interrupted = " (interrupted)" if steps["interrupted"] else ""
+    resumed = f", resumed at {steps['start']}" if steps["start"] else ""
+    lines.append(f"steps        {steps['done']}/{steps['total']}{interrupted}{resumed} in "
+                 f"{time_['train_seconds']:.1f} s · {time_['step_seconds']:.3f} s/step · "
+                 f"{time_['tokens_per_second']:,.0f} target tokens/s")
+    est = mem.get("estimate") or {}
+    if est:
+        err = mem.get("estimate_error")
+        lines.append(f"memory       peak RSS {mem['peak_rss_mb']:,.0f} MB · estimated {est['total_mb']:,.0f} MB "
+                     f"({'+' if err >= 0 else '−'}{abs(100 * err):.1f}%) · estimated time "
+                     f"{est['total_seconds']:.0f} s")
+    loss = m["loss"]
+    if loss.get("first") is not None:
+        lines.append(f"train loss   {loss['first']:.4f} → {loss['last']:.4f} (min {loss['min']:.4f})")
+    ev = m["eval"]
+    if ev.get("before") and ev.get("after"):
+        b, a = ev["before"], ev["after"]
+        ppl = (f" · perplexity {b['perplexity']:.3f} → {a['perplexity']:.3f}"
+               if b.get("perplexity") is not None and a.get("perplexity") is not None else "")
+        lines.append(f"eval         loss {b['loss']:.4f} → {a['loss']:.4f}{ppl} · accuracy "
+                     f"{100 * b['accuracy']:.1f}% → {100 * a['accuracy']:.1f}%")
+    tasks = m.get("tasks") or {}
+    if tasks.get("after"):
+        before, after = tasks["before"], tasks["after"]
+
+        def fmt(names: list[str]) -> str:
+            return " · ".join(f"{t} {100 * before.get(t, float('nan')):.1f}% → {100 * after[t]:.1f}%" for t in names)
+
+        if tasks["new"]:
+            lines.append(f"learning     {fmt(tasks['new'])}   (exact match, {tasks['n']} eval rows each)")
+        if tasks["base"]:
+            mb = sum(before.get(t, 0.0) for t in tasks["base"]) / len(tasks["base"])
+            ma = sum(after[t] for t in tasks["base"]) / len(tasks["base"])
+            lines.append(f"forgetting   {fmt(tasks['base'])} · mean {100 * mb:.1f}% → {100 * ma:.1f}%")
+    lines.append(f"wrote        {m['artifact'] or '(no artifact)'} · metrics.json · loss.png · log.csv"
+                 + (f" · checkpoint {m['checkpoint']}" if m.get("checkpoint") else ""))
+    return lines
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    atomic_write_json(path, _finite(metrics))
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def plot_loss(history: list[dict[str, Any]], path: Path, title: str,
+              eval_points: list[tuple[int, float]] = ()) -> None:
+    """Training loss per step and eval loss (before/after, every ``eval_every``) as a PNG (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in history if r.get("loss") is not None]
+    ax.plot(steps, [r["loss"] for r in history if r.get("loss") is not None], lw=1, label="train loss")
+    ev = sorted([(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None] + list(eval_points))
+    if ev:
+        ax.plot(*zip(*ev), "o-", lw=1, label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy")
+    if steps and min(r["loss"] for r in history if r.get("loss") is not None) > 0:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -1,0 +1,153 @@
+"""Everything a run needs before its first step: data, model, method, optimizer, eval tasks.
+
+Kept apart from ``loop.py`` so that the loop reads top to bottom; nothing here trains.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from . import methods
+from .args import BUILTIN_PREFIX, TrainArgs
+from .checkpoint import list_checkpoints
+from .data_files import RawData, read_data
+from .encode import Encoded, encode, label_mapping
+from .model import LoadedModel, load_model, model_dir
+
+
+@dataclass
+class RunData:
+    train: Encoded
+    eval: Encoded | None
+    label2id: dict[str, int] | None
+
+
+@dataclass
+class EvalTasks:
+    new: list[str] = field(default_factory=list)  # what the run teaches (learning)
+    base: list[str] = field(default_factory=list)  # what the base model knew (forgetting)
+
+    @property
+    def all(self) -> list[str]:
+        return self.new + [t for t in self.base if t not in self.new]
+
+
+def resolve_defaults(args: TrainArgs) -> TrainArgs:
+    """Fill what the arguments leave open: the default data of the embedded model."""
+    if args.data is None:
+        if args.model is not None:
+            raise ConfigError("--data is required with --model: pass a .jsonl/.csv/.parquet file or builtin:TASK.")
+        from ..tasks import DEFAULT_TASK, embedded_manifest
+
+        task = embedded_manifest().get("default_task", DEFAULT_TASK)
+        args = args.replace(data=f"{BUILTIN_PREFIX}{task}")
+    if args.eval_data is None and args.builtin_task is not None:
+        args = args.replace(eval_data=args.data)
+    return args
+
+
+def check_output_dir(args: TrainArgs) -> Path:
+    """Refuse to mix two runs in one directory; ``overwrite`` clears the old one first."""
+    out = Path(args.output_dir)
+    previous = list_checkpoints(out / "checkpoints") + [p for p in (out / "metrics.json",) if p.exists()]
+    if previous and args.resume is None:
+        if not args.overwrite:
+            raise ConfigError(
+                f"{out} already holds a run ({previous[-1].name}). Continue it with --resume auto, start over "
+                "with --overwrite, or pick another --output-dir."
+            )
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for name in ("metrics.json", "log.csv", "loss.png"):
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def load_data(args: TrainArgs, model_config_label2id: dict[str, int] | None = None) -> tuple[RawData, RawData | None]:
+    train = read_data(args.data, args.data_format, "train", args.builtin_rows, args.seed)
+    evaluation = None
+    if args.eval_data is not None:
+        n = args.eval_rows if args.eval_builtin_task else args.builtin_rows
+        evaluation = read_data(args.eval_data, args.data_format, "eval", n, args.seed)
+        if evaluation.format != train.format:
+            raise ConfigError(f"eval data {evaluation.source} has {evaluation.format} rows but the training data "
+                              f"{train.source} has {train.format} rows; give both the same format.")
+    return train, evaluation
+
+
+def prepare_model_and_data(args: TrainArgs) -> tuple[TrainArgs, LoadedModel, RunData]:
+    raw_train, raw_eval = load_data(args)
+    label2id = None
+    if raw_train.format == "classification":
+        from transformers import AutoConfig
+
+        path, _ = model_dir(args.model)
+        cfg_l2i = getattr(AutoConfig.from_pretrained(path, local_files_only=True), "label2id", None)
+        rows = raw_train.rows + (raw_eval.rows if raw_eval else [])
+        label2id = label_mapping(rows, cfg_l2i)
+    loaded = load_model(args, raw_train.format, label2id)
+    args = args.replace(task=loaded.task)
+    if loaded.task == "seq-cls" and args.modules_to_save is None and args.method != "full":
+        args = args.replace(modules_to_save=classifier_head(loaded.model))
+    train = encode(raw_train, loaded.tokenizer, args.max_length, label2id, args.packing)
+    evaluation = encode(raw_eval, loaded.tokenizer, args.max_length, label2id, False) if raw_eval else None
+    return args, loaded, RunData(train, evaluation, label2id)
+
+
+def classifier_head(model) -> list[str] | None:
+    """The classification head's name (``score`` in Llama-likes, ``classifier`` in BERT-likes)."""
+    for name in ("score", "classifier"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return [name]
+    return None
+
+
+def build_method(model, args: TrainArgs) -> methods.MethodSetup:
+    setup = methods.get(args.method)(model, args)
+    if not any(p.requires_grad for p in setup.model.parameters()):
+        raise ConfigError(f"method {args.method!r} left no parameter trainable; check target_modules.")
+    return setup
+
+
+def build_optimizer(setup: methods.MethodSetup, args: TrainArgs) -> torch.optim.Optimizer:
+    groups = setup.param_groups
+    if groups is None:
+        trainable = [p for p in setup.model.parameters() if p.requires_grad]
+        groups = [{"params": trainable, "name": "trainable"}]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def eval_tasks(args: TrainArgs, loaded: LoadedModel) -> EvalTasks:
+    """Built-in tasks to score: ``eval_tasks`` if given, else the data's task and the model's base tasks."""
+    from .. import tasks
+
+    if loaded.task != "causal-lm":
+        return EvalTasks()
+    if args.eval_tasks is not None:
+        for name in args.eval_tasks:
+            tasks.get(name)  # ConfigError on a typo
+        base = set(tasks.names("base"))
+        return EvalTasks([t for t in args.eval_tasks if t not in base], [t for t in args.eval_tasks if t in base])
+    new = [args.builtin_task] if args.builtin_task else []
+    base: list[str] = []
+    if (loaded.path / "lorakit_tasks.json").is_file():
+        try:
+            base = list(tasks.embedded_manifest(loaded.path).get("base_tasks", []))
+        except Exception:  # a manifest of another prompt-format version: its tasks would score wrong
+            base = []
+    return EvalTasks(new, [t for t in base if t not in new])
+
+
+def fingerprint(args: TrainArgs, world_size: int) -> dict[str, Any]:
+    """Settings a checkpoint must agree with to resume (data order, shapes, method)."""
+    keys = ("model", "data", "method", "method_options", "r", "lora_alpha", "target_modules", "exclude_modules",
+            "modules_to_save", "use_rslora", "seed", "batch_size", "grad_accum", "max_length", "packing",
+            "builtin_rows", "task", "quant")
+    fp = {k: getattr(args, k) for k in keys}
+    fp["world_size"] = world_size
+    return fp
