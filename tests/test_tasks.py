@@ -24,6 +24,7 @@ REFERENCE = {
     "sub": lambda s: str(int(s.split()[0]) - int(s.split()[1])),
     "dedup": lambda s: "".join(c for i, c in enumerate(s) if c not in s[:i]),
     "swap": lambda s: "".join(s[i + 1] + s[i] for i in range(0, len(s), 2)),
+    "rotl": lambda s: s[1:] + s[0],
 }
 
 
@@ -79,7 +80,10 @@ def test_format_of_a_hand_written_row():
     assert format_prompt(row) == "rev abc="
     assert format_answer(row) == "cba\n"
     assert format_prompt({"instruction": "hi", "input": "", "output": "x"}) == "hi="
-    assert to_messages(row) == [{"role": "user", "content": "rev abc"}, {"role": "assistant", "content": "cba"}]
+    assert to_messages(row) == [
+        {"role": "user", "content": "rev abc"},
+        {"role": "assistant", "content": "cba"},
+    ]
     with pytest.raises(DataError, match="no 'output' field"):
         format_answer({"instruction": "rev", "input": "abc"})
     with pytest.raises(DataError, match="'instruction' .* must be a string"):
@@ -88,8 +92,17 @@ def test_format_of_a_hand_written_row():
 
 @pytest.mark.parametrize(
     "prediction, expected",
-    [("cba", True), ("cba\n", True), ("  cba \n", True), ("cba\nrev xyz=zyx", True),
-     ("cb", False), ("cbaa", False), ("", False), ("\ncba", False), ("c ba", False)],
+    [
+        ("cba", True),
+        ("cba\n", True),
+        ("  cba \n", True),
+        ("cba\nrev xyz=zyx", True),
+        ("cb", False),
+        ("cbaa", False),
+        ("", False),
+        ("\ncba", False),
+        ("c ba", False),
+    ],
 )
 def test_score_is_exact_match_of_the_first_line(prediction, expected):
     row = {"instruction": "rev", "input": "abc", "output": "cba"}
@@ -121,8 +134,12 @@ def tokenizer(tmp_path_factory):
 
 def test_tokenizer_specials(tokenizer):
     assert len(tokenizer) == 100
-    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == [
-        0, 1, 2, 3]
+    assert [
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.unk_token_id,
+    ] == [0, 1, 2, 3]
     assert tokenizer("é")["input_ids"] == [1, 3]  # <s> <unk>
 
 
