@@ -19,6 +19,10 @@ def save_variant(model, path, adapter_name):
         from .adalora import save_adalora
 
         return save_adalora(model, path, adapter_name)
+    if kind == "olora":
+        from .olora import export_lora  # past + current factors as one plain PEFT LoRA adapter
+
+        return export_lora(model, path, adapter_name)
     raise ConfigError(f"adapter {adapter_name!r} is a {kind} adapter, which has no file format yet.")
 
 

@@ -1,0 +1,348 @@
+"""O-LoRA: orthogonal subspaces for continual learning (Wang et al., EMNLP 2023 Findings,
+arXiv 2310.14152) — an adapter kind plus a loss term.
+
+Tasks arrive one after the other. For task t every adapted layer holds the frozen factors of the
+tasks before it and a fresh trainable pair (A_t, B_t)::
+
+    y = W x + [B_past | B_t] · s · [A_past ; A_t] x          A_past: (R, in), A_t: (r, in)
+      = W x + Σ_{i<t} s_i B_i A_i x  +  s B_t A_t x          (one fused rank-(R + r) branch)
+
+§3.2 of the paper constrains the new *down-projection* A_t to be orthogonal to the past ones —
+``A_i A_tᵀ = 0`` — through the loss term
+
+    L = L_task + λ1 Σ_layers Σ_{i<t} overlap(A_i, A_t)  (+ λ2 Σ_layers ‖A_t‖² + ‖B_t‖²)
+
+where ``overlap`` sums either the squared entries of ``A_i A_tᵀ`` (the paper's Eq. 4) or their
+absolute values (the authors' code, ``torch.abs(torch.mm(lora_A, loranew_A.T)).sum()``, with
+λ1 = 0.5). lorakit defaults to the code's ``"abs"`` with λ1 = 0.5 — the setting the published
+numbers were produced with — and offers ``"square"``. λ2 defaults to 0 (the code's default too;
+note its L2 term is ``‖·‖`` unsquared; lorakit's ``l2="norm"`` gives that, ``"square"`` ‖·‖²).
+
+After a task, :func:`next_task` appends the new factors to the past ones (the paper's §3.3
+"after training on task t, merge"): A_past ← [A_past; A_t], B_past ← [B_past | s·B_t]. The scaling is
+folded into the stored past B, so the sum of updates stays exact even if tasks used different
+scalings. No task id is needed at inference: every past update is always on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import AdapterNotFoundError, ConfigError
+from ..layers.host import LoraLayer
+from ..layers.kinds import BaseKind, Geometry, init_factors, kind_of
+
+KIND = "olora"
+Overlap = Literal["abs", "square"]
+
+
+# -- the adapter kind -------------------------------------------------------------------------------
+class OLoraAdapter(nn.Module):
+    """Frozen past factors (buffers, so no optimizer or ``requires_grad`` refresh can touch them)
+    plus one trainable pair for the current task. Same contract as ``LoraAdapter``."""
+
+    def __init__(self, geometry: Geometry, r: int, alpha: float, scaling: float, dropout: float,
+                 zero_b: bool = True, device: torch.device | str | None = None):
+        super().__init__()
+        a_shape, b_shape = geometry.a_shape, geometry.b_shape
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device))  # (r, in…)  current task
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=device))  # (out, r…)
+        # Past tasks, scaling folded into B: ΔW_past = past_B · past_A (no extra factor).
+        self.register_buffer("past_A", torch.zeros((0, *a_shape[1:]), device=device))  # (R, in…)
+        self.register_buffer("past_B", torch.zeros((b_shape[0], 0, *b_shape[2:]), device=device))  # (out, R…)
+        self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
+        self.zero_b = zero_b
+        self.past_ranks: list[int] = []  # rank of each finished task, in order
+
+    def reset(self, mode: bool | str = True) -> None:
+        init_factors(self.lora_A, self.lora_B, self.zero_b, mode)
+
+    @property
+    def past_rank(self) -> int:
+        return self.past_A.shape[0]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """([A_past; A_t], [B_past/s | B_t], s): one rank-(R + r) branch whose update is the exact sum."""
+        if self.past_rank == 0:
+            return self.lora_A, self.lora_B, self.scaling
+        a = torch.cat([self.past_A.to(self.lora_A.dtype), self.lora_A], dim=0)  # (R + r, in…)
+        b = torch.cat([self.past_B.to(self.lora_B.dtype) / self.scaling, self.lora_B], dim=1)  # (out, R + r…)
+        return a, b, self.scaling
+
+    def delta_2d(self) -> torch.Tensor:
+        """ΔW = s · B·A over past and current factors, as a (fan_out, fan_in) matrix."""
+        a, b, s = self.factors()
+        return (b.flatten(1) @ a.flatten(1)) * s
+
+    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a, b, s = self.factors()
+        return kind.branch(base, base_out, x, a, b, s)
+
+    @torch.no_grad()
+    def consolidate(self) -> None:
+        """Append the current factors to the past ones and start a fresh pair (§3.3)."""
+        self.past_A = torch.cat([self.past_A, self.lora_A.detach().to(self.past_A.dtype)], dim=0)
+        self.past_B = torch.cat([self.past_B, (self.lora_B.detach() * self.scaling).to(self.past_B.dtype)], dim=1)
+        self.past_ranks.append(self.r)
+        self.reset()
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, past_ranks={self.past_ranks}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+# -- attaching and advancing ------------------------------------------------------------------------
+def add_olora(model: nn.Module, config: LoraConfig, adapter_name: str = KIND) -> nn.Module:
+    """Add an O-LoRA adapter (no past tasks yet) to the modules ``config`` targets; it becomes the
+    active, trainable adapter and everything else is frozen. Returns ``model``."""
+    from ..inject import check_adapter_name, find_targets, register_adapter
+    from ..state import AdapterRecord, set_submodule
+
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"config must be a lorakit.LoraConfig (r, lora_alpha, target_modules, ...), "
+                          f"got {type(config).__name__}.")
+    check_adapter_name(model, adapter_name)
+    for path, module in find_targets(model, config):
+        host = module if isinstance(module, LoraLayer) else LoraLayer(module, kind_of(module))
+        geometry = host.kind.geometry(host.base_layer, config.rank_for(path))
+        ref = next(host.base_layer.parameters(), None)
+        adapter = OLoraAdapter(
+            geometry, config.rank_for(path), config.alpha_for(path), config.scaling_for(path),
+            0.0 if host.kind.name == "embedding" else float(config.lora_dropout),
+            zero_b=host.kind.zero_b, device=ref.device if ref is not None else None,
+        )
+        adapter.reset(config.init_lora_weights)
+        host.add_module_adapter(adapter_name, adapter)
+        if host is not module:
+            set_submodule(model, path, host)
+    register_adapter(model, adapter_name, AdapterRecord(config=config, trainable=True, kind=KIND))
+    return model
+
+
+def olora_adapters(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, OLoraAdapter]]:
+    """(layer path, adapter) of every O-LoRA adapter (of ``adapter_name`` if given)."""
+    from ..state import lora_layers
+
+    for path, host in lora_layers(model):
+        for name, adapter in host.lora.items():
+            if isinstance(adapter, OLoraAdapter) and (adapter_name is None or name == adapter_name):
+                yield path, adapter
+
+
+def next_task(model: nn.Module, adapter_name: str = KIND) -> int:
+    """Freeze the current task's factors into the past and start a fresh pair; returns tasks done.
+
+    Call it between tasks. The fresh factors reuse the same ``nn.Parameter`` objects (re-initialised),
+    so build a new optimizer for the next task — stale Adam moments would otherwise leak across tasks.
+    """
+    adapters = [a for _, a in olora_adapters(model, adapter_name)]
+    if not adapters:
+        raise AdapterNotFoundError(f"the model has no O-LoRA adapter named {adapter_name!r}; "
+                                   "add one with lorakit.variants.olora.add_olora(model, config).")
+    for adapter in adapters:
+        adapter.consolidate()
+    return len(adapters[0].past_ranks)
+
+
+# -- the loss term ----------------------------------------------------------------------------------
+def overlap(past_a: torch.Tensor, new_a: torch.Tensor, mode: Overlap = "abs") -> torch.Tensor:
+    """Σ over the entries of ``A_past · A_newᵀ`` (R × r) of |·| (``"abs"``) or (·)² (``"square"``).
+
+    ``past_a``: (R, in…), ``new_a``: (r, in…); kernels are flattened into ``in``.
+    """
+    if past_a.shape[0] == 0:
+        return new_a.new_zeros(())
+    o = past_a.flatten(1).to(new_a.dtype) @ new_a.flatten(1).T  # (R, in) @ (in, r) -> (R, r)
+    if mode == "abs":
+        return o.abs().sum()
+    if mode == "square":
+        return o.square().sum()
+    raise ConfigError(f"overlap mode {mode!r}: use 'abs' (the authors' code) or 'square' (the paper's Eq. 4).")
+
+
+def olora_loss(model: nn.Module, lambda_orth: float = 0.5, lambda_l2: float = 0.0,
+               mode: Overlap = "abs", l2: Literal["square", "norm"] = "square",
+               adapter_name: str | None = None) -> torch.Tensor | None:
+    """λ1 Σ_layers overlap(A_past, A_t) + λ2 Σ_layers r2(A_t) + r2(B_t); None when there is nothing."""
+    terms = []
+    for _, ad in olora_adapters(model, adapter_name):
+        if lambda_orth and ad.past_rank:
+            terms.append(lambda_orth * overlap(ad.past_A, ad.lora_A, mode))
+        if lambda_l2:
+            if l2 == "square":
+                terms.append(lambda_l2 * (ad.lora_A.square().sum() + ad.lora_B.square().sum()))
+            else:
+                terms.append(lambda_l2 * (ad.lora_A.norm() + ad.lora_B.norm()))
+    return torch.stack(terms).sum() if terms else None
+
+
+@dataclass
+class OLoraHook:
+    """The training loop's hook (``lorakit.train.hooks.TrainHook``): adds :func:`olora_loss` to every
+    micro-batch's loss and logs it. ``lambda_orth`` is λ1, ``lambda_l2`` is λ2, ``overlap`` picks |·|
+    or (·)², ``l2`` the norm form. (Written out instead of subclassing ``BaseHook`` so that importing
+    this module never imports the training package.)
+    """
+
+    lambda_orth: float = 0.5
+    lambda_l2: float = 0.0
+    overlap: Overlap = "abs"
+    l2: Literal["square", "norm"] = "square"
+    adapter_name: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_orth", "lambda_l2"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"OLoraHook {name}={v!r}: must be a finite number >= 0 (the paper uses 0.5 for λ1).")
+        if self.overlap not in ("abs", "square"):
+            raise ConfigError(f"OLoraHook overlap={self.overlap!r}: use 'abs' or 'square'.")
+        if self.l2 not in ("square", "norm"):
+            raise ConfigError(f"OLoraHook l2={self.l2!r}: use 'square' (‖·‖²) or 'norm' (‖·‖, the authors' code).")
+
+    def on_train_start(self, ctx) -> None:
+        if next(olora_adapters(ctx.model, self.adapter_name), None) is None:
+            raise AdapterNotFoundError(
+                "OLoraHook: the model has no O-LoRA adapter"
+                + (f" named {self.adapter_name!r}" if self.adapter_name else "")
+                + "; add one with lorakit.variants.olora.add_olora before training."
+            )
+
+    def extra_loss(self, ctx) -> torch.Tensor | None:
+        loss = olora_loss(ctx.model, self.lambda_orth, self.lambda_l2, self.overlap, self.l2, self.adapter_name)
+        if loss is not None:
+            ctx.log["olora_loss"] = float(loss.detach())
+        return loss
+
+    def after_backward(self, ctx) -> None:
+        pass
+
+    def after_step(self, ctx) -> None:
+        pass
+
+    def on_train_end(self, ctx) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the past factors live in the model's state dict (buffers)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+# -- export -----------------------------------------------------------------------------------------
+def export_lora(model: nn.Module, path: str | Path, adapter_name: str = KIND) -> Path:
+    """Write the O-LoRA adapter (past + current tasks) as one plain PEFT LoRA adapter of rank R + r.
+
+    The concatenated factors *are* a LoRA adapter; lora_alpha is set so that α/(R + r) = s, so PEFT
+    and ``lorakit.load_adapter`` reproduce the summed update exactly.
+    """
+    from ..io import PREFIX, peft_config_dict, write_adapter_dir
+    from ..state import require_adapter
+
+    rec = require_adapter(model, adapter_name)
+    config: LoraConfig = rec.config
+    tensors, ranks, alphas = {}, {}, {}
+    for layer, ad in olora_adapters(model, adapter_name):
+        a, b, s = ad.factors()
+        tensors[f"{PREFIX}{layer}.lora_A.weight"] = a.detach().contiguous().cpu().clone()
+        tensors[f"{PREFIX}{layer}.lora_B.weight"] = b.detach().contiguous().cpu().clone()
+        ranks[layer] = a.shape[0]
+        alphas[layer] = s * a.shape[0] if not config.use_rslora else s * math.sqrt(a.shape[0])
+    if not ranks:
+        raise AdapterNotFoundError(f"adapter {adapter_name!r} has no O-LoRA layers to export.")
+    r0, a0 = next(iter(ranks.values())), next(iter(alphas.values()))
+    uniform = all(r == r0 for r in ranks.values()) and all(math.isclose(a, a0) for a in alphas.values())
+    flat = LoraConfig(
+        r=r0, lora_alpha=a0, target_modules=config.target_modules, exclude_modules=config.exclude_modules,
+        use_rslora=config.use_rslora, layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern, task_type=config.task_type,
+        rank_pattern={} if uniform else {_exact(p): r for p, r in ranks.items()},
+        alpha_pattern={} if uniform else {_exact(p): a for p, a in alphas.items()},
+    )
+    path = Path(path)
+    write_adapter_dir(path, tensors, peft_config_dict(model, adapter_name, flat))
+    return path
+
+
+def _exact(path: str) -> str:
+    import re
+
+    return re.escape(path)  # rank_pattern keys are regexes matched against the end of a module path
+
+
+def load_past(model: nn.Module, path: str | Path, adapter_name: str = KIND) -> int:
+    """Load a LoRA adapter directory (e.g. the previous task's :func:`export_lora`, or any PEFT LoRA
+    adapter) as the *past* factors of the O-LoRA adapter; returns the loaded rank of the first layer.
+
+    This is how continual learning runs as separate ``lorakit train --method olora`` runs: each run
+    saves past + current as one flat adapter, and the next run reads it back as its past.
+    """
+    from ..errors import AdapterFileError
+    from ..io import PREFIX, read_adapter_config, read_adapter_weights
+
+    raw = read_adapter_config(path)
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{path}: peft_type {raw.get('peft_type')!r}; O-LoRA's past must be a LoRA adapter.")
+    flat = LoraConfig.from_peft_dict(raw, source=str(Path(path)))
+    weights = read_adapter_weights(path)
+    layers = list(olora_adapters(model, adapter_name))
+    if not layers:
+        raise AdapterNotFoundError(f"the model has no O-LoRA adapter {adapter_name!r}; call add_olora first.")
+    problems, plan = [], []
+    for layer, ad in layers:
+        a = weights.get(f"{PREFIX}{layer}.lora_A.weight")
+        b = weights.get(f"{PREFIX}{layer}.lora_B.weight")
+        if a is None or b is None:
+            problems.append(f"{layer}: no lora_A/lora_B in the file")
+        elif a.shape[1:] != ad.lora_A.shape[1:] or b.shape[0] != ad.lora_B.shape[0] or a.shape[0] != b.shape[1]:
+            problems.append(f"{layer}: file has A {tuple(a.shape)}, B {tuple(b.shape)}; the layer needs "
+                            f"A (R, {', '.join(map(str, ad.lora_A.shape[1:]))}), B ({ad.lora_B.shape[0]}, R)")
+        else:
+            plan.append((ad, a, b, flat.scaling_for(layer)))
+    if problems:
+        raise AdapterFileError(f"{path}: cannot be O-LoRA's past for this model:\n  " + "\n  ".join(problems[:20])
+                               + "\nTrain every task of a sequence with the same target_modules.")
+    with torch.no_grad():
+        for ad, a, b, s in plan:
+            ad.past_A = a.to(ad.past_A.device, ad.past_A.dtype).clone()
+            ad.past_B = (b * s).to(ad.past_B.device, ad.past_B.dtype).clone()
+            ad.past_ranks = [a.shape[0]]
+    return plan[0][1].shape[0]
+
+
+# -- `lorakit train --method olora` ------------------------------------------------------------------
+OPTIONS = ("lambda_orth", "lambda_l2", "overlap", "l2", "past")
+
+
+def _register_method() -> None:
+    from ..train import methods
+
+    @methods.register(KIND)
+    def build(model: nn.Module, args) -> methods.MethodSetup:
+        """``method_options``: lambda_orth (λ1, 0.5), lambda_l2 (λ2, 0), overlap (abs|square),
+        l2 (square|norm), past (a LoRA adapter directory holding the earlier tasks' factors)."""
+        opts = dict(args.method_options or {})
+        unknown = sorted(set(opts) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"method olora: unknown method_options {unknown}; valid: {', '.join(OPTIONS)}.")
+        past = opts.pop("past", None)
+        hook = OLoraHook(**opts, adapter_name=KIND)
+        add_olora(model, methods.lora_config(args), KIND)
+        if past:
+            load_past(model, past, KIND)
+
+        def save(m: nn.Module, directory: Path, tokenizer: Any) -> None:
+            export_lora(m, directory, KIND)
+
+        return methods.MethodSetup(model, hooks=[hook], save=save)
+
+
+_register_method()
