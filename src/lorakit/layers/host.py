@@ -36,7 +36,8 @@ class LoraLayer(nn.Module):
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
                     init: bool | str = True) -> LoraAdapter:
         geometry = self.kind.geometry(self.base_layer, r)
-        ref = next(self.base_layer.parameters(), None)
+        # A quantized base may hold only buffers (packed weight, absmax): look at both.
+        ref = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()]), None)
         device = ref.device if ref is not None else None
         # Factors train in fp32 even on a bf16/fp16 base (stable Adam updates); the branch casts
         # them to the compute dtype, which costs only rank-sized copies.

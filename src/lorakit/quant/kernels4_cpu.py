@@ -1,0 +1,154 @@
+"""The CPU side of ``kernels4``: the same arithmetic in numpy, on whole blocks, over a thread pool.
+
+Why numpy and our own threads rather than torch ops: torch parallelizes every op above 32k elements
+with OpenMP, and a cache-sized chunk loop issues thousands of such ops; on a busy machine each
+parallel region waits for a descheduled thread and the loop slows down ~10x (measured here). numpy ops run on the
+calling thread and release the GIL, so ``torch.get_num_threads()`` Python threads each work through
+their own range of chunks with no nested parallelism. Lookups use ``np.take`` (several times faster
+than torch's CPU gathers): four weights per gather, indexed by two packed bytes read as a uint16.
+
+Every step is IEEE fp32 arithmetic with the same operation order as the torch path, so both are
+bit-exact with each other (and with bitsandbytes); the final cast to bf16/fp16 is torch's
+(round to nearest even), on slices small enough that torch runs it on the calling thread.
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .codebooks import code_table, midpoints, sorted_codes
+
+CHUNK = 1 << 16  # elements per step: 256 kB of fp32 temporaries per thread, cache-resident
+PARALLEL_MIN = 1 << 19  # below this many elements one thread does it all
+_TINY = np.float32(1e-38)
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def run_ranges(total: int, job) -> None:
+    """Call ``job(start, stop)`` over [0, total) split into whole CHUNKs, one range per thread."""
+    workers = min(torch.get_num_threads(), 8) if total >= PARALLEL_MIN else 1
+    per = -(-total // (workers * CHUNK)) * CHUNK
+    ranges = [(s, min(s + per, total)) for s in range(0, total, per)]
+    if len(ranges) == 1:
+        job(*ranges[0])
+        return
+    pool = _pool(len(ranges))
+    for f in [pool.submit(job, s, e) for s, e in ranges]:
+        f.result()
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE < size:
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=size, thread_name_prefix="lorakit-quant"), size
+    return _POOL
+
+
+# -- quantize --------------------------------------------------------------------------------------
+def _as_f32(src: np.ndarray, dtype: torch.dtype, out: np.ndarray) -> np.ndarray:
+    """A slice of the input (numpy view of its bits) as fp32, exactly."""
+    if dtype == torch.float32:
+        return src
+    if dtype == torch.bfloat16:  # bf16 is the top half of an fp32
+        np.left_shift(src, 16, out=out.view(np.uint32), dtype=np.uint32)
+        return out
+    np.copyto(out, src.view(np.float16))
+    return out
+
+
+def quantize_blocks(flat: torch.Tensor, full: int, blocksize: int, quant_type: str,
+                    packed: torch.Tensor, absmax: torch.Tensor) -> None:
+    """Whole blocks: fill packed[: full//2] and absmax[: full//bs] from flat[:full]."""
+    if full == 0:
+        return
+    raw = flat.numpy() if flat.dtype == torch.float32 else flat.view(torch.int16).numpy().view(np.uint16)
+    order = sorted_codes(quant_type)
+    plan = (np.float32(midpoints(quant_type)), order[0],
+            [(order[i + 1] - order[i]) % 256 for i in range(15)], quant_type == "nf4")
+    run_ranges(full, functools.partial(_quantize_range, raw, flat.dtype, blocksize, plan,
+                                       packed.numpy(), absmax.numpy()))
+
+
+def _quantize_range(raw, dtype, bs, plan, packed, absmax, start, stop) -> None:
+    chunk = min(CHUNK, stop - start)
+    f32 = np.empty(chunk, np.float32)
+    scaled = np.empty(chunk, np.float32)
+    above = np.empty(chunk, np.bool_)
+    codes = np.empty(chunk, np.uint8)
+    step_buf = np.empty(chunk, np.uint8)
+    with np.errstate(all="ignore"):  # inf/NaN inputs are reported by the caller, via absmax
+        for s in range(start, stop, chunk):
+            _quantize_chunk(raw, dtype, bs, plan, packed, absmax, s, min(s + chunk, stop),
+                            f32, scaled, above, codes, step_buf)
+
+
+def _quantize_chunk(raw, dtype, bs, plan, packed, absmax, s, e, f32, scaled, above, codes, step_buf) -> None:
+    """Elements [s, e) (whole blocks) with the caller's reusable buffers."""
+    bounds, first, steps, unit_steps = plan
+    m, blocks = e - s, slice(s // bs, e // bs)
+    x = _as_f32(raw[s:e], dtype, f32[:m]).reshape(-1, bs)  # (blocks, bs)
+    amax = np.max(np.abs(x, out=scaled[:m].reshape(-1, bs)), axis=1, out=absmax[blocks])
+    recip = np.float32(1.0) / np.maximum(amax, _TINY)  # fp32, as torch's 1.0 / t
+    sc = np.multiply(x, recip[:, None], out=scaled[:m].reshape(-1, bs)).reshape(-1)
+    # nearest code, ties to the lower value: count the boundaries strictly below (see kernels4)
+    q = codes[:m]
+    q.fill(first)
+    for bound, step in zip(bounds, steps):
+        np.greater(sc, bound, out=above[:m])
+        if unit_steps:
+            np.add(q, above[:m], out=q)
+        else:  # FP4: add the step to the next sorted code; uint8 wraps mod 256 onto it
+            np.add(q, np.multiply(above[:m], np.uint8(step), out=step_buf[:m]), out=q)
+    hi = np.left_shift(q[0::2], 4, out=step_buf[: m // 2])
+    np.bitwise_or(hi, q[1::2], out=packed[s // 2: e // 2])
+
+
+# -- dequantize ------------------------------------------------------------------------------------
+@functools.cache
+def quad_table(quant_type: str) -> np.ndarray:
+    """(65536,) 16-byte items: the four fp32 values of two packed bytes read as one little-endian
+    uint16 (first byte in the low half, its high nibble first)."""
+    code = code_table(quant_type)
+    u = torch.arange(65536)
+    first, second = u & 0xFF, u >> 8
+    quad = torch.stack([code[first >> 4], code[first & 15], code[second >> 4], code[second & 15]], dim=1)
+    return quad.contiguous().numpy().view(np.complex128).reshape(65536)
+
+
+def dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, full: int, blocksize: int, quant_type: str,
+                      out: torch.Tensor) -> None:
+    """Whole blocks: out[:full] = code · absmax, rounded once to out's dtype."""
+    if full == 0:
+        return
+    words = packed[: full // 2].numpy().view(np.uint16)  # (full/4,), four codes each
+    run_ranges(full, functools.partial(_dequantize_range, words, absmax.numpy(), blocksize,
+                                       quad_table(quant_type), out))
+
+
+_SERIAL = 32000  # torch runs an elementwise op on one thread below 32768 elements (its grain size)
+
+
+def _dequantize_range(words, absmax, bs, table, out, start, stop) -> None:
+    chunk = min(CHUNK, stop - start)
+    index = np.empty(chunk // 4, np.int64)  # np.take would convert narrower indices on every call
+    fp32_out = out.dtype == torch.float32
+    if not fp32_out:
+        quads = np.empty(chunk // 4, np.complex128)
+        vals = torch.from_numpy(quads.view(np.float32))  # (chunk,) reusable fp32 buffer
+    for s in range(start, stop, chunk):
+        e = min(s + chunk, stop)
+        m, k = e - s, (e - s) // 4
+        index[:k] = words[s // 4: e // 4]
+        # gather straight into an fp32 output, else into the buffer
+        dst = out[s:e] if fp32_out else vals[:m]
+        np.take(table, index[:k], out=dst.numpy().view(np.complex128), mode="clip")
+        v = dst.numpy().reshape(-1, bs)  # (blocks, bs)
+        np.multiply(v, absmax[s // bs: e // bs, None], out=v)
+        if not fp32_out:  # the one rounding (nearest even), by torch's vectorized cast, single-threaded
+            for j in range(0, m, _SERIAL):
+                out[s + j: s + min(j + _SERIAL, m)].copy_(vals[j: min(j + _SERIAL, m)])

@@ -1,0 +1,40 @@
+"""Teach the LoRA core about ``QuantLinear`` (a base *kind*, see ``lorakit.layers.kinds``).
+
+The LoRA branch is the linear one (A (r, in), B (out, r)); what differs is merging: a 4-bit or int8
+weight cannot take ``W += ΔW`` in place without re-quantizing it, so the kind refuses and points to
+``lorakit.quant.merge``, which dequantizes, merges and returns plain ``nn.Linear`` layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import AdapterStateError
+from ..layers.kinds import LinearKind, register_kind
+from .linear import QuantLinear
+
+
+class QuantLinearKind(LinearKind):
+    name = "quant_linear"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, QuantLinear)
+
+    def dims(self, module: QuantLinear) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def weight(self, module: QuantLinear) -> torch.Tensor:
+        """The dequantized weight (a new tensor, not a view: the module stores no dense weight)."""
+        return module.dequantize_weight()
+
+    def add_to_weight(self, module: QuantLinear, delta: torch.Tensor) -> None:
+        raise AdapterStateError(
+            f"cannot merge a LoRA update into a {module.quant_type} QuantLinear "
+            f"({module.out_features}x{module.in_features}) in place. Use "
+            "lorakit.quant.merge.dequantize_and_merge(model) for a 16/32-bit merged model, or "
+            "lorakit.quant.merge.requantized_merge(model) to quantize the merged weights again."
+        )
+
+
+register_kind(QuantLinearKind())
