@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kinds import BaseKind, Geometry, init_factors
+from .kinds import Geometry, init_factors
 
 
 class LoraAdapter(nn.Module):
@@ -37,12 +37,9 @@ class LoraAdapter(nn.Module):
         return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)) * self.scaling
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A, B, scaling) as the branch consumes them; variants override this (e.g. AdaLoRA's P·Λ·Q)."""
+        """(A, B, scaling) as the base kind's branch consumes them. This and :meth:`delta_2d` are the
+        adapter contract: variants (AdaLoRA's P·Λ·Q, O-LoRA's past + new factors) provide the same."""
         return self.lora_A, self.lora_B, self.scaling
-
-    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        a, b, s = self.factors()
-        return kind.branch(base, base_out, x, a, b, s)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"

@@ -1,14 +1,16 @@
-"""The LoRA branch of a linear layer as one autograd function.
+"""The LoRA branch of a linear layer, with its dropout, as one autograd function.
 
-    y = base(x) + s · (x_d Aᵀ) Bᵀ            x_d: (N, in)  A: (r, in)  B: (out, r)
+    y = base(x) + s · ((x ⊙ m) Aᵀ) Bᵀ        x: (N, in)  m: dropout mask or None  A: (r, in)  B: (out, r)
 
-Written by hand rather than as three autograd ops so that
+Written by hand rather than as autograd ops so that
 
-* only rank-sized intermediates are created and saved: ``xa = s·x_d Aᵀ`` (N, r), besides x_d, which
-  the caller shares between the projections that read the same input;
-* the scaling s is applied to the (N, r) tensor, never to an (N, out) one;
+* only rank-sized tensors are created and saved: ``xa = s·(x⊙m) Aᵀ`` (N, r); x itself is saved by
+  reference (the base layer and the sibling projections hold it anyway) and the mask is shared
+  between the projections that read the same x, so no dropped copy of x is stored — backward
+  recomputes x⊙m for dA;
+* s is applied to the (N, r) tensor, never to an (N, out) one;
 * the add into the base output is fused into the second GEMM (``addmm_`` writes into base(x));
-* backward computes ``g B`` (N, r) once and reuses it for both dA and dx.
+* backward computes g·B (N, r) once and reuses it for both dA and dx.
 
 Nothing of size out × in is ever built (ΔW is only materialised by merges).
 """
@@ -20,42 +22,50 @@ import torch
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, base_out, x, a, b, scaling):
+    def forward(ctx, base_out, x, mask, a, b, scaling):
         # base_out: (..., out), x: (..., in). Compute in base_out's dtype (bf16 under autocast).
         dt = base_out.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
+        x2 = _dropped(x, mask, dt)  # (N, in), a temporary
         a_, b_ = a.to(dt), b.to(dt)
         xa = (x2 @ a_.T).mul_(scaling)  # (N, r)
         out2 = base_out.view(-1, base_out.shape[-1])  # (N, out), same storage as base_out
         out2.addmm_(xa, b_.T)
         ctx.mark_dirty(base_out)
-        ctx.save_for_backward(x, xa, a, b)
+        ctx.save_for_backward(x, mask, xa, a, b)
         ctx.scaling = scaling
         return base_out
 
     @staticmethod
     def backward(ctx, g):
-        x, xa, a, b = ctx.saved_tensors
-        s = ctx.scaling
-        dt = g.dtype
-        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        need_x, need_a, need_b = ctx.needs_input_grad[1:4]
+        x, mask, xa, a, b = ctx.saved_tensors
+        s, dt = ctx.scaling, g.dtype
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out); a copy when g is strided (e.g. after attention)
+        need_x, _, need_a, need_b = ctx.needs_input_grad[1:5]
         grad_x = grad_a = grad_b = None
         if need_b:
             grad_b = (xa.T @ g2).T.to(b.dtype)  # (out, r); this operand order is the faster GEMM on MKL
         if need_x or need_a:
             gxa = (g2 @ b.to(dt)).mul_(s)  # (N, r)
             if need_a:
-                grad_a = (gxa.T @ x.reshape(-1, x.shape[-1]).to(dt)).to(a.dtype)  # (r, in)
+                grad_a = (gxa.T @ _dropped(x, mask, dt)).to(a.dtype)  # (r, in)
             if need_x:
-                grad_x = (gxa @ a.to(dt)).view(x.shape).to(x.dtype)  # (..., in)
-        return g, grad_x, grad_a, grad_b, None
+                gx = gxa @ a.to(dt)  # (N, in)
+                if mask is not None:
+                    gx.mul_(mask.reshape(gx.shape))
+                grad_x = gx.view(x.shape).to(x.dtype)
+        # Hand the base layer the contiguous gradient, so its backward does not copy it a second time.
+        return g2.view(g.shape), grad_x, None, grad_a, grad_b, None
+
+
+def _dropped(x: torch.Tensor, mask: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).to(dt)
+    return x2 if mask is None else x2 * mask.reshape(x2.shape).to(dt)
 
 
 def lora_linear_branch(base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                       scaling: float) -> torch.Tensor:
-    """``base_out + scaling · (x Aᵀ) Bᵀ`` for linear-like bases; may write into ``base_out``."""
+                       scaling: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``base_out + scaling · ((x ⊙ mask) Aᵀ) Bᵀ`` for linear-like bases; may write into ``base_out``."""
     if not base_out.is_contiguous() or base_out._base is not None:
         # The fused in-place add needs its own contiguous storage (e.g. Conv1D returns a view).
         base_out = base_out.contiguous() if not base_out.is_contiguous() else base_out.clone()
-    return _LoraLinear.apply(base_out, x, a, b, float(scaling))
+    return _LoraLinear.apply(base_out, x, mask, a, b, float(scaling))

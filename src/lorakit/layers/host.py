@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import AdapterNotFoundError, AdapterStateError
 from .adapter import LoraAdapter
-from .dropout import shared_dropout
+from .dropout import shared_mask
 from .kinds import BaseKind
 
 
@@ -69,17 +69,18 @@ class LoraLayer(nn.Module):
         if self.row_adapters is not None:
             return self._forward_rows(x, out)
         for name in self.active:
-            if name in self.merged:
-                continue
-            adapter = self.lora[name]
-            out = adapter.apply(self.kind, self.base_layer, out, self._dropped(x, adapter))
+            if name not in self.merged:
+                out = self._branch(self.lora[name], out, x)
         return out
 
-    def _dropped(self, x: torch.Tensor, adapter: nn.Module) -> torch.Tensor:
+    def _branch(self, adapter: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + the adapter's update of x (the adapter contract: ``factors()`` and ``dropout``)."""
+        a, b, s = adapter.factors()
+        if a.shape[0] == 0:  # an adapter pruned to rank 0 (AdaLoRA) adds nothing
+            return out
         p = getattr(adapter, "dropout", 0.0)
-        if not self.training or p == 0.0 or not torch.is_floating_point(x):
-            return x
-        return shared_dropout(x, p)
+        mask = shared_mask(x, p) if self.training and p > 0.0 and torch.is_floating_point(x) else None
+        return self.kind.branch(self.base_layer, out, x, a, b, s, mask)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row i of the batch uses adapter ``row_adapters[i]`` (None = base only)."""
@@ -95,10 +96,8 @@ class LoraLayer(nn.Module):
             if name not in self.lora:
                 continue  # this layer is not adapted by that adapter
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
-            adapter = self.lora[name]
             sub_out = out.index_select(0, rows)
-            delta = adapter.apply(self.kind, self.base_layer, torch.zeros_like(sub_out),
-                                  self._dropped(x.index_select(0, rows), adapter))
+            delta = self._branch(self.lora[name], torch.zeros_like(sub_out), x.index_select(0, rows))
             out = out.index_add(0, rows, delta.to(out.dtype))
         return out
 

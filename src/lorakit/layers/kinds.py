@@ -49,8 +49,10 @@ class BaseKind:
     def geometry(self, module: nn.Module, r: int) -> Geometry:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def branch(self, module: nn.Module, base_out: torch.Tensor, x: torch.Tensor, a, b, scaling: float):
-        """Return ``base_out + scaling · B(A(x))`` (may reuse ``base_out``'s storage)."""
+    def branch(self, module: nn.Module, base_out: torch.Tensor, x: torch.Tensor, a, b, scaling: float,
+               mask: torch.Tensor | None = None):
+        """Return ``base_out + scaling · B(A(x ⊙ mask))`` (may reuse ``base_out``'s storage); ``mask``
+        is the dropout mask (None: no dropout)."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def weight(self, module: nn.Module) -> torch.Tensor:
@@ -85,8 +87,8 @@ class LinearKind(BaseKind):
         fan_in, fan_out = self.dims(module)
         return Geometry((r, fan_in), (fan_out, r))
 
-    def branch(self, module, base_out, x, a, b, scaling):
-        return lora_linear_branch(base_out, x, a, b, scaling)
+    def branch(self, module, base_out, x, a, b, scaling, mask=None):
+        return lora_linear_branch(base_out, x, a, b, scaling, mask)
 
 
 class Conv1DKind(LinearKind):
@@ -121,8 +123,8 @@ class EmbeddingKind(BaseKind):
     def geometry(self, module, r):
         return Geometry((r, module.num_embeddings), (module.embedding_dim, r))
 
-    def branch(self, module, base_out, x, a, b, scaling):
-        # (..., ) ids -> (..., r) -> (..., dim)
+    def branch(self, module, base_out, x, a, b, scaling, mask=None):
+        # ids carry no dropout. (..., ) ids -> (..., r) -> (..., dim)
         after_a = F.embedding(x, a.T.to(base_out.dtype), module.padding_idx, module.max_norm,
                               module.norm_type, module.scale_grad_by_freq, module.sparse)
         return base_out + (after_a @ b.T.to(base_out.dtype)) * scaling
@@ -160,9 +162,11 @@ class ConvKind(BaseKind):
         ones = (1,) * len(k)
         return Geometry((r, module.in_channels, *k), (module.out_channels, r, *ones))
 
-    def branch(self, module, base_out, x, a, b, scaling):
+    def branch(self, module, base_out, x, a, b, scaling, mask=None):
         conv = self._fns[a.dim() - 2]
         dt = base_out.dtype
+        if mask is not None:
+            x = x * mask
         xa = conv(x.to(dt), a.to(dt), None, module.stride, module.padding, module.dilation)
         return base_out + conv(xa, b.to(dt)) * scaling
 

@@ -38,7 +38,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterNotFoundError, ConfigError
 from ..layers.host import LoraLayer
-from ..layers.kinds import BaseKind, Geometry, init_factors, kind_of
+from ..layers.kinds import Geometry, init_factors, kind_of
 
 KIND = "olora"
 Overlap = Literal["abs", "square"]
@@ -81,10 +81,6 @@ class OLoraAdapter(nn.Module):
         """ΔW = s · B·A over past and current factors, as a (fan_out, fan_in) matrix."""
         a, b, s = self.factors()
         return (b.flatten(1) @ a.flatten(1)) * s
-
-    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        a, b, s = self.factors()
-        return kind.branch(base, base_out, x, a, b, s)
 
     @torch.no_grad()
     def consolidate(self) -> None:

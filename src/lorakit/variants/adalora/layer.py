@@ -25,7 +25,7 @@ from torch import nn
 from ...errors import ConfigError, UnsupportedModuleError
 from ...inject import add_trainable_copies, check_adapter_name, find_targets, register_adapter
 from ...layers.host import LoraLayer
-from ...layers.kinds import BaseKind, Geometry, kind_of
+from ...layers.kinds import Geometry, kind_of
 from ...state import AdapterRecord, set_submodule
 from .config import AdaLoraConfig
 
@@ -89,12 +89,6 @@ class SVDAdapter(nn.Module):
     def delta_2d(self) -> torch.Tensor:
         """ΔW = P · diag(λ) · Q · scaling as a (fan_out, fan_in) matrix."""
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling
-
-    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.r == 0:
-            return base_out
-        a, b, s = self.factors()
-        return kind.branch(base, base_out, x, a, b, s)
 
     # -- allocation -------------------------------------------------------------------------------
     @torch.no_grad()
