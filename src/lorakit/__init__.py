@@ -27,6 +27,15 @@ from .inject import inject
 from .io import load_adapter, save_adapter
 from .summary import TrainableSummary, print_trainable_parameters, trainable_parameters
 
+
+def quantize_model(model, quant_type: str = "nf4", **kwargs):
+    """Replace the model's Linear layers by frozen 4-bit/8-bit ``QuantLinear`` (QLoRA); see
+    :func:`lorakit.quant.quantize_model`. Imported lazily: quantization code loads only when used."""
+    from .quant import quantize_model as _quantize_model
+
+    return _quantize_model(model, quant_type, **kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -44,6 +53,7 @@ __all__ = [
     "merge_and_unload",
     "per_row_adapters",
     "print_trainable_parameters",
+    "quantize_model",
     "save_adapter",
     "set_adapter",
     "set_trainable",
