@@ -70,25 +70,12 @@ class LoraConfig:
     def __post_init__(self) -> None:
         _check_int("r", self.r, minimum=1)
         _check_number("lora_alpha", self.lora_alpha)
-        if not (0.0 <= float(self.lora_dropout) < 1.0):
-            raise ConfigError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
-        self.target_modules = _norm_targets("target_modules", self.target_modules)
-        self.exclude_modules = _norm_targets("exclude_modules", self.exclude_modules)
-        if self.target_modules is None:
-            raise ConfigError(
-                "target_modules is not set: give a list of module names (e.g. ['q_proj', 'v_proj']), "
-                "a regex matching whole module paths, or 'all-linear'."
-            )
-        if self.bias not in BIAS_CHOICES:
-            raise ConfigError(f"bias={self.bias!r}: must be one of {', '.join(BIAS_CHOICES)}.")
+        validate_shared_fields(self)
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r}: use True (B=0, Kaiming A), "
                 "'gaussian' (B=0, Gaussian A) or False (random A and B, for tests)."
             )
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        self.modules_to_save = list(self.modules_to_save) if self.modules_to_save else None
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         for key, value in self.rank_pattern.items():
@@ -97,14 +84,6 @@ class LoraConfig:
         for key, value in self.alpha_pattern.items():
             _check_regex(f"alpha_pattern key {key!r}", key)
             _check_number(f"alpha_pattern[{key!r}]", value)
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if self.layers_to_transform is not None:
-            for idx in self.layers_to_transform:
-                _check_int("layers_to_transform entry", idx, minimum=0)
-            self.layers_to_transform = list(self.layers_to_transform)
-        if isinstance(self.layers_pattern, str):
-            self.layers_pattern = [self.layers_pattern]
 
     # -- per-module values ------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:
@@ -163,6 +142,34 @@ class LoraConfig:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def validate_shared_fields(cfg: Any) -> None:
+    """Check and normalise the fields every LoRA-family config shares (LoraConfig, AdaLoraConfig):
+    lora_dropout, target_modules, exclude_modules, bias, modules_to_save, layers_to_transform,
+    layers_pattern."""
+    if not (0.0 <= float(cfg.lora_dropout) < 1.0):
+        raise ConfigError(f"lora_dropout={cfg.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
+    cfg.target_modules = _norm_targets("target_modules", cfg.target_modules)
+    cfg.exclude_modules = _norm_targets("exclude_modules", cfg.exclude_modules)
+    if cfg.target_modules is None:
+        raise ConfigError(
+            "target_modules is not set: give a list of module names (e.g. ['q_proj', 'v_proj']), "
+            "a regex matching whole module paths, or 'all-linear'."
+        )
+    if cfg.bias not in BIAS_CHOICES:
+        raise ConfigError(f"bias={cfg.bias!r}: must be one of {', '.join(BIAS_CHOICES)}.")
+    if isinstance(cfg.modules_to_save, str):
+        cfg.modules_to_save = [cfg.modules_to_save]
+    cfg.modules_to_save = list(cfg.modules_to_save) if cfg.modules_to_save else None
+    if isinstance(cfg.layers_to_transform, int):
+        cfg.layers_to_transform = [cfg.layers_to_transform]
+    if cfg.layers_to_transform is not None:
+        for idx in cfg.layers_to_transform:
+            _check_int("layers_to_transform entry", idx, minimum=0)
+        cfg.layers_to_transform = list(cfg.layers_to_transform)
+    if isinstance(cfg.layers_pattern, str):
+        cfg.layers_pattern = [cfg.layers_pattern]
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r}: must be an integer ≥ {minimum}.")

@@ -193,22 +193,32 @@ def copy_weights(model: nn.Module, adapter_name: str, weights: dict[str, torch.T
         norm = normalize_key(key)
         if norm is not None:
             given[norm] = value
+    check_and_copy(expected, given, source, optional=base_extra)
+
+
+def check_and_copy(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str,
+                   optional: dict[str, torch.Tensor] | None = None, hint: str = "same architecture and sizes",
+                   required=lambda key, tensor: ".lora_" in key) -> None:
+    """Copy ``given`` into the model tensors ``expected`` (both keyed by PEFT key) after checking every
+    shape; an unexpected key, a wrong shape or a missing required key is a problem, and all problems
+    are reported in one ``AdapterFileError`` before anything is copied. ``optional`` keys may appear."""
+    optional = optional or {}
     problems, plan = [], []
     for key, value in given.items():
-        target = expected.get(key, base_extra.get(key))
+        target = expected.get(key, optional.get(key))
         if target is None:
             problems.append(f"unexpected tensor {key} {tuple(value.shape)}: the model has no such module")
         elif tuple(target.shape) != tuple(value.shape):
             problems.append(f"{key}: file has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
         else:
             plan.append((target, value))
-    missing = [k for k in expected if k not in given]
-    problems += [f"missing tensor {k} {tuple(expected[k].shape)}" for k in missing if ".lora_" in k]
+    problems += [f"missing tensor {k} {tuple(t.shape)}" for k, t in expected.items()
+                 if k not in given and required(k, t)]
     if problems:
         shown = "\n  ".join(problems[:40]) + (f"\n  … and {len(problems) - 40} more" if len(problems) > 40 else "")
         raise AdapterFileError(
             f"{source}: the adapter does not fit this model ({len(problems)} problem(s)):\n  {shown}\n"
-            "Load it into the base model it was trained on (same architecture and sizes)."
+            f"Load it into the base model it was trained on ({hint})."
         )
     with torch.no_grad():
         for target, value in plan:

@@ -32,6 +32,7 @@ from typing import Any
 
 from .._fs import atomic_write_text
 from ..errors import ConfigError
+from ..train.hooks import BaseHook
 from .forgetting import (
     MethodSpec,
     RunSettings,
@@ -86,7 +87,7 @@ class SequenceResult:
                 "trainable_params": self.trainable_params, "seconds": self.seconds, **self.extra}
 
 
-class LoadAdapterHook:
+class LoadAdapterHook(BaseHook):
     """Before step 1, copy a saved LoRA adapter's weights into the run's fresh adapter (SeqLoRA).
 
     Not again on a resumed run: the checkpoint already holds the trained weights (``applied`` is
@@ -101,18 +102,6 @@ class LoadAdapterHook:
         if not self.applied:
             copy_weights(ctx.model, self.adapter_name, read_adapter_weights(self.path), source=str(self.path))
             self.applied = True
-
-    def extra_loss(self, ctx):
-        return None
-
-    def after_backward(self, ctx) -> None:
-        pass
-
-    def after_step(self, ctx) -> None:
-        pass
-
-    def on_train_end(self, ctx) -> None:
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"applied": self.applied}

@@ -16,6 +16,7 @@ constant row (max == min == c ≠ 0) uses s = |c|, so z = −sign(c) and q = 0 d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,7 @@ class LayoutInt8:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def quant_type(self) -> str:

@@ -13,6 +13,7 @@ packed bytes, the absmax values and the dequantized weights; see ``kernels4.py``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +56,7 @@ class Layout4bit:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def tensor_names(self) -> tuple[str, ...]:

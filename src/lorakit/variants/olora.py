@@ -39,6 +39,7 @@ from ..config import LoraConfig
 from ..errors import AdapterNotFoundError, ConfigError
 from ..layers.host import LoraLayer
 from ..layers.kinds import Geometry, init_factors, kind_of
+from ..train.hooks import BaseHook
 
 KIND = "olora"
 Overlap = Literal["abs", "square"]
@@ -180,7 +181,7 @@ def olora_loss(model: nn.Module, lambda_orth: float = 0.5, lambda_l2: float = 0.
 
 
 @dataclass
-class OLoraHook:
+class OLoraHook(BaseHook):
     """The training loop's hook (``lorakit.train.hooks.TrainHook``): adds :func:`olora_loss` to every
     micro-batch's loss and logs it. ``lambda_orth`` is λ1, ``lambda_l2`` is λ2, ``overlap`` picks |·|
     or (·)², ``l2`` the norm form. (Written out instead of subclassing ``BaseHook`` so that importing
@@ -216,15 +217,6 @@ class OLoraHook:
         if loss is not None:
             ctx.log["olora_loss"] = float(loss.detach())
         return loss
-
-    def after_backward(self, ctx) -> None:
-        pass
-
-    def after_step(self, ctx) -> None:
-        pass
-
-    def on_train_end(self, ctx) -> None:
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # the past factors live in the model's state dict (buffers)

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import BIAS_CHOICES, _check_int, _norm_targets
+from ...config import _check_int, validate_shared_fields
 from ...errors import ConfigError
 from .errors import AdaLoraBudgetError, AdaLoraScheduleError, RankPatternError
 
@@ -111,33 +111,12 @@ class AdaLoraConfig:
         a = self.lora_alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
             raise ConfigError(f"lora_alpha={a!r}: must be a finite number (e.g. 2 × init_r).")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
-        self.target_modules = _norm_targets("target_modules", self.target_modules)
-        self.exclude_modules = _norm_targets("exclude_modules", self.exclude_modules)
-        if self.target_modules is None:
-            raise ConfigError(
-                "target_modules is not set: give a list of module names (e.g. ['q_proj', 'v_proj']), "
-                "a regex matching whole module paths, or 'all-linear'."
-            )
-        if self.bias not in BIAS_CHOICES:
-            raise ConfigError(f"bias={self.bias!r}: must be one of {', '.join(BIAS_CHOICES)}.")
+        validate_shared_fields(self)
         if self.init_lora_weights not in (True, False):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r}: use True (Λ = 0, the model starts "
                 "unchanged) or False (random Λ, for tests)."
             )
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        self.modules_to_save = list(self.modules_to_save) if self.modules_to_save else None
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if self.layers_to_transform is not None:
-            for idx in self.layers_to_transform:
-                _check_int("layers_to_transform entry", idx, minimum=0)
-            self.layers_to_transform = list(self.layers_to_transform)
-        if isinstance(self.layers_pattern, str):
-            self.layers_pattern = [self.layers_pattern]
         if self.rank_pattern is not None:
             self.rank_pattern = {str(k): _check_pattern_entry(k, v, self.init_r) for k, v in self.rank_pattern.items()}
 

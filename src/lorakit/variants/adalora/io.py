@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import AdapterFileError, LorakitError
+from ...errors import LorakitError
 from ...inject import bias_parameters
 from ...io import (
     CONFIG_NAME,
     PREFIX,
     _portable_targets,
+    check_and_copy,
     normalize_key,
     read_adapter_weights,
     write_adapter_dir,
@@ -166,23 +167,5 @@ def _copy_weights(model: nn.Module, adapter_name: str, weights: dict[str, torch.
         key = _KEY.sub(lambda m: f".lora_{m.group(1)}", key) if _KEY.search(key) else normalize_key(key)
         if key is not None:
             given[key if key.startswith(PREFIX) else PREFIX + key] = value
-    problems, plan = [], []
-    for key, value in given.items():
-        target = expected.get(key)
-        if target is None:
-            problems.append(f"unexpected tensor {key} {tuple(value.shape)}: the model has no such adapter tensor")
-        elif tuple(target.shape) != tuple(value.shape):
-            problems.append(f"{key}: file has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
-        else:
-            plan.append((target, value))
-    problems += [f"missing tensor {k} {tuple(t.shape)}" for k, t in expected.items()
-                 if k not in given and ".lora_" in k and t.numel() > 0]
-    if problems:
-        shown = "\n  ".join(problems[:40]) + (f"\n  … and {len(problems) - 40} more" if len(problems) > 40 else "")
-        raise AdapterFileError(
-            f"{source}: the adapter does not fit this model ({len(problems)} problem(s)):\n  {shown}\n"
-            "Load it into the base model it was trained on (same architecture, sizes and rank_pattern)."
-        )
-    with torch.no_grad():
-        for target, value in plan:
-            target.copy_(value.to(dtype=target.dtype, device=target.device))
+    check_and_copy(expected, given, source, hint="same architecture, sizes and rank_pattern",
+                   required=lambda key, t: ".lora_" in key and t.numel() > 0)
