@@ -160,8 +160,6 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     makes the adapter active (frozen unless ``trainable``). On any mismatch nothing is changed and
     one ``AdapterFileError`` lists every problem.
     """
-    from .adapters import delete_adapter, set_adapter, set_trainable
-
     raw = read_adapter_config(path)
     if raw.get("peft_type") == "ADALORA":
         from .variants import load_variant
@@ -169,13 +167,23 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         return load_variant(model, path, adapter_name, trainable, raw)
     config = LoraConfig.from_peft_dict(raw, source=str(Path(path) / CONFIG_NAME))
     weights = read_adapter_weights(path)
+    return install_adapter(model, path, adapter_name, trainable,
+                           inject_fn=lambda: inject(model, config, adapter_name),
+                           fill_fn=lambda: copy_weights(model, adapter_name, weights, source=str(path)))
+
+
+def install_adapter(model: nn.Module, path, adapter_name: str, trainable: bool, inject_fn, fill_fn) -> nn.Module:
+    """Add an adapter with ``inject_fn()`` and fill it with ``fill_fn()``, all or nothing: on any
+    failure the adapter is removed again and the previously active adapters are restored."""
+    from .adapters import delete_adapter, set_adapter, set_trainable
+
     previous_active = list(model_state(model).active) if model_state(model) else []
     try:
-        inject(model, config, adapter_name)
+        inject_fn()
     except LorakitError as exc:
         raise type(exc)(f"{path}: the adapter does not fit this model: {exc}") from None
     try:
-        copy_weights(model, adapter_name, weights, source=str(path))
+        fill_fn()
     except BaseException:
         delete_adapter(model, adapter_name)
         if previous_active:

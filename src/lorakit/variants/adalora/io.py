@@ -23,19 +23,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import LorakitError
 from ...inject import bias_parameters
 from ...io import (
     CONFIG_NAME,
     PREFIX,
     _portable_targets,
     check_and_copy,
+    install_adapter,
     normalize_key,
     read_adapter_weights,
     write_adapter_dir,
 )
 from ...layers.kinds import kind_of
-from ...state import model_state, require_adapter, trainable_copies
+from ...state import require_adapter, trainable_copies
 from .config import AdaLoraConfig
 from .errors import RankPatternError
 from .layer import svd_adapters
@@ -103,7 +103,6 @@ def load_adalora(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     The adapter comes back at its allocated ranks (rank-0 matrices are not adapted at all) and is
     active; frozen unless ``trainable``.
     """
-    from ...adapters import delete_adapter, set_adapter, set_trainable
     from ...io import read_adapter_config
     from .layer import inject_adalora
 
@@ -111,23 +110,14 @@ def load_adalora(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     raw = raw_config if raw_config is not None else read_adapter_config(path)
     config = AdaLoraConfig.from_peft_dict(raw, source=source)
     weights = read_adapter_weights(path)
-    st = model_state(model)
-    previous_active = list(st.active) if st else []
-    try:
-        inject_adalora(model, config, adapter_name)
-    except LorakitError as exc:
-        raise type(exc)(f"{path}: the adapter does not fit this model: {exc}") from None
-    try:
+
+    def fill() -> None:
         _apply_pattern(model, adapter_name, config, source)
         _copy_weights(model, adapter_name, weights, source)
         shrink(model, adapter_name)  # removes the rank-0 adapters
-    except BaseException:
-        delete_adapter(model, adapter_name)
-        if previous_active:
-            set_adapter(model, previous_active)
-        raise
-    set_trainable(model, adapter_name, trainable)
-    return model
+
+    return install_adapter(model, path, adapter_name, trainable,
+                           inject_fn=lambda: inject_adalora(model, config, adapter_name), fill_fn=fill)
 
 
 def _apply_pattern(model: nn.Module, adapter_name: str, config: AdaLoraConfig, source: str) -> None:
