@@ -158,23 +158,33 @@ def timing(args):
 
 # -- quality -------------------------------------------------------------------------------------------
 def quality(args):
-    from lorakit.train.args import TrainArgs
+    from lorakit.train.args import EMBEDDED_DEFAULTS, TrainArgs
     from lorakit.train.loop import train
 
     out = {}
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_adalora_"))
-    for method in ("lora", "adalora"):
+    # AdaLoRA starts from λ = 0, so P and Q get no gradient until λ grows (∂L/∂P ∝ diag(λ)); it needs a
+    # larger learning rate than LoRA. Each method runs at its own lr; LoRA also at AdaLoRA's, for fairness.
+    embedded = not (args.model or args.data)
+    lora_lr = args.lora_lr or (EMBEDDED_DEFAULTS["lr"] if embedded else TrainArgs.__dataclass_fields__["lr"].default)
+    plans = [("lora", lora_lr), ("lora", args.adalora_lr), ("adalora", args.adalora_lr)]
+    for method, lr in plans:
         for seed in args.seeds:
-            run_dir = root / f"{method}-s{seed}"
-            kw = dict(method=method, r=args.r, seed=seed, output_dir=str(run_dir), overwrite=True,
-                      threads=args.threads, progress=False, max_steps=args.steps)
+            run_dir = root / f"{method}-lr{lr:g}-s{seed}"
+            # The same settings as `lorakit train` on the embedded model (lr, batch, steps, rows).
+            kw = dict(EMBEDDED_DEFAULTS) if embedded else {}
+            kw.update(method=method, r=args.r, seed=seed, output_dir=str(run_dir), overwrite=True,
+                      threads=args.threads, progress=False)
+            if args.steps:
+                kw["max_steps"] = args.steps
+            kw["lr"] = lr
             if args.model:
                 kw["model"] = args.model
             if args.data:
                 kw["data"] = args.data
             res = train(TrainArgs(**kw))
             m = res.metrics
-            out[f"{method}-s{seed}"] = {
+            out[f"{method}-lr{lr:g}-s{seed}"] = {
                 "trainable": m["parameters"]["trainable"], "eval_after": m["eval"]["after"],
                 "tasks_after": m["tasks"]["after"], "train_seconds": m["time"]["train_seconds"],
             }
@@ -184,12 +194,15 @@ def quality(args):
         ev = v["eval_after"] or {}
         print(f"{key:14s} eval loss {ev.get('loss', float('nan')):.4f}  acc {ev.get('accuracy', float('nan')):.3f}"
               f"  tasks {json.dumps(v['tasks_after'])}  train {v['train_seconds']:.1f} s  trainable {v['trainable']:,}")
-    for method in ("lora", "adalora"):
-        accs = [(out[f"{method}-s{s}"]["eval_after"] or {}).get("accuracy") for s in args.seeds]
-        accs = [a for a in accs if a is not None]
-        if accs:
-            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            print(f"{method:8s} eval accuracy mean {statistics.mean(accs):.3f} ± {sd:.3f} over {len(accs)} seeds")
+    target = None
+    for method, lr in plans:
+        runs = [out[f"{method}-lr{lr:g}-s{s}"] for s in args.seeds]
+        target = target or next(iter(runs[0]["tasks_after"]), None)
+        accs = [r["tasks_after"].get(target) for r in runs]
+        kept = [statistics.mean(v for k, v in r["tasks_after"].items() if k != target) for r in runs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(f"{method:8s} lr {lr:<6g} {target} exact-match {statistics.mean(accs):.3f} ± {sd:.3f}   "
+              f"base tasks kept {statistics.mean(kept):.3f}   (seeds {args.seeds})")
     return out
 
 
@@ -210,6 +223,8 @@ def main(argv=None):
     p.add_argument("--quality", action="store_true", help="also run lorakit train: LoRA vs AdaLoRA")
     p.add_argument("--model", help="model directory for --quality (default: the embedded model)")
     p.add_argument("--data", help="training data for --quality (default: the model's default task)")
+    p.add_argument("--lora-lr", type=float, default=None, help="LoRA's lr for --quality (default: the recipe's)")
+    p.add_argument("--adalora-lr", type=float, default=1e-2, help="AdaLoRA's lr for --quality")
     p.add_argument("--steps", type=int, default=None, help="max_steps for --quality (default: the recipe's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", help="where --quality runs go (default: a temporary directory)")

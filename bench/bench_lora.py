@@ -11,6 +11,7 @@ Modes, each in a fresh subprocess (so peak RSS is its own), run in interleaved r
   full     full fine-tuning
   peft     PEFT LoRA
   lorakit  lorakit LoRA
+  qlora    lorakit LoRA on an NF4 + double-quantized base (fp32 compute), issue 3's QLoRA-vs-LoRA goal
   infer-*  no-grad forward: base, lorakit unmerged, lorakit merged
 Each mode times ``--steps`` steps after one warm-up and reports the median; the summary prints the
 median over rounds and the ratios the issue sets goals for.
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import time
 
-MODES = ["floor", "full", "peft", "lorakit", "infer-base", "infer-lorakit", "infer-merged"]
+MODES = ["floor", "full", "peft", "lorakit", "qlora", "infer-base", "infer-lorakit", "infer-merged"]
 
 
 def build(args):
@@ -67,6 +68,12 @@ def run_mode(mode: str, args) -> dict:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(**lora_kwargs()))
+        model.train()
+    elif mode == "qlora":
+        import lorakit
+
+        lorakit.quantize_model(model, "nf4", double_quant=True, compute_dtype=torch.float32)
+        lorakit.inject(model, lorakit.LoraConfig(**lora_kwargs()))
         model.train()
     elif mode in ("lorakit", "infer-lorakit", "infer-merged"):
         import lorakit
@@ -154,6 +161,7 @@ def main() -> None:
     ratio("lorakit", "full", 0.75)
     ratio("lorakit", "peft", 0.65)
     ratio("peft", "full", 99)
+    ratio("qlora", "lorakit", 1.30)
     ratio("infer-lorakit", "infer-base", 1.10)
     ratio("infer-merged", "infer-base", 1.05)
     if "lorakit" in rss and "peft" in rss:
