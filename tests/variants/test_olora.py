@@ -171,3 +171,28 @@ def test_adapter_contract():
     ad.consolidate()
     a, b, s = ad.factors()
     assert a.shape == (4, 5) and b.shape == (4, 4) and ad.past_ranks == [2]
+
+
+def test_save_adapter_on_olora_exports_a_peft_lora_with_identical_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    import lorakit
+    from lorakit.variants.olora import add_olora, next_task
+
+    from conftest import tiny_llama
+
+    m = tiny_llama()
+    add_olora(m, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):  # two tasks: the second adds new factors beside the frozen past ones
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        next_task(m)
+    ids = torch.randint(0, 100, (2, 7), generator=g)
+    with torch.no_grad():
+        want = m(input_ids=ids).logits
+    lorakit.save_adapter(m, tmp_path / "o", "olora")
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "o").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
