@@ -68,9 +68,10 @@ def plot_rank_heatmap(ranks: Mapping[str, int], path: str | Path, title: str | N
     fig.colorbar(im, ax=ax, label="final rank")
     ax.set_title(title or f"AdaLoRA final ranks (total {sum(ranks.values())})")
     fig.tight_layout()
+    from ..._fs import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
