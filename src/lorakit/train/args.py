@@ -74,6 +74,10 @@ class TrainArgs:
     # -- data ---------------------------------------------------------------------------------------
     builtin_rows: int = _f(2000, "rows drawn from a builtin:TASK training split")
     eval_rows: int = _f(200, "rows drawn from a builtin task's eval split (accuracy and loss)")
+    replay: float = _f(0.0, "rehearsal against forgetting: this fraction of the training rows is drawn from "
+                            "replay_data (0 = off; e.g. 0.25)")
+    replay_data: str | None = _f(None, "data to replay, same forms as --data (default for the embedded model: "
+                                       "its base tasks, split evenly)")
     eval_tasks: list[str] | None = _f(None, "built-in tasks scored before/after (default: the data's task "
                                             "and the model's base tasks, when it has lorakit_tasks.json)")
     # -- checkpoints, logging -------------------------------------------------------------------------
@@ -104,6 +108,9 @@ class TrainArgs:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name}={v!r}: must be a finite number ≥ 0.")
+        if isinstance(self.replay, bool) or not isinstance(self.replay, (int, float)) or not 0.0 <= self.replay < 1.0:
+            raise ConfigError(f"replay={self.replay!r}: must be in [0, 1) — the fraction of training rows "
+                              "replayed, e.g. 0.25.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
         if not self.method or not isinstance(self.method, str):

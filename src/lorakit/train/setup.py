@@ -5,6 +5,7 @@ Kept apart from ``loop.py`` so that the loop reads top to bottom; nothing here t
 
 from __future__ import annotations
 
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,8 @@ def check_output_dir(args: TrainArgs) -> Path:
 
 def load_data(args: TrainArgs, model_config_label2id: dict[str, int] | None = None) -> tuple[RawData, RawData | None]:
     train = read_data(args.data, args.data_format, "train", args.builtin_rows, args.seed)
+    if args.replay > 0:
+        train = with_replay(train, args)
     evaluation = None
     if args.eval_data is not None:
         n = args.eval_rows if args.eval_builtin_task else args.builtin_rows
@@ -143,11 +146,41 @@ def eval_tasks(args: TrainArgs, loaded: LoadedModel) -> EvalTasks:
     return EvalTasks(new, [t for t in base if t not in new])
 
 
+def with_replay(train: RawData, args: TrainArgs) -> RawData:
+    """Mix in replayed rows so they make up ``args.replay`` of the result (rehearsal: the simplest
+    guard against forgetting). Replay rows come from ``replay_data`` or, for the embedded model, from
+    its base tasks in equal parts; they are drawn with the run's seed and must have the same format."""
+    n = max(1, round(len(train.rows) * args.replay / (1.0 - args.replay)))
+    if args.replay_data is not None:
+        sources = [args.replay_data]
+    elif args.model is None:
+        from ..tasks import embedded_manifest
+
+        sources = [f"{BUILTIN_PREFIX}{t}" for t in embedded_manifest().get("base_tasks", [])]
+    else:
+        raise ConfigError(f"replay={args.replay} needs replay_data=FILE (rows of the tasks to keep) with --model; "
+                          "only the embedded model knows its own base tasks.")
+    if not sources:
+        raise ConfigError("replay: the embedded model lists no base tasks; pass replay_data=FILE.")
+    rows: list[dict[str, Any]] = []
+    for i, spec in enumerate(sources):
+        share = n // len(sources) + (1 if i < n % len(sources) else 0)
+        data = read_data(spec, args.data_format, "train", max(share, 1), args.seed + 1)
+        if data.format != train.format:
+            raise ConfigError(f"replay data {data.source} has {data.format} rows but the training data "
+                              f"{train.source} has {train.format} rows; replay rows of the same format.")
+        g = random.Random(args.seed + 7 + i)
+        rows += [data.rows[g.randrange(len(data.rows))] for _ in range(share)] if len(data.rows) < share \
+            else g.sample(data.rows, share)
+    label = ", ".join(s.removeprefix(BUILTIN_PREFIX) for s in sources)
+    return RawData(train.rows + rows, train.format, f"{train.source} + {len(rows):,} replayed ({label})")
+
+
 def fingerprint(args: TrainArgs, world_size: int) -> dict[str, Any]:
     """Settings a checkpoint must agree with to resume (data order, shapes, method)."""
     keys = ("model", "data", "method", "method_options", "r", "lora_alpha", "target_modules", "exclude_modules",
             "modules_to_save", "use_rslora", "seed", "batch_size", "grad_accum", "max_length", "packing",
-            "builtin_rows", "task", "quant")
+            "builtin_rows", "task", "quant", "replay", "replay_data")
     fp = {k: getattr(args, k) for k in keys}
     fp["world_size"] = world_size
     return fp
