@@ -57,6 +57,8 @@ class TrainArgs:
                                                             "lorakit.quant (QLoRA)")
     bf16: bool = _f(False, "bf16 autocast for forward/backward (LoRA factors stay fp32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    chunked_ce: bool = _f(True, "causal LM: cross-entropy over chunks of tokens, never the full logits "
+                                "(lorakit.losses; same loss and gradients, far less memory at large vocab)")
     # -- optimization -----------------------------------------------------------------------------
     lr: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay")

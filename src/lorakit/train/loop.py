@@ -31,7 +31,8 @@ from ..errors import TrainingError
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from .args import TrainArgs
-from .batches import BatchPlan, batch_loss_sum, collate, target_count
+from ..losses import unsupported_reason
+from .batches import BatchPlan, collate, model_loss_sum, target_count
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
@@ -105,7 +106,10 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    # The chunked loss needs the head's input; models that post-process logits keep the plain loss.
     fsdp = is_fsdp(accelerator)
+    chunked = (args.chunked_ce and loaded.task == "causal-lm" and not fsdp
+               and unsupported_reason(unwrapped) is None)
     if fsdp:
         check_fsdp_args(args)
     set_seed(args.seed + rank)  # dropout differs between processes, reproducibly
@@ -136,7 +140,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
         with accelerator.no_sync(model), autocast():
             b = {k: v.to(device) for k, v in example.items()}
             labels = b.pop("labels")
-            batch_loss_sum(model(**b).logits, labels).backward()
+            model_loss_sum(model, unwrapped, b, labels, chunked).backward()
         optimizer.zero_grad(set_to_none=True)
 
     estimate = estimate_run(unwrapped, probe, args, data.train.max_tokens, total_steps - start_step)
@@ -178,7 +182,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
                 last = m == len(micro) - 1
                 with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
                     with autocast():
-                        task_sum = batch_loss_sum(model(**batch).logits, labels)
+                        task_sum = model_loss_sum(model, unwrapped, batch, labels, chunked)
                         extras = [e for e in (h.extra_loss(ctx) for h in all_hooks) if e is not None]
                         extra = sum(extras) / args.grad_accum if extras else None
                     loss = task_sum * (world / max(n_step, 1)) + (extra if extra is not None else 0.0)
