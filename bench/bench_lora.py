@@ -153,7 +153,10 @@ def main() -> None:
                 "--seq", str(args.seq), "--threads", str(args.threads), "--shape", args.shape] + (["--quick"] if args.quick else [])
     for rnd in range(args.rounds):
         for mode in modes:
-            out = subprocess.run(base_cmd + ["--child", mode], capture_output=True, text=True, check=True)
+            # Every mode runs with OpenMP threads that sleep rather than spin (what the lorakit command
+            # sets; see bench/bench_threads.py): on a shared box spinning slows every mode several-fold.
+            env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+            out = subprocess.run(base_cmd + ["--child", mode], capture_output=True, text=True, check=True, env=env)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[mode].append(res)
             print(f"round {rnd + 1} {mode:14s} {res['median_s']:.3f} s/step  peak RSS {res['peak_rss_mib']:.0f} MiB",
