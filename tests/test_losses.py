@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
 from torch import nn
 
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.losses import chunked_cross_entropy, hidden_states_instead_of_logits
+
+from conftest import tiny_llama
 
 
 def _reference(hidden, head, labels, reduction):

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from ..losses import chunked_cross_entropy, hidden_states_instead_of_logits
-
 from .encode import IGNORE
 
 

@@ -28,15 +28,16 @@ from typing import Any
 import torch
 
 from ..errors import TrainingError
+from ..losses import unsupported_reason
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from .args import TrainArgs
-from ..losses import unsupported_reason
 from .batches import BatchPlan, collate, model_loss_sum, target_count
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
 from .logs import StepLog
+from .probe import ForgettingProbe
 from .report import plot_loss, summary_lines, write_metrics
 from .schedule import apply_lr, init_base_lr, lr_factor
 from .setup import (
@@ -95,6 +96,9 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     setup = build_method(loaded.model, args)
     model, tokenizer = setup.model, loaded.tokenizer
     all_hooks: list[TrainHook] = [*setup.hooks, *hooks]
+    if data.probe is not None:
+        all_hooks.append(ForgettingProbe(data.probe.examples, tokenizer.pad_token_id, args.probe_every,
+                                         args.probe_max_kl, args.probe_action, say))
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     key_names = adapter_param_names(model)  # for saving a sharded (FSDP) adapter by name
     counts = trainable_parameters(model)
@@ -225,6 +229,9 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
             bar.update(1)
             if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if ctx.stop_reason:
+                say(f"\n{ctx.stop_reason}")
+                break
             if _any_process(stop.requested, accelerator):
                 interrupted = True
                 break
@@ -266,7 +273,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
         "args": args.to_dict(),
         "parameters": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent},
         "data": {"train": data.train.counts(), "eval": data.eval.counts() if data.eval else None},
-        "steps": {"done": steps_done, "total": total_steps, "start": start_step, "interrupted": False},
+        "steps": {"done": steps_done, "total": total_steps, "start": start_step, "interrupted": False,
+                  **({"stopped": ctx.stop_reason} if ctx.stop_reason else {})},
         "time": {
             "train_seconds": train_seconds,
             "step_seconds": train_seconds / max(1, len(new_steps)),
