@@ -131,3 +131,23 @@ def test_eval_does_not_merge(ids):
     m = two_adapters()
     m.eval()
     assert all(not h.merged for _, h in lorakit.state.lora_layers(m))
+
+
+def test_disabled_blocks_nest():
+    import torch
+
+    import lorakit
+
+    from conftest import tiny_llama
+
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                            init_lora_weights=False))
+    ids = torch.tensor([[1, 2, 3]])
+    with lorakit.disabled(model):
+        base = model(input_ids=ids).logits
+        with lorakit.disabled(model):
+            pass
+        after_inner = model(input_ids=ids).logits  # still the base: the inner block restored "disabled"
+    adapted = model(input_ids=ids).logits
+    torch.testing.assert_close(after_inner, base)
+    assert not torch.allclose(adapted, base)

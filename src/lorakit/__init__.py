@@ -7,7 +7,11 @@
     model = lorakit.merge_and_unload(model)          # the plain model, zero inference overhead
 """
 
-from .adapters import (
+from ._threads import apply_omp_defaults
+
+apply_omp_defaults()  # before anything imports torch: see _threads.py (OpenMP spin-waiting on busy CPUs)
+
+from .adapters import (  # noqa: E402
     active_adapters,
     delete_adapter,
     disabled,
@@ -20,12 +24,12 @@ from .adapters import (
     unload,
     unmerge,
 )
-from .combine import combine_adapters
-from .config import LoraConfig
-from .errors import LorakitError
-from .inject import inject
-from .io import load_adapter, save_adapter
-from .summary import TrainableSummary, print_trainable_parameters, trainable_parameters
+from .combine import combine_adapters  # noqa: E402
+from .config import LoraConfig  # noqa: E402
+from .errors import LorakitError  # noqa: E402
+from .inject import inject  # noqa: E402
+from .io import load_adapter, save_adapter  # noqa: E402
+from .summary import TrainableSummary, print_trainable_parameters, trainable_parameters  # noqa: E402
 
 
 def quantize_model(model, quant_type: str = "nf4", **kwargs):

@@ -55,6 +55,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     hosts = [h for _, h in lora_layers(model)]
     copies = [h for _, h in trainable_copies(model)]
     merged = {id(h): list(h.merged) for h in hosts}
+    was = {id(h): h.disabled for h in [*hosts, *copies]}  # restored on exit: blocks may nest
     for h in hosts:
         h.unmerge()
         h.disabled = True
@@ -64,10 +65,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         for h in hosts:
-            h.disabled = False
+            h.disabled = was[id(h)]
             h.merge(merged[id(h)])
         for h in copies:
-            h.disabled = False
+            h.disabled = was[id(h)]
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ class HookContext:
     output_dir: Path | None = None
     log: dict[str, float] = field(default_factory=dict)  # hooks may add scalars to the step's log
     extra: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None  # a hook sets it to end the run cleanly after this step
 
 
 class TrainHook(Protocol):

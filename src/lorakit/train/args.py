@@ -15,6 +15,7 @@ from typing import Any, Literal
 from ..errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
+SELF = "self"  # replay_data=self: the base model's own prompts and answers
 
 
 def _f(default: Any, help: str, *, factory: Any = None) -> Any:
@@ -57,6 +58,8 @@ class TrainArgs:
                                                             "lorakit.quant (QLoRA)")
     bf16: bool = _f(False, "bf16 autocast for forward/backward (LoRA factors stay fp32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    chunked_ce: bool = _f(True, "causal LM: cross-entropy over chunks of tokens, never the full logits "
+                                "(lorakit.losses; same loss and gradients, far less memory at large vocab)")
     # -- optimization -----------------------------------------------------------------------------
     lr: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -76,8 +79,17 @@ class TrainArgs:
     eval_rows: int = _f(200, "rows drawn from a builtin task's eval split (accuracy and loss)")
     replay: float = _f(0.0, "rehearsal against forgetting: this fraction of the training rows is drawn from "
                             "replay_data (0 = off; e.g. 0.25)")
-    replay_data: str | None = _f(None, "data to replay, same forms as --data (default for the embedded model: "
-                                       "its base tasks, split evenly)")
+    replay_data: str | None = _f(None, "data to replay, same forms as --data, or 'self': the base model's own "
+                                       "answers to prompts it writes itself (Magpie; chat models) (default for "
+                                       "the embedded model: its base tasks, split evenly)")
+    self_replay_prompts: int = _f(32, "replay_data=self / the forgetting probe: how many prompts the base model "
+                                      "writes (probe_rows of them are held out for the probe)")
+    probe_every: int = _f(0, "forgetting probe: KL to the base model on held-out self-written prompts every N "
+                             "steps (0 = off; chat models)")
+    probe_rows: int = _f(8, "forgetting probe: how many of the self-written prompts it measures on")
+    probe_max_kl: float | None = _f(None, "forgetting probe: warn (or stop, probe_action=stop) when the KL "
+                                          "to the base exceeds this")
+    probe_action: Literal["warn", "stop"] = _f("warn", "forgetting probe: what a KL above probe_max_kl does")
     eval_tasks: list[str] | None = _f(None, "built-in tasks scored before/after (default: the data's task "
                                             "and the model's base tasks, when it has lorakit_tasks.json)")
     # -- checkpoints, logging -------------------------------------------------------------------------
@@ -94,7 +106,8 @@ class TrainArgs:
         for name in ("r", "batch_size", "grad_accum", "max_length", "builtin_rows", "keep_checkpoints",
                      "log_every"):
             _positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "save_every", "eval_every", "eval_rows"):
+        for name in ("warmup_steps", "save_every", "eval_every", "eval_rows", "self_replay_prompts", "probe_every",
+                     "probe_rows"):
             _positive_int(name, getattr(self, name), minimum=0)
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
@@ -111,6 +124,15 @@ class TrainArgs:
         if isinstance(self.replay, bool) or not isinstance(self.replay, (int, float)) or not 0.0 <= self.replay < 1.0:
             raise ConfigError(f"replay={self.replay!r}: must be in [0, 1) — the fraction of training rows "
                               "replayed, e.g. 0.25.")
+        if self.probe_action not in ("warn", "stop"):
+            raise ConfigError(f"probe_action={self.probe_action!r}: use 'warn' or 'stop'.")
+        if self.probe_max_kl is not None:
+            _positive_float("probe_max_kl", self.probe_max_kl)
+        if self.replay > 0 and self.replay_data == SELF and self.self_replay_prompts <= self.probe_rows * bool(self.probe_every):
+            raise ConfigError(
+                f"replay_data=self with self_replay_prompts={self.self_replay_prompts}"
+                + (f" and a forgetting probe holding out {self.probe_rows}" if self.probe_every else "")
+                + ": that leaves no prompt to replay; raise self_replay_prompts (e.g. 32) or set replay=0.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
         if not self.method or not isinstance(self.method, str):

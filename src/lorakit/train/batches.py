@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..losses import chunked_cross_entropy, hidden_states_instead_of_logits
 from .encode import IGNORE
 
 
@@ -103,3 +104,15 @@ def batch_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
         ignore_index=IGNORE, reduction="sum",
     )
+
+
+def model_loss_sum(model: torch.nn.Module, owner: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   labels: torch.Tensor, chunked: bool) -> torch.Tensor:
+    """Summed cross-entropy of ``model(**batch)`` against ``labels``. With ``chunked`` (causal LM only)
+    the output head of ``owner`` (the unwrapped model) passes its input through and the loss runs over
+    chunks of tokens (:mod:`lorakit.losses`), so the (B, T, V) logits are never materialised."""
+    if not chunked or labels.dim() == 1:
+        return batch_loss_sum(model(**batch).logits, labels)
+    with hidden_states_instead_of_logits(owner) as head:
+        hidden = model(**batch).logits  # (B, T, H): the head's input
+    return chunked_cross_entropy(hidden[:, :-1], head, labels[:, 1:], ignore_index=IGNORE)

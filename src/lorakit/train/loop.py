@@ -28,14 +28,16 @@ from typing import Any
 import torch
 
 from ..errors import TrainingError
+from ..losses import unsupported_reason
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from .args import TrainArgs
-from .batches import BatchPlan, batch_loss_sum, collate, target_count
+from .batches import BatchPlan, collate, model_loss_sum, target_count
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
 from .logs import StepLog
+from .probe import ForgettingProbe
 from .report import plot_loss, summary_lines, write_metrics
 from .schedule import apply_lr, init_base_lr, lr_factor
 from .setup import (
@@ -94,6 +96,9 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     setup = build_method(loaded.model, args)
     model, tokenizer = setup.model, loaded.tokenizer
     all_hooks: list[TrainHook] = [*setup.hooks, *hooks]
+    if data.probe is not None:
+        all_hooks.append(ForgettingProbe(data.probe.examples, tokenizer.pad_token_id, args.probe_every,
+                                         args.probe_max_kl, args.probe_action, say))
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     key_names = adapter_param_names(model)  # for saving a sharded (FSDP) adapter by name
     counts = trainable_parameters(model)
@@ -105,7 +110,10 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    # The chunked loss needs the head's input; models that post-process logits keep the plain loss.
     fsdp = is_fsdp(accelerator)
+    chunked = (args.chunked_ce and loaded.task == "causal-lm" and not fsdp
+               and unsupported_reason(unwrapped) is None)
     if fsdp:
         check_fsdp_args(args)
     set_seed(args.seed + rank)  # dropout differs between processes, reproducibly
@@ -136,7 +144,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
         with accelerator.no_sync(model), autocast():
             b = {k: v.to(device) for k, v in example.items()}
             labels = b.pop("labels")
-            batch_loss_sum(model(**b).logits, labels).backward()
+            model_loss_sum(model, unwrapped, b, labels, chunked).backward()
         optimizer.zero_grad(set_to_none=True)
 
     estimate = estimate_run(unwrapped, probe, args, data.train.max_tokens, total_steps - start_step)
@@ -178,7 +186,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
                 last = m == len(micro) - 1
                 with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
                     with autocast():
-                        task_sum = batch_loss_sum(model(**batch).logits, labels)
+                        task_sum = model_loss_sum(model, unwrapped, batch, labels, chunked)
                         extras = [e for e in (h.extra_loss(ctx) for h in all_hooks) if e is not None]
                         extra = sum(extras) / args.grad_accum if extras else None
                     loss = task_sum * (world / max(n_step, 1)) + (extra if extra is not None else 0.0)
@@ -221,6 +229,9 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
             bar.update(1)
             if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if ctx.stop_reason:
+                say(f"\n{ctx.stop_reason}")
+                break
             if _any_process(stop.requested, accelerator):
                 interrupted = True
                 break
@@ -262,7 +273,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
         "args": args.to_dict(),
         "parameters": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent},
         "data": {"train": data.train.counts(), "eval": data.eval.counts() if data.eval else None},
-        "steps": {"done": steps_done, "total": total_steps, "start": start_step, "interrupted": False},
+        "steps": {"done": steps_done, "total": total_steps, "start": start_step, "interrupted": False,
+                  **({"stopped": ctx.stop_reason} if ctx.stop_reason else {})},
         "time": {
             "train_seconds": train_seconds,
             "step_seconds": train_seconds / max(1, len(new_steps)),

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from . import methods
-from .args import BUILTIN_PREFIX, TrainArgs
+from .args import BUILTIN_PREFIX, SELF, TrainArgs
 from .checkpoint import list_checkpoints
 from .data_files import RawData, read_data
 from .encode import Encoded, encode, label_mapping
@@ -27,6 +27,7 @@ class RunData:
     train: Encoded
     eval: Encoded | None
     label2id: dict[str, int] | None
+    probe: Encoded | None = None  # the forgetting probe's rows (base model's own prompts and answers)
 
 
 @dataclass
@@ -71,7 +72,7 @@ def check_output_dir(args: TrainArgs) -> Path:
 
 def load_data(args: TrainArgs, model_config_label2id: dict[str, int] | None = None) -> tuple[RawData, RawData | None]:
     train = read_data(args.data, args.data_format, "train", args.builtin_rows, args.seed)
-    if args.replay > 0:
+    if args.replay > 0 and args.replay_data != SELF:  # self-replay needs the model: see with_self_replay
         train = with_replay(train, args)
     evaluation = None
     if args.eval_data is not None:
@@ -95,11 +96,39 @@ def prepare_model_and_data(args: TrainArgs) -> tuple[TrainArgs, LoadedModel, Run
         label2id = label_mapping(rows, cfg_l2i)
     loaded = load_model(args, raw_train.format, label2id)
     args = args.replace(task=loaded.task)
+    raw_train, raw_probe = with_self_replay(raw_train, loaded, args)
     if loaded.task == "seq-cls" and args.modules_to_save is None and args.method != "full":
         args = args.replace(modules_to_save=classifier_head(loaded.model))
     train = encode(raw_train, loaded.tokenizer, args.max_length, label2id, args.packing)
     evaluation = encode(raw_eval, loaded.tokenizer, args.max_length, label2id, False) if raw_eval else None
-    return args, loaded, RunData(train, evaluation, label2id)
+    probe = encode(raw_probe, loaded.tokenizer, args.max_length, None, False) if raw_probe else None
+    return args, loaded, RunData(train, evaluation, label2id, probe)
+
+
+def with_self_replay(train: RawData, loaded: LoadedModel, args: TrainArgs) -> tuple[RawData, RawData | None]:
+    """``replay_data=self`` and the forgetting probe: the base model writes prompts and answers them
+    (``variants/self_replay.py``) before any training; ``probe_rows`` of them are held out for the probe,
+    the rest are mixed in so they make up ``replay`` of the training rows."""
+    replay = args.replay > 0 and args.replay_data == SELF
+    if not replay and not args.probe_every:
+        return train, None
+    if loaded.task != "causal-lm":
+        raise ConfigError("replay_data=self and the forgetting probe need a causal (chat) LM; this run trains "
+                          f"a {loaded.task} model. Use replay_data=FILE, and probe_every=0.")
+    from ..variants.self_replay import self_replay_rows
+
+    fmt = train.format if replay else ("chat" if train.format not in ("chat", "instruction") else train.format)
+    rows = self_replay_rows(loaded.model, loaded.tokenizer, args.self_replay_prompts, fmt, seed=args.seed)
+    n_probe = min(args.probe_rows, len(rows) - (1 if replay else 0)) if args.probe_every else 0
+    probe = RawData(rows[:n_probe], fmt, "self-written probe prompts") if n_probe > 0 else None
+    if not replay:
+        return train, probe
+    pool = rows[n_probe:]
+    n = max(1, round(len(train.rows) * args.replay / (1.0 - args.replay)))
+    g = random.Random(args.seed + 11)
+    picked = [pool[g.randrange(len(pool))] for _ in range(n)] if len(pool) < n else g.sample(pool, n)
+    return RawData(train.rows + picked, train.format,
+                   f"{train.source} + {n:,} replayed (self-written, {len(pool)} prompts)"), probe
 
 
 def classifier_head(model) -> list[str] | None:
@@ -180,7 +209,8 @@ def fingerprint(args: TrainArgs, world_size: int) -> dict[str, Any]:
     """Settings a checkpoint must agree with to resume (data order, shapes, method)."""
     keys = ("model", "data", "method", "method_options", "r", "lora_alpha", "target_modules", "exclude_modules",
             "modules_to_save", "use_rslora", "seed", "batch_size", "grad_accum", "max_length", "packing",
-            "builtin_rows", "task", "quant", "replay", "replay_data")
+            "builtin_rows", "task", "quant", "replay", "replay_data", "self_replay_prompts", "probe_every",
+            "probe_rows")
     fp = {k: getattr(args, k) for k in keys}
     fp["world_size"] = world_size
     return fp

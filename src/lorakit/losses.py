@@ -1,0 +1,190 @@
+"""Cross-entropy over the vocabulary in chunks of tokens, without materialising the full logits.
+
+A causal LM's last step is ``logits = h Wᵀ`` (h: (N, H) hidden states of N tokens, W: (V, H) the
+output head) followed by cross-entropy. At V = 49,152 and N = 4 × 256 the fp32 logits are 200 MB, and
+autograd keeps them (or their log-softmax) for backward, plus a gradient of the same size: for a small
+model with a large vocabulary that is most of a step's activation memory.
+
+Here the loss *and its gradients* are computed chunk by chunk in the forward pass (the idea of
+Liger-Kernel's fused linear cross-entropy and of Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary
+Language Models", arXiv 2411.09009, §3): for each chunk of C tokens
+
+    z = h_c Wᵀ (+ b)                     (C, V)  fp32, freed after the chunk
+    loss_c = Σ_valid (logsumexp(z) − z[y])
+    g = softmax(z) − onehot(y)           (C, V)  zero on ignored rows
+    ∂h_c = g W        ∂W += gᵀ h_c      (∂b += Σ g)
+
+and only ∂h (N, H) — and ∂W when the head trains — is kept for backward, which scales them by the
+incoming gradient. Peak extra memory is one (C, V) chunk instead of several (N, V) tensors; the FLOPs
+are the unchunked ones (one forward and two gradient GEMMs per chunk).
+
+A head that is not a plain linear map (a LoRA-wrapped ``lm_head``, a quantized head) goes through the
+general path: each chunk runs under ``torch.utils.checkpoint``, so its logits are recomputed in backward
+instead of kept (one extra head forward per step).
+
+Use it from a training loop of your own::
+
+    with lorakit.losses.hidden_states_instead_of_logits(model) as head:
+        hidden = model(input_ids=ids, attention_mask=mask).logits        # (B, T, H): the head's input
+    loss = lorakit.losses.chunked_cross_entropy(hidden[:, :-1], head, labels[:, 1:], reduction="mean")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import ConfigError
+
+IGNORE_INDEX = -100
+#: Elements of one fp32 logits chunk (C × V): 8 M elements = 32 MB whatever the vocabulary size.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk so that one (C, V) fp32 chunk holds about :data:`CHUNK_ELEMENTS` elements."""
+    return max(16, CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, *,
+                          chunk_tokens: int | None = None, ignore_index: int = IGNORE_INDEX,
+                          reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of ``head(hidden)`` against ``labels`` without the full logits.
+
+    ``hidden`` (..., H) are the head's inputs, ``labels`` (...) the target ids (``ignore_index`` = no
+    target; shift them yourself for next-token prediction). ``reduction`` is "sum" or "mean" (over the
+    targets that are not ignored). Equal to ``F.cross_entropy(head(hidden).float(), labels)`` in value
+    and gradients (up to fp32 summation order).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ConfigError(f"chunked_cross_entropy: reduction={reduction!r}; use 'sum' or 'mean'.")
+    if hidden.shape[:-1] != labels.shape:
+        raise ConfigError(
+            f"chunked_cross_entropy: hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} "
+            "do not line up; labels must have the hidden states' shape without the last (hidden) dimension."
+        )
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    y = labels.reshape(-1).to(h.device)  # (N,)
+    vocab = _vocab_size(head)
+    c = chunk_tokens or default_chunk_tokens(vocab)
+    if type(head) is nn.Linear:
+        total = _FusedLinearCE.apply(h, head.weight, head.bias, y, c, ignore_index)
+    else:
+        total = _checkpointed_ce(h, head, y, c, ignore_index)
+    if reduction == "mean":
+        total = total / (y != ignore_index).sum().clamp(min=1)
+    return total
+
+
+def _vocab_size(head: nn.Module) -> int:
+    out = getattr(head, "out_features", None)
+    if out is None:
+        w = getattr(head, "weight", None)
+        out = w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 2 else 32_000
+    return int(out)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Σ CE(h Wᵀ + b, y) with ∂h, ∂W, ∂b computed chunk by chunk during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk, ignore_index):
+        dt = h.dtype  # under autocast h arrives in the compute dtype; the head matmuls run in it
+        w = weight.to(dt)
+        b = bias.to(dt) if bias is not None else None
+        need_h, need_w = h.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            hc, yc = h[start:start + chunk], y[start:start + chunk]  # (C, H), (C,)
+            z = F.linear(hc, w, b).float()  # (C, V)
+            valid = yc != ignore_index
+            safe_y = torch.where(valid, yc, 0)
+            lse = torch.logsumexp(z, dim=-1)  # (C,)
+            target = z.gather(1, safe_y[:, None]).squeeze(1)
+            total += ((lse - target) * valid).sum()
+            if need_h or need_w or need_b:
+                g = z.sub_(lse[:, None]).exp_()  # softmax, in z's storage
+                g[torch.arange(g.shape[0], device=g.device), safe_y] -= 1.0
+                g.mul_(valid[:, None])  # ignored rows contribute nothing
+                if need_h:
+                    grad_h[start:start + chunk] = (g.to(dt) @ w).to(h.dtype)
+                if need_w:
+                    grad_w.addmm_(g.T, hc.float())
+                if need_b:
+                    grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dt, b_dt = ctx.dtypes
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dt) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(b_dt) if grad_b is not None else None
+        return gh, gw, gb, None, None, None
+
+
+def _chunk_loss(head: nn.Module, hc: torch.Tensor, yc: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return F.cross_entropy(head(hc).float(), yc, ignore_index=ignore_index, reduction="sum")
+
+
+def _checkpointed_ce(h, head, y, chunk, ignore_index) -> torch.Tensor:
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        hc, yc = h[start:start + chunk], y[start:start + chunk]
+        if torch.is_grad_enabled():
+            # Keeps hc only; the chunk's logits are recomputed in backward (dropout RNG state restored).
+            total = total + checkpoint(_chunk_loss, head, hc, yc, ignore_index, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, hc, yc, ignore_index)
+    return total
+
+
+#: Config fields of transformers models whose forward changes the logits after the head: the
+#: head's input is then not enough to compute the loss.
+_POST_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why :func:`hidden_states_instead_of_logits` cannot serve ``model`` (None: it can)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return (f"{type(model).__name__} has no output head (get_output_embeddings() is None); "
+                "use the plain loss (chunked_ce=false).")
+    config = getattr(model, "config", None)
+    for field in _POST_HEAD_FIELDS:
+        if getattr(config, field, None) not in (None, 1, 1.0):
+            return (f"{type(model).__name__} sets config.{field}={getattr(config, field)!r}, which changes "
+                    "the logits after the output head; use the plain loss (chunked_ce=false).")
+    return None
+
+
+@contextmanager
+def hidden_states_instead_of_logits(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the model's output head passes its input through, so ``model(...).logits``
+    are the head's input hidden states (B, T, H); yields the head module for
+    :func:`chunked_cross_entropy`. The head is restored on exit, also on an exception."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ConfigError(f"chunked cross-entropy: {reason}")
+    head = model.get_output_embeddings()
+    head.forward = _passthrough  # an instance attribute shadows the class's forward
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def _passthrough(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return x
