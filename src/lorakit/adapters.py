@@ -12,6 +12,7 @@ from torch import nn
 
 from .errors import AdapterNotFoundError, AdapterStateError
 from .inject import refresh_trainable
+from .tied import check_merge_untied
 from .state import clear_state, lora_layers, model_state, require_adapter, set_submodule, trainable_copies
 
 
@@ -83,9 +84,9 @@ def per_row_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> I
             require_adapter(model, n)
     if any(h.merged for _, h in lora_layers(model)):
         raise AdapterStateError("per-row adapters need unmerged adapters; call lorakit.unmerge(model) first.")
-    hosts = [h for _, h in lora_layers(model)]
+    hosts = [h for _, h in lora_layers(model)] + [h for _, h in trainable_copies(model)]
     for h in hosts:
-        h.row_adapters = list(adapter_names)
+        h.row_adapters = list(adapter_names)  # LoRA hosts and modules_to_save copies alike
     try:
         yield model
     finally:
@@ -119,6 +120,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe_merge
     weight non-finite raises ``AdapterStateError`` before touching that weight.
     """
     names = _names(model, names)
+    check_merge_untied(model, names)  # a tied weight (lm_head ↔ embed_tokens) is refused
     for _, host in lora_layers(model):
         host.merge([n for n in names if n in host.lora], safe=safe_merge)
     return model

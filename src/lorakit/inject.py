@@ -16,11 +16,12 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .config import COMMON_LAYER_PATTERNS, LoraConfig
+from .config import LoraConfig, warn_pattern_overlaps
 from .errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
 from .layers.host import LoraLayer
 from .layers.kinds import kind_of, supported_type_names
 from .layers.saved import TrainableCopies
+from .peft_rules import in_saved_module, layer_index
 from .state import AdapterRecord, lora_layers, model_state, set_submodule, trainable_copies
 
 HEAD_NAMES = frozenset({"lm_head", "score", "classifier", "qa_outputs", "cls", "embed_out", "output"})
@@ -40,6 +41,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         raise ConfigError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}.")
     check_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
+    warn_pattern_overlaps(config, [p for p, _ in targets])
     for path, module in targets:
         host = module if isinstance(module, LoraLayer) else LoraLayer(module, kind_of(module))
         host.add_adapter(
@@ -122,10 +124,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
         chosen = list({p: (p, m) for p, m in chosen}.values())
     chosen = [(p, m) for p, m in chosen if not _excluded(p, config.exclude_modules)]
     chosen = [(p, m) for p, m in chosen if _in_layers(p, config)]
+    # As PEFT: never a target inside (or equal to) a modules_to_save module.
+    chosen = [(p, m) for p, m in chosen if not in_saved_module(p, config.modules_to_save)]
     if not chosen:
         raise TargetNotFoundError(
             f"no module is left to adapt: target_modules={targets!r} matched only modules removed by "
-            f"exclude_modules={config.exclude_modules!r} / layers_to_transform={config.layers_to_transform!r}."
+            f"exclude_modules={config.exclude_modules!r} / layers_to_transform={config.layers_to_transform!r} "
+            f"/ modules_to_save={config.modules_to_save!r} (modules trained in full are never LoRA targets)."
         )
     for path, module in chosen:
         if _base_kind_name(module) is None:
@@ -165,12 +170,7 @@ def _excluded(path: str, exclude) -> bool:
 def _in_layers(path: str, config: LoraConfig) -> bool:
     if config.layers_to_transform is None:
         return True
-    patterns = config.layers_pattern or COMMON_LAYER_PATTERNS
-    for pat in patterns:
-        m = re.search(rf"(?:^|\.){re.escape(pat)}\.(\d+)(?:\.|$)", path)
-        if m:
-            return int(m.group(1)) in config.layers_to_transform
-    return False
+    return layer_index(path, config.layers_pattern) in config.layers_to_transform  # PEFT's index rule
 
 
 def _not_found_message(name: str, modules) -> str:
