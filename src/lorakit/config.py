@@ -202,30 +202,34 @@ def _pattern_value(patterns: Mapping[str, Any], module_path: str, default: Any) 
 
 
 def _coverage(key: str, module_path: str) -> int:
-    """How much of ``module_path`` key covers: the length of the longest ``.``-bounded suffix that the
-    regex matches in full (0: no match). PEFT's rule ``(.*\\.)?(key)$`` in a measurable form."""
+    """How many path segments ``key`` needs: the segment count of the SHORTEST ``.``-bounded end of
+    ``module_path`` that the regex matches in full (0: no match). PEFT's test ``(.*\\.)?(key)$``."""
     rx = re.compile(key)
-    starts = [0] + [i + 1 for i, c in enumerate(module_path) if c == "."]
+    starts = [i + 1 for i, c in enumerate(module_path) if c == "."][::-1] + [0]  # shortest end first
     # pos= keeps '^' anchored at the real start of the path (re's documented behaviour).
-    return next((len(module_path) - i for i in starts if rx.fullmatch(module_path, i)), 0)
+    return next((module_path.count(".", i) + 1 for i in starts if rx.fullmatch(module_path, i)), 0)
+
+
+def _literal_chars(key: str) -> int:
+    """Characters of ``key`` that must appear as written (escapes count, wildcards and classes do not)."""
+    escaped = len(re.findall(r"\\.", key))
+    rest = re.sub(r"\\.|\[[^\]]*\]|\{[^}]*\}", "", key)
+    return escaped + len(re.sub(r"[.*+?()|^$]", "", rest))
 
 
 def pattern_key(patterns: Mapping[str, Any], module_path: str) -> str | None:
     """The rank/alpha pattern key that applies to ``module_path``: among the keys that match, the MOST
-    SPECIFIC — the one covering the longest end of the path ("layers.1.self_attn.q_proj" beats
-    "q_proj"); ties go to the longer key text, then the smaller key. The winner does not depend on the
-    keys' order, so it survives a JSON round trip (both libraries write keys sorted; PEFT itself takes
-    the first match in dict order, so its meaning can change after save → load)."""
-    best = None
-    for key in patterns:
-        cov = _coverage(key, module_path)
-        if cov and (best is None or (cov, len(key), _neg(key)) > best[0]):
-            best = ((cov, len(key), _neg(key)), key)
-    return None if best is None else best[1]
-
-
-def _neg(key: str) -> tuple[int, ...]:
-    return tuple(-ord(c) for c in key)  # larger for the lexicographically smaller key
+    SPECIFIC — first the one that needs more path segments ("layers.1.self_attn.q_proj" beats
+    "q_proj"), then the one with more literal characters ("v_proj" beats ".*_proj"), then the
+    alphabetically smaller. The winner does not depend on the keys' order, so it survives a JSON round
+    trip (both libraries write keys sorted; PEFT itself takes the first match in dict order, so its
+    meaning can change after save → load)."""
+    ranked = [((_coverage(k, module_path), _literal_chars(k)), k) for k in patterns]
+    ranked = [(score, k) for score, k in ranked if score[0]]
+    if not ranked:
+        return None
+    best = max(score for score, _ in ranked)
+    return min(k for score, k in ranked if score == best)
 
 
 def pattern_overlaps(patterns: Mapping[str, Any], paths: list[str]) -> dict[str, list[str]]:
