@@ -48,7 +48,7 @@ def test_t5_picks_the_block_not_the_sub_layer():
                      "decoder.block.1.layer.1.EncDecAttention.q"}
 
 
-@pytest.mark.parametrize("case", ["t5", "bart", "phi3"])
+@pytest.mark.parametrize("case", ["t5", "bart", "phi3", "gpt-neox", "whisper"])
 def test_both_directions(case, tmp_path):
     make, inputs = MODELS[CASES[case][0]]
     ours = lorakit.inject(make(), lorakit_config(**_kw(case)))

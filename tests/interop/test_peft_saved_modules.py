@@ -54,6 +54,7 @@ def test_users_own_config_stays_strict():
 SAVED_CASES = {
     "bert-pooler": ("bert-cls", dict(target_modules=["dense"], modules_to_save=["pooler", "classifier"])),
     "llama-score-all-linear": ("llama-cls", dict(target_modules="all-linear", modules_to_save=["score"])),
+    "vit-classifier": ("vit", dict(target_modules="all-linear", modules_to_save=["classifier"])),
     "llama-mlp": ("llama-cls", dict(target_modules=["q_proj", "down_proj"], modules_to_save=["layers.1.mlp", "score"])),
 }
 
