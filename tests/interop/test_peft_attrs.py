@@ -3,13 +3,12 @@
 
 import pytest
 import torch
+from peft_models import MODELS, assert_close, lorakit_config, output, peft, peft_config, perturb
 from torch import nn
 
 import lorakit
 from lorakit.layers.host import LoraLayer
 from lorakit.layers.kinds import kind_of
-
-from peft_models import MODELS, assert_close, lorakit_config, output, peft, peft_config, perturb
 
 # (model, target_modules): each target is read by its model's forward (or its all-linear set is).
 CASES = {

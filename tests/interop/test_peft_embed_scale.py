@@ -4,12 +4,11 @@ scale the LoRA branch too — unmerged = merged = PEFT."""
 import pytest
 import torch
 import torch.nn.functional as F
+from peft_models import MODELS, assert_close, lorakit_config, output, peft, peft_config, perturb
 from torch import nn
 
 import lorakit
 from lorakit.errors import AdapterStateError, UnsupportedModuleError
-
-from peft_models import MODELS, assert_close, lorakit_config, output, peft, peft_config, perturb
 
 SCALED = {"gemma": ["embed_tokens", "q_proj"], "gemma2": ["embed_tokens", "o_proj"], "bart": ["embed_tokens"]}
 

@@ -2,10 +2,18 @@
 (T5 ``…block.N.layer.M…``: the block index N, not the sub-layer M)."""
 
 import pytest
+from peft_models import (
+    MODELS,
+    adapted_paths,
+    assert_close,
+    lorakit_config,
+    output,
+    peft,
+    peft_config,
+    perturb,
+)
 
 import lorakit
-
-from peft_models import MODELS, adapted_paths, assert_close, lorakit_config, output, peft, peft_config, perturb
 
 # (model, targets, layers_to_transform, layers_pattern)
 CASES = {

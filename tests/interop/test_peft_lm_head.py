@@ -5,11 +5,10 @@ import warnings
 
 import pytest
 import torch
+from peft_models import MODELS, assert_close, lorakit_config, output, peft, peft_config, perturb
 
 import lorakit
 from lorakit.errors import AdapterStateError, ConfigError
-
-from peft_models import MODELS, assert_close, lorakit_config, output, peft, peft_config, perturb
 
 CASES = [(model, targets) for model in ("llama", "llama-tied")
          for targets in (["lm_head"], ["lm_head", "embed_tokens"], ["lm_head", "q_proj"])]

@@ -5,12 +5,11 @@ import json
 import warnings
 
 import pytest
+from peft_models import MODELS, assert_close, lorakit_config, output, peft, peft_config, perturb
 
 import lorakit
 from lorakit.config import pattern_key
 from lorakit.state import lora_layers
-
-from peft_models import MODELS, assert_close, lorakit_config, output, peft, peft_config, perturb
 
 # q_proj of layer 1 is matched by both rank keys; every v_proj by both alpha keys.
 RANK = {"q_proj": 6, "layers.1.self_attn.q_proj": 2}

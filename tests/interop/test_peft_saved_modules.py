@@ -3,6 +3,16 @@ inside a saved module, and per-row adapter selection of the trainable copies."""
 
 import pytest
 import torch
+from peft_models import (
+    MODELS,
+    adapted_paths,
+    assert_close,
+    lorakit_config,
+    output,
+    peft,
+    peft_config,
+    perturb,
+)
 
 import lorakit
 from lorakit.errors import TargetNotFoundError
@@ -10,7 +20,6 @@ from lorakit.layers.host import LoraLayer
 from lorakit.state import model_state
 
 from conftest import tiny_bert_cls
-from peft_models import MODELS, adapted_paths, assert_close, lorakit_config, output, peft, peft_config, perturb
 
 MODELS = {**MODELS, "bert-cls": (lambda seed=0: tiny_bert_cls(seed), MODELS["llama"][1])}
 SEQ_CLS = {"llama-cls": ["q_proj", "v_proj"], "bert-cls": ["query", "value"]}
