@@ -12,8 +12,8 @@ from torch import nn
 
 from .errors import AdapterNotFoundError, AdapterStateError
 from .inject import refresh_trainable
-from .tied import check_merge_untied
 from .state import clear_state, lora_layers, model_state, require_adapter, set_submodule, trainable_copies
+from .tied import check_merge_untied
 
 
 def list_adapters(model: nn.Module) -> list[str]:
