@@ -127,3 +127,16 @@ def test_per_row_adapters_use_each_rows_copy(model, tmp_path):
             lorakit.set_adapter(ours, name)
             alone = output(ours, {"input_ids": ids[i:i + 1]})
         assert_close(got[i:i + 1], alone)
+
+
+def test_peft_file_target_names_are_lenient_too(tmp_path):
+    """PEFT accepts a target list where only some names match (GPT-NeoX has no ``embed_out`` in
+    transformers 5); lorakit reads such a file and records the names that matched."""
+    make, inputs = MODELS["gpt-neox"]
+    theirs = peft.get_peft_model(make(), peft_config(target_modules=["embed_in", "embed_out", "dense"])).eval()
+    theirs.save_pretrained(tmp_path / "p")
+    ours = lorakit.load_adapter(make(), tmp_path / "p")
+    assert_close(output(ours, inputs()), output(theirs, inputs()))
+    assert model_state(ours).adapters["default"].config.target_modules == ["dense", "embed_in"]
+    with pytest.raises(TargetNotFoundError, match="embed_out"):  # a user's own config stays strict
+        lorakit.inject(make(), lorakit_config(target_modules=["embed_in", "embed_out"]))
