@@ -21,6 +21,7 @@ from .state import (
     set_submodule,
     trainable_copies,
 )
+from .tied import check_merge_untied
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -85,9 +86,9 @@ def per_row_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> I
             require_adapter(model, n)
     if any(h.merged for _, h in lora_layers(model)):
         raise AdapterStateError("per-row adapters need unmerged adapters; call lorakit.unmerge(model) first.")
-    hosts = [h for _, h in lora_layers(model)]
+    hosts = [h for _, h in lora_layers(model)] + [h for _, h in trainable_copies(model)]
     for h in hosts:
-        h.row_adapters = list(adapter_names)
+        h.row_adapters = list(adapter_names)  # LoRA hosts and modules_to_save copies alike
     try:
         yield model
     finally:
@@ -121,6 +122,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe_merge
     weight non-finite raises ``AdapterStateError`` before touching that weight.
     """
     names = _names(model, names)
+    check_merge_untied(model, names)  # a tied weight (lm_head ↔ embed_tokens) is refused
     for _, host in lora_layers(model):
         host.merge([n for n in names if n in host.lora], safe=safe_merge)
     return model

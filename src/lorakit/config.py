@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .peft_fields import check_peft_fields
 
 InitKind = Literal["kaiming", "gaussian"]
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -44,9 +45,11 @@ class LoraConfig:
         init_lora_weights: ``True`` (B = 0, A Kaiming-uniform), ``"gaussian"`` (B = 0, A ~ N(0, 1/r))
             or ``False`` (A and B both random — ΔW ≠ 0; for tests only).
         rank_pattern / alpha_pattern: ``{regex: value}``; a key matches a module when it matches the
-            end of its path after a ``.`` (PEFT's rule).
-        layers_to_transform: only adapt modules inside these layer indices (``layers.<i>.`` style).
-        layers_pattern: the name of the layer list (default: any of layers, h, blocks, layer, block).
+            end of its path after a ``.`` (PEFT's rule). When several keys match, the most specific
+            (covering the longest end of the path) wins, whatever the keys' order; inject warns.
+        layers_to_transform: only adapt modules inside these layer indices. The index is PEFT's: the
+            first numbered segment of the path (T5 ``encoder.block.1.layer.0…`` → 1).
+        layers_pattern: the name(s) of the layer list, e.g. ``"layers"`` (regexes, as in PEFT).
         task_type, base_model_name_or_path: carried into the file for PEFT.
     """
 
@@ -115,20 +118,10 @@ class LoraConfig:
                 f"{source}: peft_type is {peft_type!r}; lorakit.load_adapter reads LoRA adapters "
                 "(peft_type 'LORA'). AdaLoRA adapters load with lorakit.variants.adalora."
             )
-        for flag in ("use_dora", "lora_bias"):
-            if data.get(flag):
-                raise ConfigError(f"{source}: {flag}=true is a PEFT variant lorakit does not implement.")
+        # Every PEFT field has a decision in peft_fields.PEFT_FIELDS: features lorakit lacks are
+        # refused by name; fields no decision covers (a newer PEFT's) are ignored with a warning.
         known = {f.name for f in dataclasses.fields(cls)}
-        # Fields PEFT writes that mean nothing to us, or carry their default: ignored silently.
-        silent = {
-            "peft_type", "inference_mode", "revision", "auto_mapping", "peft_version", "use_dora",
-            "lora_bias", "megatron_config", "megatron_core", "loftq_config", "layer_replication",
-            "runtime_config", "eva_config", "corda_config", "qalora_group_size", "use_qalora",
-            "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
-            "ensure_weight_tying", "arrow_config", "kasa_config", "lora_ga_config", "monteclora_config",
-            "use_bdlora", "velora_config",
-        }
-        unknown = sorted(k for k in data if k not in known and k not in silent and data[k] not in (None, False, {}, []))
+        unknown = [k for k in check_peft_fields(data, source) if k not in known]
         if unknown:
             warnings.warn(
                 f"{source}: ignoring fields lorakit does not know (written by a newer PEFT?): "
@@ -137,7 +130,7 @@ class LoraConfig:
             )
         kwargs = {k: v for k, v in data.items() if k in known}
         if kwargs.get("init_lora_weights") not in (True, False, "gaussian"):
-            kwargs["init_lora_weights"] = True  # pissa/olora/loftq inits only matter at creation
+            kwargs["init_lora_weights"] = True  # an init that left the base unchanged (eva, mica, ...)
         return cls(**kwargs)
 
 
@@ -204,7 +197,61 @@ def _norm_targets(name: str, value: Any) -> list[str] | str | None:
 
 
 def _pattern_value(patterns: Mapping[str, Any], module_path: str, default: Any) -> Any:
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?(?:{key})$", module_path):
-            return value
-    return default
+    key = pattern_key(patterns, module_path)
+    return default if key is None else patterns[key]
+
+
+def _coverage(key: str, module_path: str) -> int:
+    """How many path segments ``key`` needs: the segment count of the SHORTEST ``.``-bounded end of
+    ``module_path`` that the regex matches in full (0: no match). PEFT's test ``(.*\\.)?(key)$``."""
+    rx = re.compile(key)
+    starts = [i + 1 for i, c in enumerate(module_path) if c == "."][::-1] + [0]  # shortest end first
+    # pos= keeps '^' anchored at the real start of the path (re's documented behaviour).
+    return next((module_path.count(".", i) + 1 for i in starts if rx.fullmatch(module_path, i)), 0)
+
+
+def _literal_chars(key: str) -> int:
+    """Characters of ``key`` that must appear as written (escapes count, wildcards and classes do not)."""
+    escaped = len(re.findall(r"\\.", key))
+    rest = re.sub(r"\\.|\[[^\]]*\]|\{[^}]*\}", "", key)
+    return escaped + len(re.sub(r"[.*+?()|^$]", "", rest))
+
+
+def pattern_key(patterns: Mapping[str, Any], module_path: str) -> str | None:
+    """The rank/alpha pattern key that applies to ``module_path``: among the keys that match, the MOST
+    SPECIFIC — first the one that needs more path segments ("layers.1.self_attn.q_proj" beats
+    "q_proj"), then the one with more literal characters ("v_proj" beats ".*_proj"), then the
+    alphabetically smaller. The winner does not depend on the keys' order, so it survives a JSON round
+    trip (both libraries write keys sorted; PEFT itself takes the first match in dict order, so its
+    meaning can change after save → load)."""
+    ranked = [((_coverage(k, module_path), _literal_chars(k)), k) for k in patterns]
+    ranked = [(score, k) for score, k in ranked if score[0]]
+    if not ranked:
+        return None
+    best = max(score for score, _ in ranked)
+    return min(k for score, k in ranked if score == best)
+
+
+def pattern_overlaps(patterns: Mapping[str, Any], paths: list[str]) -> dict[str, list[str]]:
+    """module path → the pattern keys matching it, for the paths matched by more than one key."""
+    out = {}
+    for path in paths:
+        hits = [k for k in patterns if _coverage(k, path)]
+        if len(hits) > 1:
+            out[path] = hits
+    return out
+
+
+def warn_pattern_overlaps(config: Any, paths: list[str]) -> None:
+    """Warn once per pattern dict when several keys match one adapted module (the most specific wins)."""
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field_name, None) or {}
+        overlaps = pattern_overlaps(patterns, paths)
+        if overlaps:
+            path, keys = next(iter(overlaps.items()))
+            warnings.warn(
+                f"{field_name}: {len(overlaps)} module(s) match several keys, e.g. {path!r} matches "
+                f"{sorted(keys)}; the most specific key wins ({pattern_key(patterns, path)!r}). Use keys "
+                "that do not overlap to make the choice explicit.",
+                stacklevel=3,
+            )

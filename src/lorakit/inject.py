@@ -22,12 +22,13 @@ from collections.abc import Iterable
 from torch import nn
 
 from .adapter_kinds import kind_for_config
-from .config import COMMON_LAYER_PATTERNS
+from .config import warn_pattern_overlaps
 from .errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
 from .layers.host import LoraLayer
 from .layers.kinds import BaseKind, kind_of, supported_type_names
 from .layers.protocol import AdapterKind
 from .layers.saved import TrainableCopies
+from .peft_rules import in_saved_module, layer_index
 from .state import (  # noqa: F401  (refresh_trainable, bias_parameters: re-exported for callers)
     AdapterRecord,
     activate,
@@ -63,6 +64,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
             raise UnsupportedModuleError(f"module {path!r} ({type(base).__name__}) cannot take a {kind.name} "
                                          f"adapter: {reason}.")
         plan.append((path, module, base_kind, kind.create(base_kind, base, path, config)))
+    warn_pattern_overlaps(config, [p for p, *_ in plan])
     copies = find_copy_targets(model, config.modules_to_save or [])
     both = sorted({p for p, _ in copies} & {p for p, *_ in plan})
     if both:
@@ -141,10 +143,13 @@ def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         chosen = list({p: (p, m) for p, m in chosen}.values())
     chosen = [(p, m) for p, m in chosen if not _excluded(p, config.exclude_modules)]
     chosen = [(p, m) for p, m in chosen if _in_layers(p, config)]
+    # As PEFT: never a target inside (or equal to) a modules_to_save module.
+    chosen = [(p, m) for p, m in chosen if not in_saved_module(p, config.modules_to_save)]
     if not chosen:
         raise TargetNotFoundError(
             f"no module is left to adapt: target_modules={targets!r} matched only modules removed by "
-            f"exclude_modules={config.exclude_modules!r} / layers_to_transform={config.layers_to_transform!r}."
+            f"exclude_modules={config.exclude_modules!r} / layers_to_transform={config.layers_to_transform!r} "
+            f"/ modules_to_save={config.modules_to_save!r} (modules trained in full are never LoRA targets)."
         )
     for path, module in chosen:
         if _base_kind(module) is None:
@@ -184,12 +189,7 @@ def _excluded(path: str, exclude) -> bool:
 def _in_layers(path: str, config) -> bool:
     if config.layers_to_transform is None:
         return True
-    patterns = config.layers_pattern or COMMON_LAYER_PATTERNS
-    for pat in patterns:
-        m = re.search(rf"(?:^|\.){re.escape(pat)}\.(\d+)(?:\.|$)", path)
-        if m:
-            return int(m.group(1)) in config.layers_to_transform
-    return False
+    return layer_index(path, config.layers_pattern) in config.layers_to_transform  # PEFT's index rule
 
 
 def _not_found_message(name: str, modules) -> str:

@@ -32,8 +32,10 @@ from torch import nn
 from ._fs import atomic_write, atomic_write_json
 from .adapter_kinds import adapter_kind, kind_for_file
 from .adapters import delete_adapter, set_adapter, set_trainable
+from .config import LoraConfig
 from .errors import AdapterFileError, LorakitError
 from .inject import _excluded, _in_layers, candidate_modules, inject
+from .peft_compat import portable_patterns, present_names
 from .state import bias_parameters, lora_layers, model_state, require_adapter, trainable_copies
 
 CONFIG_NAME = "adapter_config.json"
@@ -94,6 +96,8 @@ def peft_config_dict(model: nn.Module, adapter_name: str, config, paths: set[str
     hosts = {p: h for p, h in lora_layers(model) if adapter_name in h.lora}
     if config.target_modules == "all-linear":
         data["target_modules"] = _portable_targets(model, config, set(hosts) if paths is None else paths)
+    if isinstance(config, LoraConfig):  # overlapping pattern keys → exact keys PEFT reads alike
+        data.update(portable_patterns(config, list(hosts)))
     if any(h.kind.transposed for h in hosts.values()):
         data["fan_in_fan_out"] = True  # what PEFT sets for GPT-2's Conv1D
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -185,6 +189,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     source = str(Path(path) / CONFIG_NAME)
     kind = kind_for_file(raw, source)
     config = kind.config_from_file(raw, source)
+    config = present_names(model, config)  # a file's names are read leniently (PEFT's SEQ_CLS heads)
     weights = read_adapter_weights(path)
 
     def fill() -> None:
@@ -268,9 +273,11 @@ def check_and_copy(expected: dict[str, torch.Tensor], given: dict[str, torch.Ten
 
 
 def _base_layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    # PEFT ≥ 0.7 also saves the base weights of targeted embeddings (save_embedding_layers): accept them.
+    # PEFT ≥ 0.7 also saves the base weights of targeted embeddings and of lm_head
+    # (save_embedding_layers): accept them for any host with a dense weight, and copy them as PEFT does.
     out = {}
     for path, host in lora_layers(model):
-        if host.kind.embedding:
-            out[f"{PREFIX}{path}.base_layer.weight"] = host.base_layer.weight
+        w = host.base_layer.__dict__.get("_parameters", {}).get("weight")
+        if isinstance(w, torch.Tensor):
+            out[f"{PREFIX}{path}.base_layer.weight"] = w
     return out

@@ -22,6 +22,9 @@ from .dropout import SharedMasks, dropout_mask
 from .kinds import BaseKind
 from .protocol import Adapter
 
+# The host's own attributes; every other attribute read or written on a host goes to its base.
+_OWN = frozenset({"base_layer", "kind", "lora", "active", "merged", "disabled", "row_adapters", "training"})
+
 
 class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, kind: BaseKind):
@@ -34,6 +37,31 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.row_adapters: list[str | None] | None = None  # per-row selection, set by a context
         self.masks: SharedMasks | None = None  # None: an independent dropout mask per projection
+
+    # -- the base's attributes -----------------------------------------------------------------
+    # Models read attributes of the layers they own (T5: ``self.wo.weight.dtype``; ViT/CLIP: the
+    # patch conv's ``weight``; Whisper: ``conv1.stride``), so a host answers every attribute it does
+    # not have itself from its base, whatever the base kind (Linear, Conv, Embedding, QuantLinear).
+    # Parameters, buffers and submodules keep nn.Module's handling: __getattr__ runs only after
+    # nn.Module's lookup failed, so the state dict is unchanged (``<path>.base_layer.weight``).
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("_") or name in _OWN:
+                raise
+            return getattr(base, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # ``host.weight = p`` (e.g. transformers re-tying embeddings) must reach the base, or the host
+        # would grow a parameter of its own that shadows the base's and enters the state dict.
+        base = self.__dict__.get("_modules", {}).get("base_layer")
+        if (base is not None and name not in _OWN and not name.startswith("_") and name not in self.__dict__
+                and hasattr(base, name)):
+            setattr(base, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # -- adapters ------------------------------------------------------------------------------
     def add(self, name: str, adapter: Adapter) -> Adapter:

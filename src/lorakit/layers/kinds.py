@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from .branch import lora_linear_branch
+from .embed_scale import check_scaled_forward, embed_scale
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -145,13 +146,18 @@ class EmbeddingKind(BaseKind):
         return isinstance(module, nn.Embedding)
 
     def geometry(self, module, r):
+        check_scaled_forward(module)
         return Geometry((r, module.num_embeddings), (module.embedding_dim, r))
 
     def branch(self, module, base_out, x, a, b, scaling, mask=None):
         # ids carry no dropout. (..., ) ids -> (..., r) -> (..., dim)
         after_a = F.embedding(x, a.T.to(base_out.dtype), module.padding_idx, module.max_norm,
                               module.norm_type, module.scale_grad_by_freq, module.sparse)
-        return base_out + (after_a @ b.T.to(base_out.dtype)) * scaling
+        out = (after_a @ b.T.to(base_out.dtype)) * scaling
+        s = embed_scale(module)  # the forward's own row scale (Gemma's √d), as on the base path
+        if s is not None:
+            out = out * (s.to(out.dtype) if isinstance(s, torch.Tensor) else s)
+        return base_out + out
 
     def to_layout(self, module, delta_2d):
         return delta_2d.T

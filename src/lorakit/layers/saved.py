@@ -11,7 +11,9 @@ import copy
 
 from torch import nn
 
-_OWN = frozenset({"original_module", "modules_to_save", "active", "disabled"})
+from .saved_rows import per_row_forward
+
+_OWN = frozenset({"original_module", "modules_to_save", "active", "disabled", "row_adapters"})
 
 
 class TrainableCopies(nn.Module):
@@ -21,6 +23,7 @@ class TrainableCopies(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.row_adapters: list[str | None] | None = None  # per-row selection, set by a context
 
     def add_copy(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
@@ -31,6 +34,8 @@ class TrainableCopies(nn.Module):
         return self.modules_to_save[self.active]
 
     def forward(self, *args, **kwargs):
+        if self.row_adapters is not None and not self.disabled:
+            return per_row_forward(self, self.row_adapters, *args, **kwargs)
         return self.current()(*args, **kwargs)
 
     def __getattr__(self, name):
