@@ -194,9 +194,10 @@ def _plan_pair(plan: _Plan, path: str, ab: dict[str, torch.Tensor], modules: dic
         r = a.shape[0]
         if tuple(b.shape) != (fan_out, r):
             hint = ""
-            if b.shape[1] == r or (b.shape[0] < fan_out and fan_out % b.shape[0] == 0):
-                hint = (f" — a MergedLinear layout? pass enable_lora={{'{path.rpartition('.')[2]}': "
-                        "[True, False, True]}} (the slices it adapted)")
+            if b.shape[1] and r % b.shape[1] == 0 and b.shape[0] < fan_out:
+                k = r // b.shape[1]  # MergedLinear: A (k·r, in), B (k·d, r) for k enabled slices
+                hint = (f" — a MergedLinear layout with {k} adapted slice(s)? pass enable_lora="
+                        f"{{'{path.rpartition('.')[2]}': [...]}}, one bool per fused block, e.g. [True, False, True]")
             plan.problems.append(f"{path}: lora_B has shape {tuple(b.shape)}, expected ({fan_out}, {r}){hint}")
             return
         plan.ranks[path], plan.groups[path], plan.pairs[path] = r, 1, (a, b)
