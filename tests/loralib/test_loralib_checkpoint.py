@@ -14,8 +14,8 @@ import lorakit.loralib as lora
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.state import lora_layers, model_state
 
+from .naive_loralib import NaiveLinear, hf_conv1d_to_naive, naive_lora_state_dict, swap
 from conftest import tiny_gpt2
-from .naive_loralib import hf_conv1d_to_naive, NaiveLinear, naive_lora_state_dict, swap
 
 ENABLE = [True, False, True]  # the LoRA paper's GPT-2 setup: q and v of c_attn, not k
 
