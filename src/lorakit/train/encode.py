@@ -5,7 +5,8 @@
   ``[user: "instruction input", assistant: output]``); only the assistant turns' tokens keep their
   labels, the rest is ``-100``. A tokenizer without a chat template renders instruction rows as
   ``format_prompt(row) + format_answer(row) + </s>`` (the format of ``lorakit.tasks``).
-* classification: the text's ids and one label id.
+* classification: the text's ids (a ``text_pair`` is encoded as the tokenizer's second segment)
+  and one label id.
 
 Which tokens are the assistant's is read from character offsets: the template is rendered for the
 conversation up to each assistant turn (with the generation prompt) and through it, and the tokens
@@ -104,7 +105,11 @@ def encode(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int] | 
 
 
 def _encode_cls(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int]) -> Encoded:
-    enc = tokenizer([r["text"] for r in raw.rows], add_special_tokens=True)
+    texts = [r["text"] for r in raw.rows]
+    if any(r.get("text_pair") is not None for r in raw.rows):  # sentence pairs (GLUE's MRPC, RTE, ...)
+        enc = tokenizer(texts, [r.get("text_pair") or "" for r in raw.rows], add_special_tokens=True)
+    else:
+        enc = tokenizer(texts, add_special_tokens=True)
     out = Encoded([], "cls", raw.source, len(raw.rows))
     for i, (ids, row) in enumerate(zip(enc["input_ids"], raw.rows)):
         key = str(row["label"])
