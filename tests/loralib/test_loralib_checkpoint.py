@@ -11,6 +11,7 @@ import torch
 
 import lorakit
 import lorakit.loralib as lora
+from lorakit.adapter_kinds.sliced import SlicedAdapter
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.state import lora_layers, model_state
 
@@ -68,10 +69,14 @@ def test_gpt2_merged_linear_checkpoint_loads_and_converts_to_peft(tmp_path, ids)
         torch.testing.assert_close(model(ids).logits, expected)
     lorakit.save_adapter(model, tmp_path / "peft")
     torch.testing.assert_close(_peft_logits(tiny_gpt2(), tmp_path / "peft", ids), expected)
-    # the same adapter read back by lorakit itself
+    # the same adapter read back by lorakit itself: the sliced kind again, and back to loralib's layout
     again = lorakit.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert all(isinstance(h.lora["default"], SlicedAdapter) for _, h in lora_layers(again))
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, expected)
+    back = lora.lora_state_dict(again)
+    original = naive_lora_state_dict(ref)
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in back)
 
 
 def test_roberta_query_value_checkpoint_with_head_round_trips(tmp_path, ids):

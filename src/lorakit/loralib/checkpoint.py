@@ -8,8 +8,8 @@ and a trained head. It carries no α and no config: the caller gives ``lora_alph
 
 Loading injects a LoRA adapter into exactly the modules the file names, checks every tensor against
 the model first and reports every mismatch at once (nothing changes on failure), then copies. A
-``MergedLinear`` pair (A (k·r, in), B (k·d, r)) is loaded as its exact full-width form, rank k·r with
-α·k (see ``SlicedAdapter.full_width``), so ``lorakit.save_adapter`` writes a PEFT adapter that PEFT
+``MergedLinear`` pair (A (k·r, in), B (k·d, r)) becomes a ``fused_slices`` adapter (the same layout,
+``lorakit/adapter_kinds/sliced.py``); ``lorakit.save_adapter`` then writes the PEFT form, which PEFT
 loads with the same outputs. Files are read with ``torch.load(weights_only=True)`` (or safetensors);
 nothing else is unpickled.
 """
@@ -32,7 +32,7 @@ from ..inject import candidate_modules, inject
 from ..io import install_adapter
 from ..layers.host import LoraLayer
 from ..layers.kinds import kind_of
-from ..layers.sliced import SlicedAdapter, slice_rows
+from ..adapter_kinds.sliced import slice_rows
 from ..state import lora_layers, trainable_copies
 from .utils import lora_state_dict
 
@@ -92,9 +92,9 @@ def _load_file(path: Path) -> dict:
 class _Plan:
     """What loading a checkpoint into a model will do; built before anything changes."""
 
-    ranks: dict[str, int] = field(default_factory=dict)  # path -> rank of the lorakit adapter
-    groups: dict[str, int] = field(default_factory=dict)  # path -> k (MergedLinear slices), 1 = plain
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # path -> (A, B) full width
+    ranks: dict[str, int] = field(default_factory=dict)  # path -> r (per slice for a MergedLinear)
+    fused: dict[str, list[bool]] = field(default_factory=dict)  # path -> enable_lora (MergedLinear layers)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # path -> (A, B) as in the file
     copies: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save path -> {param: t}
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> bias
     problems: list[str] = field(default_factory=list)
@@ -200,7 +200,7 @@ def _plan_pair(plan: _Plan, path: str, ab: dict[str, torch.Tensor], modules: dic
                         f"{{'{path.rpartition('.')[2]}': [...]}}, one bool per fused block, e.g. [True, False, True]")
             plan.problems.append(f"{path}: lora_B has shape {tuple(b.shape)}, expected ({fan_out}, {r}){hint}")
             return
-        plan.ranks[path], plan.groups[path], plan.pairs[path] = r, 1, (a, b)
+        plan.ranks[path], plan.pairs[path] = r, (a, b)
         return
     if not any(enable):
         plan.problems.append(f"{path}: enable_lora {enable} enables no slice, yet the file has factors for it")
@@ -217,13 +217,7 @@ def _plan_pair(plan: _Plan, path: str, ab: dict[str, torch.Tensor], modules: dic
             f"the file has {tuple(a.shape)} / {tuple(b.shape)}"
         )
         return
-    r = a.shape[0] // k
-    sliced = SlicedAdapter(fan_in, fan_out, enable, r, 1.0, 1.0, 0.0)
-    with torch.no_grad():
-        sliced.lora_A.copy_(a)
-        sliced.lora_B.copy_(b)
-        full_a, full_b = (t.detach().clone() for t in sliced.full_width())
-    plan.ranks[path], plan.groups[path], plan.pairs[path] = k * r, k, (full_a, full_b)
+    plan.ranks[path], plan.fused[path], plan.pairs[path] = a.shape[0] // k, enable, (a, b)
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -264,23 +258,16 @@ def load_lora_state_dict(model: nn.Module, checkpoint, lora_alpha: float, adapte
 
 
 def _config_for(plan: _Plan, alpha: float) -> LoraConfig:
+    """One LoraConfig: the most common r, exact-path rank_pattern entries for the others (loralib's
+    scaling is α/r per layer, so α is the same everywhere), fused_slices for MergedLinear layers."""
     ranks = list(plan.ranks.values())
     r0 = max(set(ranks), key=ranks.count)
-    rank_pattern, alpha_pattern = {}, {}
-    for path, r in plan.ranks.items():
-        k = plan.groups[path]
-        if r != r0:
-            rank_pattern[re.escape(path)] = r
-        if k != 1 or r != r0:
-            # scaling stays α/r_slice: the full-width form has rank k·r, so its α is k·α; a plain
-            # module of another rank keeps α (loralib's scaling is α/r per layer).
-            alpha_pattern[re.escape(path)] = alpha * k
+    rank_pattern = {re.escape(p): r for p, r in plan.ranks.items() if r != r0}
     bias = "none"
     if plan.biases:
         bias = "lora_only" if set(plan.biases) <= set(plan.ranks) else "all"
     return LoraConfig(r=r0, lora_alpha=alpha, target_modules=sorted(plan.ranks), rank_pattern=rank_pattern,
-                      alpha_pattern=alpha_pattern, bias=bias,
-                      modules_to_save=sorted(plan.copies) or None)
+                      bias=bias, modules_to_save=sorted(plan.copies) or None, fused_slices=dict(plan.fused))
 
 
 def _fill(model: nn.Module, plan: _Plan, adapter_name: str) -> None:

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapter_kinds.lora import new_lora_adapter
+from ..adapter_kinds.sliced import SlicedAdapter
 from ..errors import ConfigError
 from ..layers.host import LoraLayer
 from ..layers.kinds import BaseKind, Conv1DKind, ConvKind, EmbeddingKind, LinearKind
-from ..layers.sliced import SlicedAdapter
+from ..layers.protocol import Adapter
 
 ADAPTER = "default"  # the one adapter a loralib layer carries
 
@@ -37,7 +39,7 @@ class LoRALayer(nn.Module):
     the wrapped base layer (``in_features``, ``kernel_size``, ...)."""
 
     def _build(self, base: nn.Module, kind: BaseKind, r: int, lora_alpha: float, lora_dropout: float,
-               merge_weights: bool, adapter: nn.Module | None = None) -> None:
+               merge_weights: bool, adapter: Adapter | None = None) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ConfigError(f"r={r!r}: loralib layers take an integer rank ≥ 0 (0 = no LoRA).")
         if not (0.0 <= float(lora_dropout) < 1.0):
@@ -50,11 +52,11 @@ class LoRALayer(nn.Module):
         self.register_parameter("weight", base.weight)
         self.register_parameter("bias", getattr(base, "bias", None))
         if r > 0:
-            if adapter is None:
-                adapter = host.add_adapter(ADAPTER, r, lora_alpha, lora_alpha / r, float(lora_dropout))
+            if adapter is None:  # lorakit's LoRA adapter; init as loralib: B = 0 (Embedding: A = 0)
+                adapter = new_lora_adapter(kind, base, r, lora_alpha, lora_alpha / r, float(lora_dropout))
             else:
                 adapter.reset()
-                host.add_module_adapter(ADAPTER, adapter)
+            host.add(ADAPTER, adapter)
             host.active = (ADAPTER,)
             self.register_parameter("lora_A", adapter.lora_A)
             self.register_parameter("lora_B", adapter.lora_B)
