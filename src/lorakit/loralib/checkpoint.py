@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from .._fs import atomic_write
+from ..adapter_kinds.sliced import slice_rows
 from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError
 from ..inject import candidate_modules, inject
 from ..io import install_adapter
 from ..layers.host import LoraLayer
 from ..layers.kinds import kind_of
-from ..adapter_kinds.sliced import slice_rows
 from ..state import lora_layers, trainable_copies
 from .utils import lora_state_dict
 
