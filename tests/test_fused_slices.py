@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2
 
 import lorakit
 from lorakit.adapter_kinds.sliced import SlicedAdapter
 from lorakit.errors import ConfigError
 from lorakit.state import lora_layers, model_state
+
+from conftest import tiny_gpt2
 
 ENABLE = [True, False, True]
 
