@@ -3,7 +3,8 @@ only (r = 8, α = 16; Hu et al. 2021, §5.2, Table 2), trained by `lorakit train
 
     python examples/glue_roberta_lora.py OUT            # builds OUT/model, OUT/sst2/*.tsv, OUT/mrpc/*.tsv
     lorakit train --config recipes/glue-roberta-lora.yaml --model OUT/model \\
-        --data OUT/sst2/train.tsv --eval-data OUT/sst2/dev.tsv --output-dir OUT/run-sst2
+        --data OUT/sst2/train.tsv --eval-data OUT/sst2/dev.tsv --output-dir OUT/run-sst2 \\
+        lr=5e-3 batch_size=32 epochs=20 warmup_steps=10 weight_decay=0     # tiny random-init model
 
 Offline there are no pretrained weights: OUT/model is a tiny random-init RoBERTa (2 layers, hidden 64)
 with a byte-level BPE tokenizer trained on the generated sentences, and the data are small generated
@@ -86,7 +87,8 @@ def main(out: Path) -> None:
     make_tiny_roberta(out / "model", corpus)
     print(f"wrote {out}/model (tiny random-init RoBERTa), {out}/sst2/{{train,dev}}.tsv, {out}/mrpc/{{train,dev}}.tsv")
     print(f"next: lorakit train --config recipes/glue-roberta-lora.yaml --model {out}/model "
-          f"--data {out}/sst2/train.tsv --eval-data {out}/sst2/dev.tsv --output-dir {out}/run-sst2")
+          f"--data {out}/sst2/train.tsv --eval-data {out}/sst2/dev.tsv --output-dir {out}/run-sst2 "
+          "lr=5e-3 batch_size=32 epochs=20 warmup_steps=10 weight_decay=0   # tiny-model overrides")
 
 
 if __name__ == "__main__":
