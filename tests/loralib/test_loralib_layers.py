@@ -141,3 +141,31 @@ def test_bad_arguments_raise_config_errors():
     layer.merge()
     with pytest.raises(ConfigError, match="unmerge"):
         layer.scaling = 3.0
+
+
+def test_rank_zero_and_deepcopy():
+    import copy
+
+    plain = lora.Linear(4, 3, r=0)
+    assert set(plain.state_dict()) == {"weight", "bias"} and plain.scaling == 0.0
+    x = _x(2, 4)
+    torch.testing.assert_close(plain(x), F.linear(x, plain.weight, plain.bias))
+    layer = lora.MergedLinear(8, 12, r=2, enable_lora=[True, False, True])
+    nn.init.normal_(layer.lora_B)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.lora_B.mul_(0)
+    assert torch.equal(twin(_x(2, 8)), F.linear(_x(2, 8), twin.weight, twin.bias))  # the copy's own tensors
+    assert layer.lora_B.abs().sum() > 0
+
+
+def test_only_plain_lora_pairs_export_to_a_loralib_checkpoint():
+    import lorakit
+    from lorakit.adapter_kinds.adalora_config import AdaLoraConfig
+    from lorakit.errors import UnsupportedModuleError
+
+    from conftest import tiny_gpt2
+
+    model = lorakit.inject(tiny_gpt2(), AdaLoraConfig(target_modules=["c_attn"], total_step=10))
+    with pytest.raises(UnsupportedModuleError, match="lorakit.save_adapter"):
+        lora.lora_state_dict(model)

@@ -14,6 +14,8 @@ import re
 import torch
 from torch import nn
 
+from ..adapter_kinds.lora import LoraAdapter
+from ..adapter_kinds.sliced import SlicedAdapter
 from ..errors import AdapterNotFoundError, ConfigError, UnsupportedModuleError
 from ..inject import refresh_trainable
 from ..state import lora_layers, model_state, trainable_copies
@@ -104,7 +106,8 @@ def lora_state_dict(model: nn.Module, bias: str = "none", adapter_name: str | No
     """The tensors a loralib checkpoint holds: ``<path>.lora_A`` / ``<path>.lora_B`` of every LoRA
     layer, the biases ``bias`` names, and (injected models) the adapter's ``modules_to_save`` copies
     under the original module's names (e.g. ``classifier.dense.weight``). Values share storage
-    with the model (like ``state_dict()``); ``torch.save`` them, or use :func:`save_lora_state_dict`."""
+    with the model (like ``state_dict()``); ``torch.save`` them, or use :func:`save_lora_state_dict`.
+    loralib files carry no α: build the loralib layers with the adapter's ``lora_alpha``."""
     _check_bias(bias)
     out: dict[str, torch.Tensor] = {}
     for path, layer in _compat_layers(model):
@@ -121,9 +124,9 @@ def lora_state_dict(model: nn.Module, bias: str = "none", adapter_name: str | No
                     "factors are laid out differently); save this adapter with lorakit.save_adapter instead."
                 )
             adapter = host.lora[name]
-            if not hasattr(adapter, "lora_A") or not hasattr(adapter, "lora_B"):
+            if not isinstance(adapter, (LoraAdapter, SlicedAdapter)):
                 raise UnsupportedModuleError(
-                    f"{path}: adapter {name!r} is a {type(adapter).__name__}, not a LoRA pair; loralib "
+                    f"{path}: adapter {name!r} is a {type(adapter).__name__}, not a plain LoRA pair; loralib "
                     "checkpoints hold only lora_A/lora_B. Save it with lorakit.save_adapter instead."
                 )
             out[f"{_prefix(path)}lora_A"] = adapter.lora_A.detach()
