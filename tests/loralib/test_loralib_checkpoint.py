@@ -15,7 +15,7 @@ from lorakit.adapter_kinds.sliced import SlicedAdapter
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.state import lora_layers, model_state
 
-from .naive_loralib import NaiveLinear, hf_conv1d_to_naive, naive_lora_state_dict, swap
+from .naive_loralib import NaiveEmbedding, NaiveLinear, hf_conv1d_to_naive, naive_lora_state_dict, swap
 from conftest import tiny_gpt2
 
 ENABLE = [True, False, True]  # the LoRA paper's GPT-2 setup: q and v of c_attn, not k
@@ -170,3 +170,26 @@ def test_a_pickle_that_needs_more_than_tensors_is_refused(tmp_path):
     torch.save({"a.lora_A": torch.zeros(1), "step": 3}, tmp_path / "mixed.pt")
     with pytest.raises(AdapterFileError, match="not tensors"):
         lora.read_checkpoint(tmp_path / "mixed.pt")
+    (tmp_path / "damaged.pt").write_bytes(b"\x80\x02garbage" * 4)
+    with pytest.raises(AdapterFileError, match="damaged"):
+        lora.read_checkpoint(tmp_path / "damaged.pt")
+
+
+def test_embedding_and_linear_checkpoint_with_lora_only_biases(tmp_path, ids):
+    """loralib Embedding on GPT-2's wte + Linear-style (fan_in_fan_out) LoRA on c_fc, bias='lora_only'."""
+    ref = tiny_gpt2()
+    swap(ref, "transformer.wte", NaiveEmbedding(ref.transformer.wte.weight, 4, 8))
+    ref.lm_head.weight = ref.transformer.wte.weight  # keep GPT-2's tied head on the base table
+    for i, block in enumerate(ref.transformer.h):
+        swap(ref, f"transformer.h.{i}.mlp.c_fc", hf_conv1d_to_naive(block.mlp.c_fc, 4, 8, seed=i))
+        with torch.no_grad():
+            ref.transformer.h[i].mlp.c_fc.bias.add_(0.5)  # a trained bias travels in the checkpoint
+    sd = naive_lora_state_dict(ref, bias="lora_only")
+    assert "transformer.h.0.mlp.c_fc.bias" in sd
+    with torch.no_grad():
+        expected = ref(ids).logits
+    model = lora.load_lora_state_dict(tiny_gpt2(), sd, lora_alpha=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)
+    lorakit.save_adapter(model, tmp_path / "peft")
+    torch.testing.assert_close(_peft_logits(tiny_gpt2(), tmp_path / "peft", ids), expected)

@@ -64,6 +64,13 @@ def read_checkpoint(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str
     return data
 
 
+def _first_line(exc: BaseException) -> str:
+    """The informative part of torch.load's message (its 'WeightsUnpickler error' line if any)."""
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (found.group(1).strip() if found else lines[0] if lines else type(exc).__name__)[:200]
+
+
 def _load_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -74,12 +81,19 @@ def _load_file(path: Path) -> dict:
             raise AdapterFileError(f"{path}: not a readable safetensors file ({exc}).") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError) as exc:
+    except (RuntimeError, EOFError, OSError) as exc:  # a truncated or non-torch file
+        raise AdapterFileError(f"{path}: not a readable torch.save file ({_first_line(exc)}); "
+                               "the file is damaged or not a checkpoint.") from None
+    except (pickle.UnpicklingError, AttributeError, TypeError) as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:
+            raise AdapterFileError(f"{path}: not a readable torch.save file ({_first_line(exc)}); the file is "
+                                   "damaged or not a checkpoint.") from None
         raise AdapterFileError(
-            f"{path}: torch.load(weights_only=True) refused it — the pickle needs more than tensors "
-            f"({str(exc).splitlines()[0][:200]}). lorakit never runs arbitrary pickles: in the code that made "
-            "it (and that you trust), re-save only the tensors, e.g. torch.save({k: v for k, v in "
-            "lora.lora_state_dict(model).items()}, path), or convert the file to safetensors."
+            f"{path}: torch.load(weights_only=True) refused it — the pickle needs more than tensors (it "
+            f"references {found.group(1)}). lorakit never runs arbitrary pickles: in the code that made it (and "
+            "that you trust), re-save only the tensors, e.g. torch.save(dict(lora.lora_state_dict(model)), "
+            "path), or convert the file to safetensors."
         ) from None
     if not isinstance(data, Mapping):
         raise AdapterFileError(f"{path}: holds a {type(data).__name__}, not a dict of tensors; save "
