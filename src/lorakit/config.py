@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .config_slices import FusedSlices, normalize_fused_slices
 from .errors import ConfigError
 from .peft_fields import check_peft_fields
 
@@ -51,6 +52,8 @@ class LoraConfig:
             first numbered segment of the path (T5 ``encoder.block.1.layer.0…`` → 1).
         layers_pattern: the name(s) of the layer list, e.g. ``"layers"`` (regexes, as in PEFT).
         task_type, base_model_name_or_path: carried into the file for PEFT.
+        fused_slices: ``{module name: [True, False, True]}`` — LoRA on chosen output slices of a fused
+            projection only (loralib's ``MergedLinear``; ``config_slices.py``). lorakit-only field.
     """
 
     r: int = 8
@@ -69,6 +72,7 @@ class LoraConfig:
     layers_pattern: list[str] | str | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    fused_slices: dict[str, FusedSlices] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_int("r", self.r, minimum=1)
@@ -87,6 +91,7 @@ class LoraConfig:
         for key, value in self.alpha_pattern.items():
             _check_regex(f"alpha_pattern key {key!r}", key)
             _check_number(f"alpha_pattern[{key!r}]", value)
+        self.fused_slices = normalize_fused_slices(self.fused_slices, self.target_modules)
 
     # -- per-module values ------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:
@@ -107,6 +112,8 @@ class LoraConfig:
         out.update(peft_type="LORA", inference_mode=True, revision=None, lora_bias=False, use_dora=False)
         if isinstance(out["init_lora_weights"], str):
             out["init_lora_weights"] = "gaussian"
+        if not out["fused_slices"]:
+            del out["fused_slices"]  # a lorakit-only field: written only when used
         return out
 
     @classmethod

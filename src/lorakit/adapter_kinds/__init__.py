@@ -16,8 +16,9 @@ from ..layers.protocol import Adapter, AdapterKind
 from .adalora import ADALORA
 from .lora import LORA
 from .olora import OLORA
+from .sliced import SLICED
 
-ADAPTER_KINDS: tuple[AdapterKind, ...] = (ADALORA, OLORA, LORA)
+ADAPTER_KINDS: tuple[AdapterKind, ...] = (ADALORA, OLORA, SLICED, LORA)
 
 
 def adapter_kind(name: str) -> AdapterKind:

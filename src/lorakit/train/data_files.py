@@ -5,7 +5,9 @@ Row formats (picked from the columns unless ``data_format`` says otherwise)::
     text            {"text": "..."}
     instruction     {"instruction": "...", "input": "..." (optional), "output": "..."}
     chat            {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-    classification  {"text": "...", "label": 3 | "positive"}
+    classification  {"text": "...", "text_pair": "..." (optional), "label": 3 | "positive"}
+
+GLUE files (``.tsv``, or ``.csv`` with GLUE's column names) become classification rows (``glue.py``).
 
 Every row is checked before anything trains: a missing or mistyped field is a ``DataError`` naming
 the file, the row (1-based, in file order; for CSV the header is not counted) and the field. Nothing
@@ -19,17 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import tasks
 from ..errors import ConfigError, DataError
+from . import glue
 from .args import BUILTIN_PREFIX
 
 FORMATS = ("text", "instruction", "chat", "classification")
 ROLES = ("system", "user", "assistant")
-_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
 _NEEDS = {
     "text": "text",
     "instruction": "instruction, output (and optionally input)",
     "chat": "messages (a list of {role, content})",
-    "classification": "text, label",
+    "classification": "text, label (and optionally text_pair)",
 }
 
 
@@ -47,12 +51,14 @@ def read_data(spec: str, data_format: str = "auto", split: str = "train", builti
         return _read_builtin(spec[len(BUILTIN_PREFIX):], data_format, split, builtin_rows, seed)
     path = Path(spec)
     if not path.is_file():
-        raise DataError(f"data file {spec} does not exist; pass a .jsonl, .json, .csv or .parquet file, "
+        raise DataError(f"data file {spec} does not exist; pass a .jsonl, .json, .csv, .tsv or .parquet file, "
                         "or builtin:TASK for a built-in task.")
     loader = _LOADERS.get(path.suffix.lower())
     if loader is None:
-        raise DataError(f"{spec}: unknown extension {path.suffix!r}; use .jsonl, .json, .csv or .parquet.")
-    rows, columns = _load(path, loader)
+        raise DataError(f"{spec}: unknown extension {path.suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet.")
+    rows, columns = glue.read_tsv(path) if loader == "tsv" else _load(path, loader)
+    if loader in ("tsv", "csv") and glue.is_glue(columns):
+        rows, columns = glue.to_classification(rows, columns, spec)
     if not rows:
         raise DataError(f"{spec} holds no rows; give it at least one training example.")
     fmt = detect_format(columns, data_format, spec)
@@ -62,7 +68,6 @@ def read_data(spec: str, data_format: str = "auto", split: str = "train", builti
 
 
 def _read_builtin(name: str, data_format: str, split: str, n: int, seed: int) -> RawData:
-    from .. import tasks
 
     task = tasks.get(name)  # ConfigError naming the known tasks on a typo
     if data_format not in ("auto", "instruction"):
@@ -145,6 +150,7 @@ def check_row(row: dict[str, Any], fmt: str, source: str, n: int) -> None:
         need_str("output")
     elif fmt == "classification":
         need_str("text")
+        need_str("text_pair", optional=True)
         label = row.get("label")
         if label is None:
             raise fail("label", "missing field")

@@ -5,7 +5,8 @@
   ``[user: "instruction input", assistant: output]``); only the assistant turns' tokens keep their
   labels, the rest is ``-100``. A tokenizer without a chat template renders instruction rows as
   ``format_prompt(row) + format_answer(row) + </s>`` (the format of ``lorakit.tasks``).
-* classification: the text's ids and one label id.
+* classification: the text's ids (a ``text_pair`` is encoded as the tokenizer's second segment)
+  and one label id.
 
 Which tokens are the assistant's is read from character offsets: the template is rendered for the
 conversation up to each assistant turn (with the generation prompt) and through it, and the tokens
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..tasks.format import format_answer, format_prompt, to_messages
 from .data_files import RawData
 
 IGNORE = -100
@@ -63,8 +65,6 @@ def encode(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int] | 
         texts, spans = zip(*(_render_chat(tokenizer, c, raw.source, i + 1) for i, c in enumerate(conversations)))
         add_special = False  # the template writes the special tokens itself
     else:
-        from ..tasks.format import format_answer, format_prompt
-
         prompts = [format_prompt(r) for r in raw.rows]
         texts = [p + format_answer(r) for p, r in zip(prompts, raw.rows)]
         spans = [[(len(p), len(t))] for p, t in zip(prompts, texts)]
@@ -104,7 +104,11 @@ def encode(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int] | 
 
 
 def _encode_cls(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int]) -> Encoded:
-    enc = tokenizer([r["text"] for r in raw.rows], add_special_tokens=True)
+    texts = [r["text"] for r in raw.rows]
+    if any(r.get("text_pair") is not None for r in raw.rows):  # sentence pairs (GLUE's MRPC, RTE, ...)
+        enc = tokenizer(texts, [r.get("text_pair") or "" for r in raw.rows], add_special_tokens=True)
+    else:
+        enc = tokenizer(texts, add_special_tokens=True)
     out = Encoded([], "cls", raw.source, len(raw.rows))
     for i, (ids, row) in enumerate(zip(enc["input_ids"], raw.rows)):
         key = str(row["label"])
@@ -146,7 +150,6 @@ def pack(examples: list[dict[str, Any]], block: int) -> list[dict[str, Any]]:
 
 # -- chat rendering -----------------------------------------------------------------------------
 def _instruction_messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    from ..tasks.format import to_messages
 
     return to_messages(row)
 
