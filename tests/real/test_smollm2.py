@@ -14,8 +14,7 @@ import torch
 
 from lorakit.train import TrainArgs, train
 
-from ..train.train_helpers import write_rows
-from .facts import unicode_name_rows
+from .facts import unicode_name_rows, write_rows
 
 pytestmark = pytest.mark.slow
 
