@@ -38,5 +38,12 @@ def smollm2_dir(smollm2_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2")
     d, name = str(smollm2_file.parent), smollm2_file.name
     AutoTokenizer.from_pretrained(d, gguf_file=name).save_pretrained(out)
-    AutoModelForCausalLM.from_pretrained(d, gguf_file=name).save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name)
+    # transformers marks a GGUF-loaded model "quantized with gguf" and refuses to save it, although
+    # its weights are already dequantized fp32 tensors: drop the marker to save a plain checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
     return out
