@@ -179,11 +179,13 @@ def hidden_states_instead_of_logits(model: nn.Module) -> Iterator[nn.Module]:
     if reason is not None:
         raise ConfigError(f"chunked cross-entropy: {reason}")
     head = model.get_output_embeddings()
-    head.forward = _passthrough  # an instance attribute shadows the class's forward
+    # An instance attribute shadows the class's forward. Set through object.__setattr__: a wrapping
+    # layer may route attribute assignments to the module it wraps.
+    object.__setattr__(head, "forward", _passthrough)
     try:
         yield head
     finally:
-        del head.forward
+        object.__delattr__(head, "forward")
 
 
 def _passthrough(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
