@@ -36,6 +36,13 @@ class LoraFileKind:
         """suffix → the adapter parameter it fills (the file's tensors without alpha)."""
         return {"lora_down.weight": adapter.lora_A, "lora_up.weight": adapter.lora_B}
 
+    def peft_params(self, adapter: nn.Module) -> dict[str, torch.Tensor]:
+        """suffix → parameter in PEFT / diffusers files (``<component>.<path>.<suffix>``)."""
+        return {"lora_A.weight": adapter.lora_A, "lora_B.weight": adapter.lora_B}
+
+    def peft_rank(self, group: dict[str, torch.Tensor]) -> int:
+        return int(group["lora_A.weight"].shape[0])
+
     def alpha(self, adapter: nn.Module) -> float:
         # The true per-module α with ΔW = α/r·B·A (also right for rsLoRA: α_file = s·r).
         return effective_scaling(adapter) * adapter.lora_A.shape[0]
