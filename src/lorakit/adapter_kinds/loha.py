@@ -1,0 +1,57 @@
+"""LoHa: low-rank Hadamard product (Hyeon-Woo et al., "FedPara", ICLR 2022, §3.1; LyCORIS' ``loha``).
+
+    ΔW = (α / r) · (W1a · W1b) ⊙ (W2a · W2b)       W1a, W2a: (out, r)   W1b, W2b: (r, in·k·k)
+
+The Hadamard product of two rank-r matrices has rank up to r², for 4·r·(out + in) parameters'
+worth of two LoRAs. Convolutions are flattened (out, in·k·k) — LyCORIS' and PEFT's layout without
+Tucker/"effective conv" (``hada_t1``/``hada_t2`` are not implemented). File tensors have the same
+names in PEFT and LyCORIS: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b`` (+ a scalar
+``alpha`` in LyCORIS files).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._dense import apply_dense, base_shape
+
+
+class LoHaAdapter(nn.Module):
+    """The four LoHa factors of one layer; ``delta_2d`` is the one LoHa formula."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, scaling: float | None = None):
+        super().__init__()
+        out, fan_in, k = base_shape(base, "LoHa")
+        fan_in *= math.prod(k)
+        self.hada_w1_a = nn.Parameter(torch.empty(out, r))
+        self.hada_w1_b = nn.Parameter(torch.empty(r, fan_in))
+        self.hada_w2_a = nn.Parameter(torch.empty(out, r))
+        self.hada_w2_b = nn.Parameter(torch.empty(r, fan_in))
+        self.r, self.alpha = r, float(alpha)
+        self.scaling = float(alpha) / r if scaling is None else float(scaling)
+        self.dropout = 0.0
+
+    def reset(self, zero: bool = True) -> None:
+        """PEFT's / LyCORIS' start: W2b = 0, so ΔW = 0; ``zero=False`` makes every factor random (tests)."""
+        with torch.no_grad():
+            for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b):
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            if zero:
+                nn.init.zeros_(self.hada_w2_b)
+
+    def delta_2d(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW = s · (W1a·W1b) ⊙ (W2a·W2b) as an (out, in·k·k) matrix."""
+        return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
+
+    def apply(self, kind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor, mask=None) -> torch.Tensor:
+        return apply_dense(base, base_out, x, self.delta_2d(), mask)
+
+    def peft_tensors(self, kind=None) -> dict[str, torch.Tensor]:
+        return {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b,
+                "hada_w2_a": self.hada_w2_a, "hada_w2_b": self.hada_w2_b}
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
