@@ -14,10 +14,12 @@ from typing import Any
 from ..errors import AdapterFileError, AdapterNotFoundError, ConfigError
 from ..layers.protocol import Adapter, AdapterKind
 from .adalora import ADALORA
+from .loha import LOHA
+from .lokr import LOKR
 from .lora import LORA
 from .olora import OLORA
 
-ADAPTER_KINDS: tuple[AdapterKind, ...] = (ADALORA, OLORA, LORA)
+ADAPTER_KINDS: tuple[AdapterKind, ...] = (ADALORA, OLORA, LORA, LOHA, LOKR)
 
 
 def adapter_kind(name: str) -> AdapterKind:

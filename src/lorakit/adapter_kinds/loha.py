@@ -16,15 +16,18 @@ import math
 import torch
 from torch import nn
 
-from ._dense import apply_dense, base_shape
+from ..layers.kinds import BaseKind
+from ..layers.protocol import Adapter, AdapterKind, base_device
+from ._dense import apply_dense, base_shape, refuses
+from .lycoris_config import LoHaConfig
 
 
-class LoHaAdapter(nn.Module):
+class LoHaAdapter(Adapter):
     """The four LoHa factors of one layer; ``delta_2d`` is the one LoHa formula."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, scaling: float | None = None):
         super().__init__()
-        out, fan_in, k = base_shape(base, "LoHa")
+        out, fan_in, k = base_shape(base)
         fan_in *= math.prod(k)
         self.hada_w1_a = nn.Parameter(torch.empty(out, r))
         self.hada_w1_b = nn.Parameter(torch.empty(r, fan_in))
@@ -46,12 +49,32 @@ class LoHaAdapter(nn.Module):
         """ΔW = s · (W1a·W1b) ⊙ (W2a·W2b) as an (out, in·k·k) matrix."""
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
 
-    def apply(self, kind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor, mask=None) -> torch.Tensor:
-        return apply_dense(base, base_out, x, self.delta_2d(), mask)
+    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_dense(kind, base, base_out, x, self.delta_2d(), mask)
 
-    def peft_tensors(self, kind=None) -> dict[str, torch.Tensor]:
+    def peft_tensors(self, kind: BaseKind | None = None) -> dict[str, torch.Tensor]:
         return {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b,
                 "hada_w2_a": self.hada_w2_a, "hada_w2_b": self.hada_w2_b}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+class LoHaKind(AdapterKind):
+    """LoHa on the adapter protocol: ``LoHaConfig``; files with ``peft_type: "LOHA"``."""
+
+    name = "loha"
+    peft_type = "LOHA"
+    config_type = LoHaConfig
+
+    def refuses(self, base_kind, base):
+        return refuses(base, "LoHa")
+
+    def create(self, base_kind, base, path, config: LoHaConfig) -> LoHaAdapter:
+        adapter = LoHaAdapter(base, config.rank_for(path), config.alpha_for(path))
+        adapter.reset(zero=bool(config.init_weights))
+        return adapter.to(base_device(base))
+
+
+LOHA = LoHaKind()

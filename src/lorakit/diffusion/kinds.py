@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers.adapter import LoraAdapter
+from ..adapter_kinds.lora import LoraAdapter
 
 
 def effective_scaling(adapter: nn.Module) -> float:
