@@ -87,11 +87,17 @@ def lora_config_for(per_module: Mapping[str, tuple[int, float]], dropout: float 
     The most common (rank, alpha) becomes r / lora_alpha; the others go into rank_pattern /
     alpha_pattern keyed by the escaped full path (PEFT's pattern rule, so the config also reads in PEFT).
     """
+    r0, a0, rank_pattern, alpha_pattern = patterns_for(per_module)
+    return LoraConfig(r=int(r0), lora_alpha=float(a0), lora_dropout=dropout, target_modules=list(per_module),
+                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=init)
+
+
+def patterns_for(per_module: Mapping[str, tuple[int, float]]) -> tuple[int, float, dict, dict]:
+    """(r, alpha, rank_pattern, alpha_pattern) reproducing ``{path: (rank, alpha)}`` under PEFT's rules."""
     if not per_module:
         raise ConfigError("no module to adapt.")
     r0 = Counter(r for r, _ in per_module.values()).most_common(1)[0][0]
     a0 = Counter(a for _, a in per_module.values()).most_common(1)[0][0]
     rank_pattern = {re.escape(p): r for p, (r, _) in per_module.items() if r != r0}
     alpha_pattern = {re.escape(p): a for p, (_, a) in per_module.items() if a != a0}
-    return LoraConfig(r=int(r0), lora_alpha=float(a0), lora_dropout=dropout, target_modules=list(per_module),
-                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=init)
+    return int(r0), float(a0), rank_pattern, alpha_pattern

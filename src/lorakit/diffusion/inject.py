@@ -13,10 +13,10 @@ from typing import Any
 from torch import nn
 
 from ..adapters import delete_adapter
-from ..inject import inject
 from ..state import model_state
 from .components import components_of
-from .config import DiffusionLoraConfig, lora_config_for
+from .config import DiffusionLoraConfig
+from .kinds import FILE_KINDS
 from .targets import is_kxk_conv, text_encoder_targets, unet_targets
 
 Plan = dict[str, dict[str, tuple[int, float]]]  # component → {module path: (rank, alpha)}
@@ -34,20 +34,13 @@ def plan_targets(components: Mapping[str, nn.Module], config: DiffusionLoraConfi
     return plan
 
 
-def _inject_lora(module: nn.Module, per_module, config: DiffusionLoraConfig, name: str) -> None:
-    inject(module, lora_config_for(per_module, dropout=config.dropout), name)
-
-
-INJECTORS: dict[str, Callable[..., None]] = {"lora": _inject_lora}
-
-
 def add_adapter(pipe: Any, config: DiffusionLoraConfig, name: str = "default") -> dict[str, nn.Module]:
     """Add adapter ``name`` (trainable, active) to the UNet and — with ``config.text_encoder`` — the
     text encoder(s) of ``pipe``; returns the adapted components."""
     components = components_of(pipe)
     plan = plan_targets(components, config)
-    injector = INJECTORS[config.kind]
-    apply_all(components, name, {c: (lambda m, per=per: injector(m, per, config, name)) for c, per in plan.items()})
+    kind = FILE_KINDS[config.kind]
+    apply_all(components, name, {c: (lambda m, per=per: kind.inject(m, per, config, name)) for c, per in plan.items()})
     return {c: components[c] for c in plan}
 
 

@@ -27,7 +27,7 @@ from ..io import check_and_copy
 from ..state import lora_layers
 from .components import components_of, family_of
 from .config import DiffusionLoraConfig
-from .inject import INJECTORS, adapter_components, apply_all
+from .inject import adapter_components, apply_all
 from .kinds import FILE_KINDS, classify, kind_for_adapter
 from .names import foreign_base_hint, name_table, write_name
 
@@ -53,9 +53,8 @@ def kohya_state_dict(pipe: Any, name: str = "default", dtype: torch.dtype = torc
                 raise AdapterFileError(f"adapter {name!r} on {comp}.{path} is a {type(adapter).__name__}, which "
                                        f"has no kohya/LyCORIS form; kinds with one: {', '.join(FILE_KINDS)}.")
             mod = write_name(comp, path, family, components_of(pipe)["unet"])
-            for suffix, t in kind.params(adapter).items():
+            for suffix, t in kind.write(adapter).items():
                 out[f"{mod}.{suffix}"] = t.detach().to("cpu", dtype).contiguous().clone()
-            out[f"{mod}.alpha"] = torch.tensor(kind.alpha(adapter), dtype=dtype)
     return out
 
 
@@ -74,7 +73,7 @@ def kohya_metadata(pipe: Any, name: str, tensors: Mapping[str, torch.Tensor]) ->
     groups = group_modules(tensors)
     kinds = {classify(g).name for g in groups.values()}
     kind = kinds.pop() if len(kinds) == 1 else "lora"
-    ranks = [classify(g).rank(g) for g in groups.values()]
+    ranks = [_rank(classify(g).spec(g)) for g in groups.values()]
     alphas = [float(g["alpha"]) for g in groups.values()]
     meta = {
         "ss_network_module": NETWORK_MODULE.get(kind, "lycoris.kohya"),
@@ -90,6 +89,10 @@ def kohya_metadata(pipe: Any, name: str, tensors: Mapping[str, torch.Tensor]) ->
 
 
 # -- load -----------------------------------------------------------------------------------------
+def _rank(spec) -> int:
+    return spec[0] if isinstance(spec, tuple) else spec.r
+
+
 def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
@@ -168,23 +171,16 @@ def load_kohya(pipe: Any, path: str | Path, name: str = "default", trainable: bo
             raise AdapterFileError(f"{path}: module {comp}.{mpath} appears twice ({where[comp + mpath]} and {mod}); "
                                    "keep one spelling.")
         where[comp + mpath] = mod
-        r = kind.rank(group)
-        alpha = float(group["alpha"]) if "alpha" in group else float(r)  # kohya: no alpha means α = r
-        plan[comp][mpath] = (r, alpha)
-    file_config = kind.config_from_file(groups) if hasattr(kind, "config_from_file") else None
+        plan[comp][mpath] = kind.spec(group, components[comp].get_submodule(mpath))
     steps = {}
     for comp, per in plan.items():
         def step(module, comp=comp, per=per):
-            INJECTORS[kind.name](module, per, file_config or _plain(kind.name), name)
+            kind.inject(module, per, DiffusionLoraConfig(kind=kind.name), name)
             _copy(module, name, kind, {where[comp + p]: groups[where[comp + p]] for p in per}, table, str(path))
             set_trainable(module, name, trainable)
         steps[comp] = step
     apply_all(components, name, steps)
     return {c: components[c] for c in plan}
-
-
-def _plain(kind_name: str) -> DiffusionLoraConfig:
-    return DiffusionLoraConfig(kind=kind_name)
 
 
 def _copy(module: nn.Module, name: str, kind, groups: Mapping[str, Mapping[str, torch.Tensor]], table, source: str):

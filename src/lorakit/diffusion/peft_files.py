@@ -23,14 +23,15 @@ from torch import nn
 
 from .._fs import atomic_write
 from ..adapters import set_trainable
+from ..adapter_kinds.lora import LoraAdapter
 from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterNotFoundError
 from ..io import check_and_copy
 from ..state import lora_layers
 from .components import components_of
 from .config import DiffusionLoraConfig, lora_config_for
-from .inject import INJECTORS, adapter_components, apply_all
-from .kinds import FILE_KINDS, kind_for_adapter
+from .inject import adapter_components, apply_all
+from .kinds import FILE_KINDS, effective_scaling
 from .kohya import _fit, read_file
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -51,12 +52,12 @@ def save_diffusers(pipe: Any, directory: str | Path, name: str = "default", fold
             if name not in host.lora:
                 continue
             adapter = host.lora[name]
-            kind = kind_for_adapter(adapter)
-            if kind is None or kind.name != "lora":
+            if not isinstance(adapter, LoraAdapter):
                 raise AdapterFileError(f"adapter {name!r} on {comp}.{path} is a {type(adapter).__name__}; the "
                                        "diffusers file format holds plain LoRA — use save_kohya (LyCORIS keys).")
-            r, alpha = adapter.lora_A.shape[0], kind.alpha(adapter)
-            for suffix, t in kind.peft_params(adapter).items():
+            r = adapter.lora_A.shape[0]
+            alpha = effective_scaling(adapter) * r
+            for suffix, t in adapter.peft_tensors(host.kind).items():
                 t = t.detach().to("cpu", torch.float32)
                 if fold_alpha and suffix.startswith("lora_B"):
                     t = t * (alpha / r)
@@ -78,7 +79,7 @@ def load_diffusers(pipe: Any, path: str | Path, name: str = "default", trainable
     tensors, header = read_file(path)
     meta = _metadata(path, header)
     components = components_of(pipe)
-    kind = FILE_KINDS["lora"]
+    lora = FILE_KINDS["lora"]
     groups: dict[str, dict[str, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
     alphas: dict[tuple[str, str], float] = {}
     problems = []
@@ -103,16 +104,16 @@ def load_diffusers(pipe: Any, path: str | Path, name: str = "default", trainable
         for mpath, g in per_path.items():
             if "lora_A.weight" not in g:
                 raise AdapterFileError(f"{path}: {comp}.{mpath} has lora_B but no lora_A; the file is incomplete.")
-            r = kind.peft_rank(g)
+            r = int(g["lora_A.weight"].shape[0])
             alpha = alphas.get((comp, mpath), cfg.alpha_for(mpath) if cfg else float(r))
             plan[mpath] = (r, alpha)
 
         def step(module, comp=comp, plan=plan, per_path=per_path):
-            INJECTORS["lora"](module, plan, DiffusionLoraConfig(), name)
+            lora.inject(module, plan, DiffusionLoraConfig(), name)
             hosts = dict(lora_layers(module))
             expected, given = {}, {}
             for mpath, g in per_path.items():
-                for suffix, param in kind.peft_params(hosts[mpath].lora[name]).items():
+                for suffix, param in hosts[mpath].lora[name].peft_tensors(hosts[mpath].kind).items():
                     expected[f"{comp}.{mpath}.{suffix}"] = param
                     if suffix in g:
                         given[f"{comp}.{mpath}.{suffix}"] = _fit(g[suffix], param.shape)
