@@ -11,7 +11,7 @@ from lorakit.diffusion import DiffusionLoraConfig, add_adapter, load_kohya, save
 from lorakit.errors import AdapterFileError
 from lorakit.state import lora_layers
 
-from .tiny import randomize, sd1_parts, sdxl_parts, te_out, unet_out
+from .tiny import randomize, sd1_parts, sdxl_parts, te_out, tiny_pipeline, unet_out
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -47,6 +47,20 @@ def test_sd1_kohya_file_loads_in_diffusers_with_same_outputs(tmp_path):
     assert (got_unet - base_unet).abs().max() > 1e-3  # the LoRA does something
     assert torch.allclose(got_unet, want_unet, atol=1e-5, rtol=0)
     assert torch.allclose(got_te, want_te, atol=1e-5, rtol=0)
+
+
+def test_pipeline_load_lora_weights_of_a_lorakit_file(tmp_path):
+    """The whole diffusers path, StableDiffusionPipeline.load_lora_weights, on a file lorakit wrote from
+    (and into) a pipeline."""
+    pipe = tiny_pipeline(sd1_parts())
+    add_adapter(pipe, DiffusionLoraConfig(rank=2, alpha=3.0, conv_rank=2, text_encoder=True), "style")
+    randomize({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "style")
+    want, want_te = unet_out(pipe.unet), te_out(pipe.text_encoder)
+    f = save_kohya(pipe, tmp_path / "p.safetensors", "style")
+    theirs = tiny_pipeline(sd1_parts())
+    theirs.load_lora_weights(str(f), adapter_name="style")
+    assert torch.allclose(unet_out(theirs.unet), want, atol=1e-5, rtol=0)
+    assert torch.allclose(te_out(theirs.text_encoder), want_te, atol=1e-5, rtol=0)
 
 
 def test_sdxl_kohya_file_uses_sgm_names_and_loads_in_diffusers(tmp_path):

@@ -94,3 +94,18 @@ def test_cli_train_image_with_buckets(tmp_path, capsys):
     assert "denoising loss" in capsys.readouterr().out
     rc = main(["train-image", "--data", str(tmp_path / "nope"), "--output-dir", str(out)])
     assert rc == 2 and "nope: not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind,prefix", [("loha", "hada_w1_a"), ("lokr", "lokr_w")])
+def test_train_lycoris_kinds_write_lycoris_keys(tmp_path, kind, prefix):
+    data = write_shapes(tmp_path / "data", count=2)
+    res = train_image(_args(data, tmp_path / kind, steps=2, kind=kind, conv_rank=2, preview_steps=1),
+                      log=lambda *_: None)
+    from safetensors import safe_open
+
+    with safe_open(str(res.output), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert any(f".{prefix}" in k for k in keys) and meta["ss_network_module"] == "lycoris.kohya"
+    assert kind in meta["ss_network_args"]
+    fresh = tiny_model(0)
+    load_kohya(fresh.components(), res.output, "x")

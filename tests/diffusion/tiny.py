@@ -74,3 +74,15 @@ def randomize(components: dict, name: str = "default", seed: int = 5) -> None:
                 for p in host.lora[name].parameters():
                     with torch.no_grad():
                         p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def tiny_pipeline(parts: dict):
+    """A StableDiffusionPipeline around ``parts`` (no tokenizer: the LoRA loaders do not need one)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return StableDiffusionPipeline(vae=vae, text_encoder=parts["text_encoder"], tokenizer=None, unet=parts["unet"],
+                                   scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
