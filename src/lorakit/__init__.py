@@ -7,6 +7,7 @@
     model = lorakit.merge_and_unload(model)          # the plain model, zero inference overhead
 """
 
+from .adapter_kinds.lycoris_config import LoHaConfig, LoKrConfig
 from .adapters import (
     active_adapters,
     delete_adapter,
@@ -39,6 +40,8 @@ def quantize_model(model, quant_type: str = "nf4", **kwargs):
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "LorakitError",
     "TrainableSummary",

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._fs import atomic_write
-from ..adapters import set_trainable
 from ..adapter_kinds.lora import LoraAdapter
+from ..adapters import set_trainable
 from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterNotFoundError
 from ..io import check_and_copy
