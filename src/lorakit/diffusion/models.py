@@ -16,6 +16,15 @@ from torch import nn
 from ..errors import ConfigError
 
 
+def require_diffusers():
+    """The diffusers module (an optional dependency of lorakit.diffusion), or a ConfigError saying how to get it."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ConfigError("lorakit's image commands need diffusers: pip install 'diffusers>=0.34'.") from None
+    return diffusers
+
+
 class HashTokenizer:
     """Words → ids by a stable hash (no vocabulary file): ``bos w1 … wn eos pad…`` of ``max_length``."""
 
@@ -55,9 +64,10 @@ class ImageModel:
 
 
 def tiny_model(seed: int = 0) -> ImageModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    d = require_diffusers()
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    AutoencoderKL, UNet2DConditionModel = d.AutoencoderKL, d.UNet2DConditionModel
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -82,8 +92,10 @@ def load_model(source: str, seed: int = 0) -> ImageModel:
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"model={source!r}: not 'tiny' and not a local diffusers pipeline folder (no "
                           "model_index.json); download the base model with diffusers first.")
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    d = require_diffusers()
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    AutoencoderKL, DDPMScheduler, UNet2DConditionModel = d.AutoencoderKL, d.DDPMScheduler, d.UNet2DConditionModel
 
     tok = CLIPTokenizer.from_pretrained(path / "tokenizer")
 

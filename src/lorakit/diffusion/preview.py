@@ -9,14 +9,14 @@ import numpy as np
 import torch
 
 from .._fs import atomic_write
+from .models import require_diffusers
 
 
 @torch.no_grad()
 def sample(model, prompts: list[str], seeds: list[int], size: tuple[int, int], steps: int = 10,
            guidance: float = 1.0) -> torch.Tensor:
     """(len(prompts)·len(seeds), 3, H, W) images in [-1, 1]; noise from ``seeds`` (CPU generators)."""
-    from diffusers import DDIMScheduler
-
+    DDIMScheduler = require_diffusers().DDIMScheduler
     sched = DDIMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
     sched.set_timesteps(steps)
     w, h = size

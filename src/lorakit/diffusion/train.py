@@ -37,7 +37,7 @@ from .config import DiffusionLoraConfig
 from .data import assign_buckets, load_image, scan
 from .inject import add_adapter
 from .kohya import save_kohya
-from .models import load_model
+from .models import load_model, require_diffusers
 from .peft_files import save_diffusers
 from .preview import sample, save_grid
 
@@ -120,8 +120,7 @@ class ImageTrainResult:
 @torch.no_grad()
 def denoising_loss(model, items, sizes, seed: int = 1234, draws: int = 4) -> float:
     """Mean noise-prediction MSE over ``items`` × ``draws`` fixed (t, ε): comparable between models."""
-    from diffusers import DDPMScheduler
-
+    DDPMScheduler = require_diffusers().DDPMScheduler
     sched = DDPMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
     g = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
@@ -148,8 +147,7 @@ def _batch_plan(order: list[int], sizes: list[tuple[int, int]], batch: int, seed
 
 
 def train_image(args: ImageTrainArgs, log=print) -> ImageTrainResult:
-    from diffusers import DDPMScheduler
-
+    DDPMScheduler = require_diffusers().DDPMScheduler
     out = Path(args.output_dir)
     ds = scan(args.data, args.caption_ext, args.missing_caption)
     sizes = assign_buckets(ds, args.resolution, args.buckets)
