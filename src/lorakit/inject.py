@@ -62,7 +62,11 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
         if reason:
             raise UnsupportedModuleError(f"module {path!r} ({type(base).__name__}) cannot take a {kind.name} "
                                          f"adapter: {reason}.")
-        plan.append((path, module, base_kind, kind.create(base_kind, base, path, config)))
+        try:
+            adapter = kind.create(base_kind, base, path, config)
+        except UnsupportedModuleError as exc:  # e.g. a grouped convolution: say which module it is
+            raise UnsupportedModuleError(f"module {path!r}: {exc}") from None
+        plan.append((path, module, base_kind, adapter))
     copies = find_copy_targets(model, config.modules_to_save or [])
     both = sorted({p for p, _ in copies} & {p for p, *_ in plan})
     if both:
