@@ -32,9 +32,9 @@ LAYERS = {
     "loralib": 2,  # loralib's API over the core's host and adapter kinds (a compatibility layer)
     "variants.sdft": 3,  # a data transform over the task formats (it reads lorakit.tasks): sits with data
     "data": 3, "tasks": 3,
-    "train": 4,
+    "train": 4, "diffusion": 4,  # image LoRAs: uses core, train's checkpoints; nothing imports it below cli
     "eval": 5,
-    "cli": 6, "cli_forgetting": 6,
+    "cli": 6, "cli_forgetting": 6, "cli_image": 6,
 }
 LAYER_NAMES = ["core", "quant", "variants", "data", "train", "eval", "cli"]
 

@@ -11,6 +11,7 @@ from ._threads import apply_omp_defaults
 
 apply_omp_defaults()  # before anything imports torch: see _threads.py (OpenMP spin-waiting on busy CPUs)
 
+from .adapter_kinds.lycoris_config import LoHaConfig, LoKrConfig  # noqa: E402
 from .adapters import (  # noqa: E402
     active_adapters,
     delete_adapter,
@@ -43,6 +44,8 @@ def quantize_model(model, quant_type: str = "nf4", **kwargs):
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "LorakitError",
     "TrainableSummary",

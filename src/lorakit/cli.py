@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_subcommands(sub)
+    from .cli_image import add_subcommands as add_image_commands
+
+    add_image_commands(sub)  # train-image
     return parser
 
 

@@ -14,11 +14,13 @@ from typing import Any
 from ..errors import AdapterFileError, AdapterNotFoundError, ConfigError
 from ..layers.protocol import Adapter, AdapterKind
 from .adalora import ADALORA
+from .loha import LOHA
+from .lokr import LOKR
 from .lora import LORA
 from .olora import OLORA
 from .sliced import SLICED
 
-ADAPTER_KINDS: tuple[AdapterKind, ...] = (ADALORA, OLORA, SLICED, LORA)
+ADAPTER_KINDS: tuple[AdapterKind, ...] = (ADALORA, OLORA, SLICED, LORA, LOHA, LOKR)
 
 
 def adapter_kind(name: str) -> AdapterKind:
