@@ -51,6 +51,7 @@ def load_gguf(path: str | os.PathLike, keep_quantized: bool = True, compute_dtyp
             f"{path} lacks {len(left)} tensor(s) the {type(model).__name__} needs, e.g. {left[:5]}; the file is "
             "incomplete or its metadata does not match its tensors."
         )
+    model.config._name_or_path = str(path)  # saved adapters record the file as their base
     return model.eval()
 
 
