@@ -68,7 +68,7 @@ def test_layout_scales_and_permutation(tmp_path, base, rslora):
             expected = s * (B @ A)  # lorakit's ΔW in transformers' row order
             if heads:
                 expected = permute_qk(expected, heads)  # the base GGUF's row order
-            a, b = tensors[f"blk.{i}.{g}.lora_a"], tensors[f"blk.{i}.{g}.lora_b"]
+            a, b = tensors[f"blk.{i}.{g}.weight.lora_a"], tensors[f"blk.{i}.{g}.weight.lora_b"]
             assert a.shape == A.shape and b.shape == B.shape
             got = (meta["adapter.lora.alpha"] / a.shape[0]) * (b @ a)  # what llama.cpp applies
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
@@ -80,8 +80,8 @@ def test_cli_export(tmp_path, base):
 
     assert main(["export", str(adapter), "--format", "gguf", "--base", str(base), "--outtype", "f16"]) == 0
     meta, tensors = _read(adapter / "adapter.gguf")
-    assert sorted(tensors) == [f"blk.{i}.attn_output.lora_{x}" for i in range(2) for x in "ab"]
-    assert tensors["blk.0.attn_output.lora_a"].dtype == np.float16
+    assert sorted(tensors) == [f"blk.{i}.attn_output.weight.lora_{x}" for i in range(2) for x in "ab"]
+    assert tensors["blk.0.attn_output.weight.lora_a"].dtype == np.float16
 
 
 # -- bad input -------------------------------------------------------------------------------------

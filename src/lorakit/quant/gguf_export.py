@@ -6,8 +6,8 @@ The format (llama.cpp's ``convert_lora_to_gguf.py`` writes it, ``src/llama-adapt
     general.type = "adapter", adapter.type = "lora", general.architecture = the base's (must match)
     adapter.lora.alpha (f32): llama.cpp scales every pair by alpha / r (r = the pair's rank);
                               0 or absent means scale 1
-    <base tensor>.lora_a : A, numpy (r, in)   — ggml ne [in, r]: ne[0] equals the base's ne[0]
-    <base tensor>.lora_b : B, numpy (out, r)  — ggml ne [r, out]: ne[1] equals the base's ne[1]
+    <base tensor name>.lora_a : A, numpy (r, in)   — ggml ne [in, r]: ne[0] equals the base's ne[0]
+    <base tensor name>.lora_b : B, numpy (out, r)  — ggml ne [r, out]: ne[1] equals the base's ne[1]
 
 Base tensor names come from the base GGUF (``gguf_read``); for the ``llama`` architecture the rows
 of q and k are permuted in the base file, so B's rows of those two get the same permutation (A is
@@ -117,9 +117,8 @@ def gguf_adapter_tensors(adapter: str | os.PathLike, base: GGUFFile) -> tuple[di
         if spec.permute_qk and name.endswith((".attn_q.weight", ".attn_k.weight")):
             heads = base.n_head if ".attn_q." in name else base.n_head_kv
             b = b[qk_row_order(out_f, heads)]
-        stem = name.removesuffix(".weight")
-        out[stem + ".lora_a"] = a.to(torch.float32).contiguous()
-        out[stem + ".lora_b"] = b.contiguous()
+        out[name + ".lora_a"] = a.to(torch.float32).contiguous()  # e.g. blk.0.attn_q.weight.lora_a
+        out[name + ".lora_b"] = b.contiguous()
     if not out:
         raise ConfigError(f"{adapter}: the adapter holds no LoRA pairs; nothing to export.")
     return out, alpha
