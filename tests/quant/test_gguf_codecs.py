@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gguf_helpers import QT, gguf, random_kquant, smollm2_path
 
 from lorakit.errors import QuantizationError
 from lorakit.quant.gguf_codecs import FORMATS, dequantize
 from lorakit.quant.gguf_linear import GGUFLayout, GGUFWeight, gguf_linear
-
-from gguf_helpers import QT, gguf, random_kquant, smollm2_path
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:

@@ -10,11 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quant"))
 from gguf_helpers import write_tiny_gguf  # noqa: E402
-from .train_helpers import write_rows  # noqa: E402
 
 from lorakit.cli import main  # noqa: E402
 from lorakit.errors import ConfigError  # noqa: E402
 from lorakit.train.model import model_dir  # noqa: E402
+
+from .train_helpers import write_rows  # noqa: E402
 
 ROWS = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
         for w in ("this", "that", "there", "then", "the", "those", "toast", "north")]
