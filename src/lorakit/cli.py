@@ -7,6 +7,7 @@ typed function (``lorakit.train.train``, ``lorakit.train.commands.*``).
     lorakit merge   --adapter runs/default/adapter --out merged/
     lorakit generate --adapter runs/default/adapter "shift abc="
     lorakit info    runs/default/adapter
+    lorakit export  runs/default/adapter --format gguf --base model.gguf   # a llama.cpp LoRA
 
 ``train``'s flags, recipe keys and ``key=value`` overrides are the fields of ``TrainArgs``; later
 sources win: defaults < (embedded defaults, with no --model/--data) < recipe < flags < key=value.
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_image import add_subcommands as add_image_commands
 
     add_image_commands(sub)  # train-image
+    from .cli_export import add_subcommands as add_export
+
+    add_export(sub)
     return parser
 
 

@@ -27,7 +27,8 @@ def _f(default: Any, help: str, *, factory: Any = None) -> Any:
 @dataclass
 class TrainArgs:
     # -- what to train ---------------------------------------------------------------------------
-    model: str | None = _f(None, "local transformers model directory (default: the embedded tiny-base)")
+    model: str | None = _f(None, "local transformers model directory or .gguf file (default: the embedded "
+                                 "tiny-base)")
     data: str | None = _f(None, "training data: a .jsonl/.json/.csv/.parquet file or builtin:TASK "
                                 "(default: builtin:<the embedded model's default task>)")
     eval_data: str | None = _f(None, "evaluation data, same forms as --data (default for builtin data: "
@@ -56,8 +57,9 @@ class TrainArgs:
     loraplus_ratio: float = _f(16.0, "LoRA+: B's learning rate = ratio x A's (method=loraplus)")
     loraplus_embedding_lr: float | None = _f(None, "LoRA+: learning rate of embedding adapters (default 1e-6)")
     # -- precision and memory ---------------------------------------------------------------------
-    quant: Literal["none", "nf4", "fp4", "int8"] = _f("none", "quantize the frozen base's linear layers with "
-                                                            "lorakit.quant (QLoRA)")
+    quant: Literal["none", "nf4", "fp4", "int8", "gguf"] = _f("none", "quantize the frozen base's linear layers "
+                                                                    "with lorakit.quant (QLoRA); gguf: keep a .gguf "
+                                                                    "model's own quantized weights packed")
     bf16: bool = _f(False, "bf16 autocast for forward/backward (LoRA factors stay fp32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     chunked_ce: bool = _f(True, "causal LM: cross-entropy over chunks of tokens, never the full logits "

@@ -18,6 +18,7 @@ from ..tasks import embedded_model_dir
 from .args import BUILTIN_PREFIX
 from .data_files import read_data
 from .encode import encode, label_mapping
+from .gguf_model import gguf_causal_lm, is_gguf
 from .metrics import evaluate_loss
 from .model import load_tokenizer, model_dir
 from .task_eval import evaluate_task
@@ -31,7 +32,7 @@ def base_of(adapter: str | None, model: str | None) -> str | None:
         return model
 
     base = read_adapter_config(adapter).get("base_model_name_or_path")
-    if base and (Path(base) / "config.json").is_file():
+    if base and ((Path(base) / "config.json").is_file() or (is_gguf(base) and Path(base).is_file())):
         return base
 
     if base and Path(base).resolve() == embedded_model_dir(check=False).resolve():
@@ -47,6 +48,11 @@ def load_for_inference(model: str | None, adapter: str | None):
     path, _ = model_dir(base_of(adapter, model))
     tokenizer = load_tokenizer(path)
     labels_file = Path(adapter) / LABELS_FILE if adapter else None
+    if is_gguf(path):  # a causal LM, dequantized (merge/eval/generate want plain weights)
+        net = gguf_causal_lm(path, "none")
+        if adapter is not None:
+            load_adapter(net, adapter)
+        return net.eval(), tokenizer, "causal-lm"
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     is_cls = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
     if labels_file is not None and labels_file.is_file():

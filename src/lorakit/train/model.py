@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..quant import prepare_for_kbit_training, quantize_model
 from ..tasks import embedded_model_dir
 from .args import TrainArgs
+from .gguf_model import check_gguf_task, gguf_causal_lm, gguf_tokenizer, is_gguf
 
 
 @dataclass
@@ -31,6 +32,13 @@ def model_dir(spec: str | None) -> tuple[Path, bool]:
     if spec is None:
         return embedded_model_dir(), True
     path = Path(spec).expanduser()
+    if is_gguf(path):
+        if not path.is_file():
+            raise ConfigError(f"--model {spec}: no such GGUF file; pass the path of a local .gguf file.")
+        return path, False
+    if path.is_dir() and sorted(path.glob("*.gguf")) and not (path / "config.json").is_file():
+        raise ConfigError(f"--model {spec}: a directory of GGUF files; pass the .gguf file itself, e.g. "
+                          f"--model {sorted(path.glob('*.gguf'))[0]}.")
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"--model {spec}: not a local transformers model directory (no config.json there). lorakit "
@@ -58,7 +66,10 @@ def resolve_task(requested: str, architectures: list[str] | None, data_format: s
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if is_gguf(path):
+        tokenizer = gguf_tokenizer(path)  # the file's own tokenizer and chat template
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works; eos is the usual pick.
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
@@ -70,10 +81,18 @@ def load_model(args: TrainArgs, data_format: str | None = None, label2id: dict[s
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path, embedded = model_dir(args.model)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    gguf = is_gguf(path)
+    config = None if gguf else AutoConfig.from_pretrained(path, local_files_only=True)
     task = resolve_task(args.task, getattr(config, "architectures", None), data_format)
+    if gguf:
+        check_gguf_task(path, task)
+    elif args.quant == "gguf":
+        raise ConfigError(f"quant=gguf keeps a GGUF file's quantized weights; --model {args.model} is not a .gguf "
+                          "file. Use quant=nf4 (or fp4/int8) for a transformers checkpoint.")
     tokenizer = load_tokenizer(path)
-    if task == "seq-cls":
+    if gguf:
+        model = gguf_causal_lm(path, args.quant, args.bf16)
+    elif task == "seq-cls":
         if label2id is None:
             raise ConfigError("a sequence classifier needs the data's labels; pass classification data.")
         id2label = {i: k for k, i in label2id.items()}
@@ -84,7 +103,11 @@ def load_model(args: TrainArgs, data_format: str | None = None, label2id: dict[s
         model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     else:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    if args.quant != "none":
+    if args.quant == "gguf":
+        from ..quant import prepare_for_kbit_training
+
+        model = prepare_for_kbit_training(model, gradient_checkpointing=args.gradient_checkpointing)
+    elif args.quant != "none":
         model = quantize(model, args.quant, args.bf16, args.gradient_checkpointing)
     elif args.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):

@@ -21,6 +21,7 @@ from .args import BUILTIN_PREFIX, SELF, TrainArgs
 from .checkpoint import list_checkpoints
 from .data_files import RawData, read_data
 from .encode import Encoded, encode, label_mapping
+from .gguf_model import check_gguf_task, is_gguf
 from .model import LoadedModel, load_model, model_dir
 
 
@@ -92,6 +93,8 @@ def prepare_model_and_data(args: TrainArgs) -> tuple[TrainArgs, LoadedModel, Run
         from transformers import AutoConfig
 
         path, _ = model_dir(args.model)
+        if is_gguf(path):
+            check_gguf_task(path, "seq-cls")
         cfg_l2i = getattr(AutoConfig.from_pretrained(path, local_files_only=True), "label2id", None)
         rows = raw_train.rows + (raw_eval.rows if raw_eval else [])
         label2id = label_mapping(rows, cfg_l2i)
