@@ -11,8 +11,16 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from .errors import AdapterNotFoundError, AdapterStateError
-from .inject import refresh_trainable
-from .state import clear_state, lora_layers, model_state, require_adapter, set_submodule, trainable_copies
+from .state import (
+    activate,
+    clear_state,
+    lora_layers,
+    model_state,
+    refresh_trainable,
+    require_adapter,
+    set_submodule,
+    trainable_copies,
+)
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -30,14 +38,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         require_adapter(model, n)
-    st = model_state(model)
-    st.active = names
-    for _, host in lora_layers(model):
-        host.active = tuple(n for n in names if n in host.lora)
-    for _, host in trainable_copies(model):
-        # A full copy cannot be summed: the first active adapter that owns one wins.
-        host.active = next((n for n in names if n in host.modules_to_save), None)
-    refresh_trainable(model)
+    activate(model, names)
 
 
 def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:

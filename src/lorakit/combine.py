@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .adapter_kinds.lora import new_lora_adapter
 from .config import LoraConfig
 from .errors import ConfigError
 from .inject import check_adapter_name, register_adapter
@@ -65,8 +66,8 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
             continue
         a, b, s = _combine_layer(path, host, present, len(adapters), method, svd_rank)
         r = a.shape[0]
-        new = host.add_adapter(new_name, r=r, alpha=_alpha_for(s, r, rslora), scaling=s,
-                               dropout=float(first.lora_dropout), init=True)
+        new = host.add(new_name, new_lora_adapter(host.kind, host.base_layer, r, _alpha_for(s, r, rslora), s,
+                                                  float(first.lora_dropout)))
         with torch.no_grad():
             new.lora_A.copy_(a.reshape(new.lora_A.shape))
             new.lora_B.copy_(b.reshape(new.lora_B.shape))
@@ -80,7 +81,7 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
         alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != a0},
         task_type=first.task_type, base_model_name_or_path=first.base_model_name_or_path,
     )
-    register_adapter(model, new_name, AdapterRecord(config=config, trainable=False), activate=False)
+    register_adapter(model, new_name, AdapterRecord(config=config, trainable=False), activate_it=False)
     return model
 
 

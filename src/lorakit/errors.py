@@ -53,3 +53,15 @@ class CheckpointError(LorakitError, RuntimeError):
 
 class TrainingError(LorakitError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class AdaLoraBudgetError(ConfigError):
+    """AdaLoRA: the target rank budget is above the initial one (nothing could be pruned)."""
+
+
+class AdaLoraScheduleError(ConfigError):
+    """AdaLoRA: ``total_step`` is missing, or too short to hold the warm-ups ``tinit + tfinal``."""
+
+
+class RankPatternError(AdapterFileError):
+    """AdaLoRA: a saved ``rank_pattern`` does not fit the model (unknown module, wrong length, rank > init_r)."""

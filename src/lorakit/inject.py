@@ -1,11 +1,16 @@
-"""Injection: find the target modules, wrap them in ``LoraLayer``, add the adapter, freeze the rest.
+"""Injection: find the target modules, wrap them in ``LoraLayer``, add the adapter, freeze the rest —
+one path for every adapter kind (``kind=``; default: the kind whose config type ``config`` is, see
+``lorakit.adapter_kinds``).
 
 Matching rules (PEFT's, except that lorakit refuses names that match nothing):
 
 * a list of names: a module matches a name if its path equals it or ends with ``"." + name``;
 * a string: a regular expression that must match the whole module path;
-* ``"all-linear"``: every Linear / GPT-2 Conv1D (quantized linears included) except the output
-  embedding and a classification head.
+* ``"all-linear"``: every linear base kind (Linear / GPT-2 Conv1D / quantized linear) except the
+  output embedding and a classification head.
+
+Every check (targets, the kind's ``refuses``, geometry, ``modules_to_save`` names) runs before the
+model is changed, so a refused injection leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -16,54 +21,68 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .config import COMMON_LAYER_PATTERNS, LoraConfig
+from .adapter_kinds import kind_for_config
+from .config import COMMON_LAYER_PATTERNS
 from .errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
 from .layers.host import LoraLayer
-from .layers.kinds import kind_of, supported_type_names
+from .layers.kinds import BaseKind, kind_of, supported_type_names
+from .layers.protocol import AdapterKind
 from .layers.saved import TrainableCopies
-from .state import AdapterRecord, lora_layers, model_state, set_submodule, trainable_copies
+from .state import (  # noqa: F401  (refresh_trainable, bias_parameters: re-exported for callers)
+    AdapterRecord,
+    activate,
+    bias_parameters,
+    model_state,
+    refresh_trainable,
+    set_submodule,
+)
 
 HEAD_NAMES = frozenset({"lm_head", "score", "classifier", "qa_outputs", "cls", "embed_out", "output"})
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-# Parameters that belong to adapters or to modules_to_save copies, not to the base model.
-_INTERNAL = re.compile(r"\.(lora|original_module|modules_to_save)\.")
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
-    """Add a LoRA adapter named ``adapter_name`` to ``model`` (in place) and return the model.
+def inject(model: nn.Module, config, adapter_name: str = "default", kind: AdapterKind | None = None) -> nn.Module:
+    """Add an adapter named ``adapter_name`` of ``kind`` to ``model`` (in place) and return the model.
 
-    The new adapter becomes the active and trainable one; every other parameter is frozen except
-    what ``config.bias`` and ``config.modules_to_save`` ask to train. Adapters added earlier stay
-    loaded (inactive); activate several with :func:`lorakit.set_adapter`.
+    ``config`` is the kind's config (``LoraConfig`` for LoRA and O-LoRA, ``AdaLoraConfig`` …); without
+    ``kind`` the first kind of ``lorakit.adapter_kinds.ADAPTER_KINDS`` that accepts ``config`` is used.
+    The new adapter becomes the active and trainable one; every other parameter is frozen except what
+    ``config.bias`` and ``config.modules_to_save`` ask to train. Adapters added earlier stay loaded
+    (inactive); activate several with :func:`lorakit.set_adapter`.
     """
-    if not isinstance(config, LoraConfig):
-        raise ConfigError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}.")
+    kind = kind_for_config(config) if kind is None else kind
+    if not isinstance(config, kind.config_type):
+        raise ConfigError(f"adapter kind {kind.name!r} needs a {kind.config_type.__name__}, got {type(config).__name__}.")
     check_adapter_name(model, adapter_name)
-    targets = find_targets(model, config)
-    for path, module in targets:
-        host = module if isinstance(module, LoraLayer) else LoraLayer(module, kind_of(module))
-        host.add_adapter(
-            adapter_name,
-            r=config.rank_for(path),
-            alpha=config.alpha_for(path),
-            scaling=config.scaling_for(path),
-            dropout=0.0 if host.kind.name == "embedding" else float(config.lora_dropout),
-            init=config.init_lora_weights,
-        )
+    plan = []
+    for path, module in find_targets(model, config):  # build everything before changing the model
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        base_kind = module.kind if isinstance(module, LoraLayer) else kind_of(module)
+        reason = kind.refuses(base_kind, base)
+        if reason:
+            raise UnsupportedModuleError(f"module {path!r} ({type(base).__name__}) cannot take a {kind.name} "
+                                         f"adapter: {reason}.")
+        plan.append((path, module, base_kind, kind.create(base_kind, base, path, config)))
+    copies = find_copy_targets(model, config.modules_to_save or [])
+    both = sorted({p for p, _ in copies} & {p for p, *_ in plan})
+    if both:
+        raise ConfigError(f"modules_to_save entries {both} are also adapter targets; a module is either adapted "
+                          "or trained in full — remove them from one of the two lists.")
+    for path, module, base_kind, adapter in plan:
+        host = module if isinstance(module, LoraLayer) else LoraLayer(module, base_kind)
+        host.add(adapter_name, adapter)
         if host is not module:
             set_submodule(model, path, host)
-    add_trainable_copies(model, config.modules_to_save or [], adapter_name)
-    register_adapter(model, adapter_name, AdapterRecord(config=config, trainable=True, kind="lora"))
+    add_trainable_copies(model, copies, adapter_name)
+    register_adapter(model, adapter_name, AdapterRecord(config=config, trainable=True, kind=kind.name))
     return model
 
 
-def register_adapter(model: nn.Module, name: str, record: AdapterRecord, activate: bool = True) -> None:
+def register_adapter(model: nn.Module, name: str, record: AdapterRecord, activate_it: bool = True) -> None:
     """Record an adapter on the model, activate it (alone) and refresh which parameters train."""
-    from .adapters import set_adapter  # lifecycle lives in adapters.py
-
     model_state(model, create=True).adapters[name] = record
-    if activate:
-        set_adapter(model, name)
+    if activate_it:
+        activate(model, [name])
     else:
         refresh_trainable(model)
 
@@ -94,12 +113,12 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     modules = candidate_modules(model)
     targets = config.target_modules
     if targets == "all-linear":
         heads = _head_paths(model, modules)
-        chosen = [(p, m) for p, m in modules if _base_kind_name(m) in _LINEAR_KINDS and p not in heads]
+        chosen = [(p, m) for p, m in modules if _is_linear(m) and p not in heads]
         if not chosen:
             raise TargetNotFoundError(
                 "target_modules='all-linear' found no Linear/Conv1D layer outside the output head; "
@@ -128,7 +147,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             f"exclude_modules={config.exclude_modules!r} / layers_to_transform={config.layers_to_transform!r}."
         )
     for path, module in chosen:
-        if _base_kind_name(module) is None:
+        if _base_kind(module) is None:
             raise UnsupportedModuleError(
                 f"module {path!r} is a {type(module).__name__}, which LoRA cannot adapt. Supported: "
                 f"{', '.join(supported_type_names())}. Narrow target_modules (e.g. name its Linear children)."
@@ -136,13 +155,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     return chosen
 
 
-_LINEAR_KINDS = {"linear", "conv1d_gpt2", "quant_linear"}
+def _base_kind(module: nn.Module) -> BaseKind | None:
+    return module.kind if isinstance(module, LoraLayer) else kind_of(module)
 
 
-def _base_kind_name(module: nn.Module) -> str | None:
-    base = module.base_layer if isinstance(module, LoraLayer) else module
-    kind = kind_of(base)
-    return kind.name if kind is not None else None
+def _is_linear(module: nn.Module) -> bool:
+    kind = _base_kind(module)
+    return kind is not None and kind.linear
 
 
 def _head_paths(model: nn.Module, modules) -> set[str]:
@@ -162,7 +181,7 @@ def _excluded(path: str, exclude) -> bool:
     return any(path == n or path.endswith("." + n) for n in exclude)
 
 
-def _in_layers(path: str, config: LoraConfig) -> bool:
+def _in_layers(path: str, config) -> bool:
     if config.layers_to_transform is None:
         return True
     patterns = config.layers_pattern or COMMON_LAYER_PATTERNS
@@ -174,7 +193,7 @@ def _in_layers(path: str, config: LoraConfig) -> bool:
 
 
 def _not_found_message(name: str, modules) -> str:
-    adaptable = [p for p, m in modules if _base_kind_name(m) is not None]
+    adaptable = [p for p, m in modules if _base_kind(m) is not None]
     suffixes = sorted({p.rpartition(".")[2] for p in adaptable})
     close = difflib.get_close_matches(name, suffixes + adaptable, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -189,8 +208,10 @@ def _sample_paths(modules, n: int = 5) -> str:
 
 
 # -- modules_to_save ------------------------------------------------------------------------------
-def add_trainable_copies(model: nn.Module, names: Iterable[str], adapter_name: str) -> None:
+def find_copy_targets(model: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the ``modules_to_save`` entries, checked (nothing is changed here)."""
     modules = candidate_modules(model)
+    out = []
     for name in names:
         hits = [(p, m) for p, m in modules if p == name or p.endswith("." + name)]
         if not hits:
@@ -203,47 +224,23 @@ def add_trainable_copies(model: nn.Module, names: Iterable[str], adapter_name: s
                     f"modules_to_save entry {name!r} ({path}) is also a LoRA target; a module is either "
                     "adapted or trained in full — remove it from one of the two lists."
                 )
-            host = module if isinstance(module, TrainableCopies) else TrainableCopies(module)
-            host.add_copy(adapter_name)
-            if host is not module:
-                set_submodule(model, path, host)
-
-
-# -- freezing -------------------------------------------------------------------------------------
-def refresh_trainable(model: nn.Module) -> None:
-    """Freeze everything, then unfreeze what the trainable adapters own."""
-    st = model_state(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if st is None:
-        return
-    trainable = {n for n, rec in st.adapters.items() if rec.trainable}
-    for _, host in lora_layers(model):
-        for name, adapter in host.lora.items():
-            if name in trainable:
-                for p in adapter.parameters():
-                    p.requires_grad_(True)
-    for _, host in trainable_copies(model):
-        for name, copy in host.modules_to_save.items():
-            if name in trainable:
-                for p in copy.parameters():
-                    p.requires_grad_(True)
-    for name in trainable:
-        bias = getattr(st.adapters[name].config, "bias", "none")
-        for p in bias_parameters(model, bias, name).values():
-            p.requires_grad_(True)
-
-
-def bias_parameters(model: nn.Module, bias: str, adapter_name: str) -> dict[str, nn.Parameter]:
-    """The biases an adapter trains and saves: none, all, or those of its adapted layers."""
-    if bias == "none":
-        return {}
-    if bias == "all":
-        return {n: p for n, p in model.named_parameters()
-                if n.endswith("bias") and not _INTERNAL.search(n)}
-    out = {}
-    for path, host in lora_layers(model):
-        b = host.kind.bias(host.base_layer)
-        if adapter_name in host.lora and isinstance(b, nn.Parameter):
-            out[f"{path}.base_layer.bias"] = b
+            out.append((path, module))
     return out
+
+
+def add_trainable_copies(model: nn.Module, targets, adapter_name: str) -> None:
+    """Give each ``modules_to_save`` target (from :func:`find_copy_targets`, or names) a trainable copy
+    for ``adapter_name``."""
+    targets = list(targets)
+    if targets and isinstance(targets[0], str):
+        targets = find_copy_targets(model, targets)
+    for path, module in targets:
+        if isinstance(module, LoraLayer):  # became a target of this very injection
+            raise ConfigError(
+                f"modules_to_save entry {path!r} is also a LoRA target; a module is either adapted or "
+                "trained in full — remove it from one of the two lists."
+            )
+        host = module if isinstance(module, TrainableCopies) else TrainableCopies(module)
+        host.add_copy(adapter_name)
+        if host is not module:
+            set_submodule(model, path, host)

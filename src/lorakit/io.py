@@ -1,13 +1,18 @@
-"""Adapter files in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Adapter files in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors`` — ONE path
+for every adapter kind (the kind says which tensors and config it writes; see
+``lorakit.layers.protocol``).
 
 Keys are those PEFT writes (adapter name stripped)::
 
-    base_model.model.<path>.lora_A.weight           (r, in)        Linear, Conv1D, Conv (r, in, *k)
-    base_model.model.<path>.lora_B.weight           (out, r)       (out, r, 1…) for Conv
-    base_model.model.<path>.lora_embedding_A        (r, num)       Embedding
-    base_model.model.<path>.lora_embedding_B        (dim, r)
+    base_model.model.<path>.<suffix>                each adapter's ``peft_tensors`` (e.g. LoRA:
+                                                    lora_A.weight (r, in), lora_B.weight (out, r);
+                                                    lora_embedding_A/B on an embedding; AdaLoRA:
+                                                    lora_A, lora_E, lora_B)
     base_model.model.<path>.<param>                 modules_to_save copies (e.g. classifier.weight)
     base_model.model.<path>.base_layer.bias         bias="lora_only" / "all"
+
+The file's ``peft_type`` picks the kind (``lorakit.adapter_kinds.kind_for_file``); old spellings with
+the adapter name left in (``lora_A.default.weight``, ``lora_E.default``) are accepted for every kind.
 
 Loading checks every tensor against the model and reports all problems at once; nothing is
 unpickled (safetensors, or a legacy ``.bin`` through ``torch.load(weights_only=True)``). Writes are
@@ -25,10 +30,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._fs import atomic_write, atomic_write_json
-from .config import LoraConfig
+from .adapter_kinds import adapter_kind, kind_for_file
+from .adapters import delete_adapter, set_adapter, set_trainable
 from .errors import AdapterFileError, LorakitError
-from .inject import bias_parameters, candidate_modules, inject
-from .state import lora_layers, model_state, require_adapter, trainable_copies
+from .inject import _excluded, _in_layers, candidate_modules, inject
+from .state import bias_parameters, lora_layers, model_state, require_adapter, trainable_copies
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,19 +44,13 @@ PREFIX = "base_model.model."
 
 # -- the key map ----------------------------------------------------------------------------------
 def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter | torch.Tensor]:
-    """PEFT key → the model tensor it stores, for one adapter."""
+    """PEFT key → the model tensor it stores, for one adapter of any kind."""
     rec = require_adapter(model, adapter_name)
     out: dict[str, torch.Tensor] = {}
     for path, host in lora_layers(model):
-        if adapter_name not in host.lora:
-            continue
-        adapter = host.lora[adapter_name]
-        if host.kind.name == "embedding":
-            out[f"{PREFIX}{path}.lora_embedding_A"] = adapter.lora_A
-            out[f"{PREFIX}{path}.lora_embedding_B"] = adapter.lora_B
-        else:
-            out[f"{PREFIX}{path}.lora_A.weight"] = adapter.lora_A
-            out[f"{PREFIX}{path}.lora_B.weight"] = adapter.lora_B
+        if adapter_name in host.lora:
+            for suffix, tensor in host.lora[adapter_name].peft_tensors(host.kind).items():
+                out[f"{PREFIX}{path}.{suffix}"] = tensor
     for path, host in trainable_copies(model):
         if adapter_name in host.modules_to_save:
             for key, tensor in host.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
@@ -60,17 +60,23 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, nn.Paramet
     return out
 
 
+def _adapter_keys(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapters' own keys (not modules_to_save, not biases): they must be in a file."""
+    return {f"{PREFIX}{path}.{suffix}": t for path, host in lora_layers(model) if adapter_name in host.lora
+            for suffix, t in host.lora[adapter_name].peft_tensors(host.kind).items()}
+
+
 # -- save -----------------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
-    """Write adapter ``adapter_name`` to directory ``path`` in PEFT's format; returns the directory."""
+    """Write adapter ``adapter_name`` (any kind) to directory ``path`` in PEFT's format."""
     rec = require_adapter(model, adapter_name)
-    if rec.kind != "lora":
-        from .variants import save_variant  # AdaLoRA & co. write their own configs
-
-        return save_variant(model, path, adapter_name)
+    kind = adapter_kind(rec.kind)
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in adapter_tensors(model, adapter_name).items()}
-    config = peft_config_dict(model, adapter_name, rec.config)
+    tensors = dict(adapter_tensors(model, adapter_name))
+    tensors.update(kind.file_extra_tensors(model, adapter_name, rec.config))
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    config = peft_config_dict(model, adapter_name, kind.file_config(model, adapter_name, rec.config),
+                              paths=kind.file_paths(model, adapter_name, rec.config))
     write_adapter_dir(path, tensors, config)
     return path
 
@@ -81,12 +87,14 @@ def write_adapter_dir(path: Path, tensors: dict[str, torch.Tensor], config: dict
     atomic_write_json(path / CONFIG_NAME, config)
 
 
-def peft_config_dict(model: nn.Module, adapter_name: str, config: LoraConfig) -> dict:
+def peft_config_dict(model: nn.Module, adapter_name: str, config, paths: set[str] | None = None) -> dict:
+    """``config.to_peft_dict()`` made portable: ``all-linear`` spelled out (selecting ``paths``, default
+    the adapted modules), PEFT's ``fan_in_fan_out`` for transposed bases, the base model's name."""
     data = config.to_peft_dict()
     hosts = {p: h for p, h in lora_layers(model) if adapter_name in h.lora}
     if config.target_modules == "all-linear":
-        data["target_modules"] = _portable_targets(model, config, set(hosts))
-    if any(h.kind.name == "conv1d_gpt2" for h in hosts.values()):
+        data["target_modules"] = _portable_targets(model, config, set(hosts) if paths is None else paths)
+    if any(h.kind.transposed for h in hosts.values()):
         data["fan_in_fan_out"] = True  # what PEFT sets for GPT-2's Conv1D
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if not data.get("base_model_name_or_path") and name_or_path:
@@ -94,10 +102,8 @@ def peft_config_dict(model: nn.Module, adapter_name: str, config: LoraConfig) ->
     return data
 
 
-def _portable_targets(model: nn.Module, config: LoraConfig, paths: set[str]) -> list[str]:
+def _portable_targets(model: nn.Module, config, paths: set[str]) -> list[str]:
     """Short names if they select exactly the adapted modules under PEFT's rules, else full paths."""
-    from .inject import _excluded, _in_layers
-
     short = sorted({p.rpartition(".")[2] for p in paths})
     selected = {
         p for p, _ in candidate_modules(model)
@@ -141,42 +147,58 @@ def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def normalize_key(key: str) -> str | None:
-    """Map the key spellings PEFT versions wrote onto one; None for keys that carry nothing."""
+    """Map the key spellings PEFT versions wrote onto one; None for keys that carry nothing.
+    (The adapter-name segment old versions left after an adapter tensor's name is dropped against the
+    expected keys, in :func:`copy_weights`, so this works for every kind's tensor names.)"""
     if not key.startswith(PREFIX):
         key = PREFIX + key
     if ".original_module." in key:
         return None  # PEFT's bias="all" also saves the frozen original of a modules_to_save module
-    key = re.sub(r"\.lora_(A|B)\.[^.]+\.weight$", r".lora_\1.weight", key)  # names left in by old versions
-    key = re.sub(r"\.lora_embedding_(A|B)\.[^.]+$", r".lora_embedding_\1", key)
     key = re.sub(r"\.modules_to_save\.(?:[^.]+\.)?", ".", key) if ".modules_to_save." in key else key
+    return key
+
+
+def _drop_name_segment(key: str, expected: dict) -> str:
+    """``…lora_A.default.weight`` → ``…lora_A.weight``, ``…lora_E.default`` → ``…lora_E`` when that is
+    an expected key (PEFT left the adapter name in before it stripped it on save)."""
+    if key in expected:
+        return key
+    head, _, last = key.rpartition(".")
+    if head in expected:  # <path>.<tensor>.<name>
+        return head
+    head2, _, _name = head.rpartition(".")
+    if f"{head2}.{last}" in expected:  # <path>.<tensor>.<name>.weight
+        return f"{head2}.{last}"
     return key
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
                  trainable: bool = False) -> nn.Module:
-    """Load a LoRA adapter saved by PEFT or lorakit from directory ``path`` into ``model``.
+    """Load an adapter saved by PEFT or lorakit from directory ``path`` into ``model``; the file's
+    ``peft_type`` picks the adapter kind (LoRA, AdaLoRA, …).
 
-    Injects the adapter's LoRA layers as needed, copies every tensor after checking its shape, and
-    makes the adapter active (frozen unless ``trainable``). On any mismatch nothing is changed and
-    one ``AdapterFileError`` lists every problem.
+    Injects the adapter's layers as needed, copies every tensor after checking its shape, and makes the
+    adapter active (frozen unless ``trainable``). On any mismatch nothing is changed and one
+    ``AdapterFileError`` lists every problem.
     """
     raw = read_adapter_config(path)
-    if raw.get("peft_type") == "ADALORA":
-        from .variants import load_variant
-
-        return load_variant(model, path, adapter_name, trainable, raw)
-    config = LoraConfig.from_peft_dict(raw, source=str(Path(path) / CONFIG_NAME))
+    source = str(Path(path) / CONFIG_NAME)
+    kind = kind_for_file(raw, source)
+    config = kind.config_from_file(raw, source)
     weights = read_adapter_weights(path)
+
+    def fill() -> None:
+        kind.before_load(model, adapter_name, config, source)
+        copy_weights(model, adapter_name, weights, source=str(path))
+        kind.after_load(model, adapter_name)
+
     return install_adapter(model, path, adapter_name, trainable,
-                           inject_fn=lambda: inject(model, config, adapter_name),
-                           fill_fn=lambda: copy_weights(model, adapter_name, weights, source=str(path)))
+                           inject_fn=lambda: inject(model, config, adapter_name, kind=kind), fill_fn=fill)
 
 
 def install_adapter(model: nn.Module, path, adapter_name: str, trainable: bool, inject_fn, fill_fn) -> nn.Module:
     """Add an adapter with ``inject_fn()`` and fill it with ``fill_fn()``, all or nothing: on any
     failure the adapter is removed again and the previously active adapters are restored."""
-    from .adapters import delete_adapter, set_adapter, set_trainable
-
     previous_active = list(model_state(model).active) if model_state(model) else []
     try:
         inject_fn()
@@ -195,21 +217,33 @@ def install_adapter(model: nn.Module, path, adapter_name: str, trainable: bool, 
 
 def copy_weights(model: nn.Module, adapter_name: str, weights: dict[str, torch.Tensor], source: str) -> None:
     expected = adapter_tensors(model, adapter_name)
+    own_keys = _adapter_keys(model, adapter_name)
+    required = {k for k, t in own_keys.items() if t.numel() > 0}
     base_extra = _base_layer_weights(model)
     given: dict[str, torch.Tensor] = {}
     for key, value in weights.items():
         norm = normalize_key(key)
         if norm is not None:
-            given[norm] = value
-    check_and_copy(expected, given, source, optional=base_extra)
+            given[_drop_name_segment(norm, expected)] = value
+    check_and_copy(expected, given, source, optional=base_extra, required=lambda key, t: key in required,
+                   skip=frozenset(own_keys))
+    # The adapters' own tensors may be computed views (e.g. AdaLoRA's kept triplets): let each adapter
+    # take its file tensors through the protocol.
+    for path, host in lora_layers(model):
+        if adapter_name in host.lora:
+            own = {suffix: given[f"{PREFIX}{path}.{suffix}"]
+                   for suffix in host.lora[adapter_name].peft_tensors(host.kind)
+                   if f"{PREFIX}{path}.{suffix}" in given}
+            host.lora[adapter_name].load_peft_tensors(host.kind, own)
 
 
 def check_and_copy(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str,
                    optional: dict[str, torch.Tensor] | None = None, hint: str = "same architecture and sizes",
-                   required=lambda key, tensor: ".lora_" in key) -> None:
+                   required=lambda key, tensor: ".lora_" in key, skip: frozenset[str] = frozenset()) -> None:
     """Copy ``given`` into the model tensors ``expected`` (both keyed by PEFT key) after checking every
     shape; an unexpected key, a wrong shape or a missing required key is a problem, and all problems
-    are reported in one ``AdapterFileError`` before anything is copied. ``optional`` keys may appear."""
+    are reported in one ``AdapterFileError`` before anything is copied. ``optional`` keys may appear;
+    ``skip`` keys are checked but left for the caller to copy."""
     optional = optional or {}
     problems, plan = [], []
     for key, value in given.items():
@@ -218,7 +252,7 @@ def check_and_copy(expected: dict[str, torch.Tensor], given: dict[str, torch.Ten
             problems.append(f"unexpected tensor {key} {tuple(value.shape)}: the model has no such module")
         elif tuple(target.shape) != tuple(value.shape):
             problems.append(f"{key}: file has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
-        else:
+        elif key not in skip:
             plan.append((target, value))
     problems += [f"missing tensor {k} {tuple(t.shape)}" for k, t in expected.items()
                  if k not in given and required(k, t)]
@@ -237,6 +271,6 @@ def _base_layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     # PEFT ≥ 0.7 also saves the base weights of targeted embeddings (save_embedding_layers): accept them.
     out = {}
     for path, host in lora_layers(model):
-        if host.kind.name == "embedding":
+        if host.kind.embedding:
             out[f"{PREFIX}{path}.base_layer.weight"] = host.base_layer.weight
     return out

@@ -1,4 +1,5 @@
-"""Where lorakit keeps its bookkeeping on a model: the adapters' configs and which are trainable.
+"""Where lorakit keeps its bookkeeping on a model: the adapters' configs, which are active and which
+train — and the two functions that act on it for everyone (``activate``, ``refresh_trainable``).
 
 The record lives in the root module's ``__dict__`` (not a buffer or parameter), so it never enters
 the model's state dict and disappears with ``merge_and_unload`` / ``unload``.
@@ -6,7 +7,8 @@ the model's state dict and disappears with ``merge_and_unload`` / ``unload``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,7 @@ _KEY = "_lorakit"
 class AdapterRecord:
     config: Any  # LoraConfig or a variant's config
     trainable: bool = True
-    kind: str = "lora"  # "lora", "adalora", "olora", ...
+    kind: str = "lora"  # the adapter kind's name in lorakit.adapter_kinds.ADAPTER_KINDS
 
 
 @dataclass
@@ -72,3 +74,59 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
+
+
+def activate(model: nn.Module, names: Sequence[str]) -> None:
+    """Make ``names`` (already checked) the active adapters on every layer, then refresh training."""
+    st = model_state(model)
+    st.active = list(names)
+    for _, host in lora_layers(model):
+        host.active = tuple(n for n in names if n in host.lora)
+    for _, host in trainable_copies(model):
+        # A full copy cannot be summed: the first active adapter that owns one wins.
+        host.active = next((n for n in names if n in host.modules_to_save), None)
+    refresh_trainable(model)
+
+
+# Parameters that belong to adapters or to modules_to_save copies, not to the base model.
+_INTERNAL = re.compile(r"\.(lora|original_module|modules_to_save)\.")
+
+
+def refresh_trainable(model: nn.Module) -> None:
+    """Freeze everything, then unfreeze what the trainable adapters own (their parameters, their
+    ``modules_to_save`` copies and the biases their ``bias`` mode names) — the same for every kind."""
+    st = model_state(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if st is None:
+        return
+    trainable = {n for n, rec in st.adapters.items() if rec.trainable}
+    for _, host in lora_layers(model):
+        for name, adapter in host.lora.items():
+            if name in trainable:
+                for p in adapter.parameters():
+                    p.requires_grad_(True)
+    for _, host in trainable_copies(model):
+        for name, copy in host.modules_to_save.items():
+            if name in trainable:
+                for p in copy.parameters():
+                    p.requires_grad_(True)
+    for name in trainable:
+        bias = getattr(st.adapters[name].config, "bias", "none")
+        for p in bias_parameters(model, bias, name).values():
+            p.requires_grad_(True)
+
+
+def bias_parameters(model: nn.Module, bias: str, adapter_name: str) -> dict[str, nn.Parameter]:
+    """The biases an adapter trains and saves: none, all, or those of its adapted layers."""
+    if bias == "none":
+        return {}
+    if bias == "all":
+        return {n: p for n, p in model.named_parameters()
+                if n.endswith("bias") and not _INTERNAL.search(n)}
+    out = {}
+    for path, host in lora_layers(model):
+        b = host.kind.bias(host.base_layer)
+        if adapter_name in host.lora and isinstance(b, nn.Parameter):
+            out[f"{path}.base_layer.bias"] = b
+    return out

@@ -110,40 +110,6 @@ def test_gaussian_init_std():
     assert abs(a.std().item() - 1 / 8) < 0.01
 
 
-def test_dropout_only_on_branch_and_shared_between_readers():
-    torch.manual_seed(0)
-
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q = nn.Linear(16, 16)
-            self.k = nn.Linear(16, 16)
-
-        def forward(self, x):
-            return self.q(x), self.k(x)
-
-    m = Two()
-    lorakit.inject(m, lorakit.LoraConfig(r=4, lora_alpha=4, lora_dropout=0.5, target_modules=["q", "k"],
-                                         init_lora_weights=False))
-    m.train()
-    x = torch.randn(3, 16)
-    q, k = m(x)
-    from lorakit.layers import dropout as dmod
-
-    mask = dmod.shared_mask(x, 0.5)  # the cached mask both projections used
-    assert set(mask.unique().tolist()) == {0.0, 2.0}
-    xd = x * mask
-    for host, out in ((m.q, q), (m.k, k)):
-        ad = host.lora["default"]
-        ref = host.base_layer(x) + (xd @ ad.lora_A.T) @ ad.lora_B.T  # clean x on the base path
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert dmod.shared_mask(x, 0.5) is mask
-    assert not torch.equal(dmod.shared_mask(x.clone(), 0.5), mask)  # another tensor, another mask
-    m.eval()
-    ad = m.q.lora["default"]
-    torch.testing.assert_close(m(x)[0], m.q.base_layer(x) + (x @ ad.lora_A.T) @ ad.lora_B.T)
-
-
 def test_bf16_autocast_forward_backward():
     torch.manual_seed(0)
     model = Holder(nn.Linear(16, 8))
@@ -157,48 +123,3 @@ def test_bf16_autocast_forward_backward():
     assert ad.lora_A.grad.dtype == torch.float32 and ad.lora_B.grad.dtype == torch.float32
     ref = model(x)
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
-
-
-@pytest.mark.parametrize("p", [0.05, 0.3])
-def test_dropout_mask_rate_lanes_and_unbiased(p):
-    from lorakit.layers.dropout import keep_mask, shared_mask
-
-    torch.manual_seed(0)
-    n = 400_000
-    keep, scale = keep_mask(torch.Size([n]), p, "cpu")
-    sigma = (p * (1 - p) / (n / 4)) ** 0.5
-    for lane in range(4):  # each 16-bit lane of the random words keeps at the same rate
-        rate = 1 - keep[lane::4].float().mean().item()
-        assert abs(rate - p) < 5 * sigma, (lane, rate)
-    # neighbouring lanes are independent: P(both dropped) ≈ p²
-    both = (~keep[0::4] & ~keep[1::4]).float().mean().item()
-    assert abs(both - p * p) < 5 * (p * p / (n / 4)) ** 0.5 + 1e-3
-    mask = shared_mask(torch.ones(n), p)
-    assert abs(mask.mean().item() - 1.0) < 0.01  # kept elements are scaled by 1/(1-p̃): unbiased
-    assert abs(1 / mask.max().item() - (1 - p)) < 1e-5
-
-
-def test_dropout_branch_gradients_match_autograd_reference():
-    torch.manual_seed(0)
-    model = Holder(nn.Linear(12, 6))
-    lorakit.inject(model, lorakit.LoraConfig(r=3, lora_alpha=6, lora_dropout=0.3, target_modules=["layer"],
-                                             init_lora_weights=False))
-    model.train()
-    x = torch.randn(4, 5, 12, requires_grad=True)
-    y = model(x)
-    from lorakit.layers.dropout import shared_mask
-
-    mask = shared_mask(x, 0.3)
-    ad = model.layer.lora["default"]
-    a = ad.lora_A.detach().clone().requires_grad_(True)
-    b = ad.lora_B.detach().clone().requires_grad_(True)
-    xr = x.detach().clone().requires_grad_(True)
-    lin = model.layer.base_layer
-    ref = lin(xr) + 2.0 * ((xr * mask) @ a.T) @ b.T
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    y.backward(g)
-    ref.backward(g)
-    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ad.lora_A.grad, a.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ad.lora_B.grad, b.grad, rtol=1e-4, atol=1e-5)

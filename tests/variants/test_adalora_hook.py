@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lorakit.train.hooks import HookContext
+from lorakit.train.methods import METHODS
 from lorakit.variants.adalora import (
     AdaLoraConfig,
     AdaLoraHook,
@@ -20,7 +21,7 @@ from lorakit.variants.adalora import (
     rank_grid,
     svd_adapters,
 )
-from lorakit.variants.adalora.method import adalora_config, build
+from lorakit.variants.adalora.method import adalora_config
 
 from conftest import tiny_llama
 
@@ -133,7 +134,7 @@ def test_method_builder_maps_train_args():
                            method_options={"deltaT": 5})
     cfg, auto = adalora_config(args)
     assert (cfg.target_r, cfg.init_r, cfg.deltaT, cfg.total_step, auto) == (4, 6, 5, None, True)
-    setup = build(tiny_llama(), args)
+    setup = METHODS["adalora"](tiny_llama(), args)
     hook = setup.hooks[0]
     hook.on_train_start(HookContext(model=setup.model, optimizer=None, step=0, total_steps=50))
     c = hook.allocator.config

@@ -6,8 +6,10 @@
 
 The base module is kept as it is (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Embedding``, ``nn.Conv*d``,
 a quantized linear, ...); its *kind* (``kinds.py``) knows its layout. Adapters are a name → module
-map. Merging adds ΔW into the base weight and is explicit and idempotent (never a side effect of
-``.eval()``).
+map of :class:`~lorakit.layers.protocol.Adapter` objects of any kind (LoRA, AdaLoRA, O-LoRA, DoRA …);
+the layer asks each the same questions (``apply``, ``delta_2d``, ``dropout``) and never tests which
+kind it is. Merging adds ΔW into the base weight and is explicit and idempotent (never a side effect
+of ``.eval()``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import torch
 from torch import nn
 
 from ..errors import AdapterNotFoundError, AdapterStateError
-from .adapter import LoraAdapter
-from .dropout import shared_mask
+from .dropout import SharedMasks, dropout_mask
 from .kinds import BaseKind
+from .protocol import Adapter
 
 
 class LoraLayer(nn.Module):
@@ -31,24 +33,17 @@ class LoraLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.row_adapters: list[str | None] | None = None  # per-row selection, set by a context
+        self.masks: SharedMasks | None = None  # None: an independent dropout mask per projection
 
     # -- adapters ------------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
-                    init: bool | str = True) -> LoraAdapter:
-        geometry = self.kind.geometry(self.base_layer, r)
-        # A quantized base may hold only buffers (packed weight, absmax): look at both.
-        ref = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()]), None)
-        device = ref.device if ref is not None else None
-        # Factors train in fp32 even on a bf16/fp16 base (stable Adam updates); the branch casts
-        # them to the compute dtype, which costs only rank-sized copies.
-        adapter = LoraAdapter(geometry, r, alpha, scaling, dropout, dtype=torch.float32, device=device)
-        adapter.reset(self.kind.zero_b, init)
+    def add(self, name: str, adapter: Adapter) -> Adapter:
+        """Attach ``adapter`` (any kind on the adapter protocol) under ``name``."""
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"{type(adapter).__name__} is not a lorakit.layers.protocol.Adapter")
         self.lora[name] = adapter
         return adapter
 
-    def add_module_adapter(self, name: str, adapter: nn.Module) -> None:
-        """Attach an adapter of another kind (AdaLoRA, O-LoRA) with the same contract."""
-        self.lora[name] = adapter
+    add_module_adapter = add  # the name variants used before the protocol
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
@@ -56,7 +51,7 @@ class LoraLayer(nn.Module):
         del self.lora[name]
         self.active = tuple(n for n in self.active if n != name)
 
-    def adapter(self, name: str) -> nn.Module:
+    def adapter(self, name: str) -> Adapter:
         if name not in self.lora:
             raise AdapterNotFoundError(f"this layer has no adapter {name!r}; it has {sorted(self.lora)}.")
         return self.lora[name]
@@ -70,17 +65,16 @@ class LoraLayer(nn.Module):
             return self._forward_rows(x, out)
         for name in self.active:
             if name not in self.merged:
-                out = self._branch(self.lora[name], out, x)
+                out = self._run_adapter(self.lora[name], out, x)
         return out
 
-    def _branch(self, adapter: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out + the adapter's update of x (the adapter contract: ``factors()`` and ``dropout``)."""
-        a, b, s = adapter.factors()
-        if a.shape[0] == 0:  # an adapter pruned to rank 0 (AdaLoRA) adds nothing
-            return out
-        p = getattr(adapter, "dropout", 0.0)
-        mask = shared_mask(x, p) if self.training and p > 0.0 and torch.is_floating_point(x) else None
-        return self.kind.branch(self.base_layer, out, x, a, b, s, mask)
+    def _run_adapter(self, adapter: Adapter, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + the adapter's update of x, with the adapter's dropout on x while training."""
+        p = adapter.dropout
+        mask = None
+        if self.training and p > 0.0 and not self.kind.embedding and torch.is_floating_point(x):
+            mask = self.masks.mask(x, p) if self.masks is not None else dropout_mask(x, p)
+        return adapter.apply(self.kind, self.base_layer, out, x, mask)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row i of the batch uses adapter ``row_adapters[i]`` (None = base only)."""
@@ -96,15 +90,19 @@ class LoraLayer(nn.Module):
             if name not in self.lora:
                 continue  # this layer is not adapted by that adapter
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
-            sub_out = out.index_select(0, rows)
-            delta = self._branch(self.lora[name], torch.zeros_like(sub_out), x.index_select(0, rows))
-            out = out.index_add(0, rows, delta.to(out.dtype))
+            # The adapter sees its rows' base output (DoRA rescales it; LoRA adds to it).
+            sub_out = self._run_adapter(self.lora[name], out.index_select(0, rows), x.index_select(0, rows))
+            out = out.index_copy(0, rows, sub_out.to(out.dtype))
         return out
 
     # -- merging -------------------------------------------------------------------------------
+    def _base_weight_2d(self, adapter: Adapter) -> torch.Tensor | None:
+        return self.kind.weight_2d(self.base_layer).detach().float() if adapter.needs_base_weight else None
+
     def delta(self, name: str) -> torch.Tensor:
-        """ΔW of adapter ``name`` in the base weight's layout (fp32)."""
-        return self.kind.to_layout(self.base_layer, self.adapter(name).delta_2d().float())
+        """ΔW of adapter ``name`` in the base weight's layout (fp32), against the current weight."""
+        adapter = self.adapter(name)
+        return self.kind.to_layout(self.base_layer, adapter.delta_2d(self._base_weight_2d(adapter)).float())
 
     def merge(self, names: list[str] | tuple[str, ...] | None = None, safe: bool = False) -> None:
         for name in self.active if names is None else names:
@@ -123,8 +121,19 @@ class LoraLayer(nn.Module):
 
     def unmerge(self) -> None:
         while self.merged:
-            name = self.merged.pop()
-            self.kind.add_to_weight(self.base_layer, -self.delta(name))
+            adapter = self.lora[self.merged.pop()]
+            delta = adapter.unmerge_delta_2d(self._base_weight_2d(adapter)).float()
+            self.kind.add_to_weight(self.base_layer, -self.kind.to_layout(self.base_layer, delta))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, active={list(self.active)}, merged={self.merged}"
+
+
+def share_dropout_masks(model: nn.Module, share: bool = True) -> SharedMasks | None:
+    """Option: let the adapter layers of ``model`` share one dropout mask per input tensor (see
+    ``dropout.py``); ``share=False`` goes back to independent per-projection masks. Returns the cache."""
+    masks = SharedMasks() if share else None
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.masks = masks
+    return masks

@@ -5,8 +5,10 @@ how does the LoRA branch run on its input, and how does the dense update ΔW (al
 2-D ``(fan_out, fan_in)`` matrix by :meth:`LoraAdapter.delta_2d`) map onto the base's own weight
 layout. Nothing here knows about adapters' lifecycle; the host (``host.py``) does that.
 
-Dispatch is a first-match list (``KINDS``); a new base type (e.g. a quantized linear) registers its
-kind with :func:`register_kind` instead of adding branches to the LoRA code.
+Dispatch: a base module may name its own kind (a class attribute ``lora_base_kind``, e.g. lorakit's
+``QuantLinear``), so a new base type is one small file and nothing registers itself at import time;
+otherwise the static first-match list ``KINDS`` decides. Facts about a kind (``embedding``,
+``transposed``, ``linear``) are attributes of the kind object — never tests on its name.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedModuleError
 from .branch import lora_linear_branch
 
 
@@ -42,6 +45,12 @@ class BaseKind:
     name = "base"
     #: True when A is the "input side" that starts random (B = 0); Embedding flips this (A = 0).
     zero_b = True
+    #: the input is token ids and the weight a lookup table (no dropout; PEFT's lora_embedding_* keys).
+    embedding = False
+    #: the weight is stored (fan_in, fan_out), as GPT-2's Conv1D (PEFT's ``fan_in_fan_out``).
+    transposed = False
+    #: a linear projection: selected by ``target_modules="all-linear"``.
+    linear = False
 
     def matches(self, module: nn.Module) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
@@ -63,6 +72,15 @@ class BaseKind:
         """Map ΔW from ``(fan_out, fan_in)`` onto the layout of :meth:`weight`."""
         return delta_2d
 
+    def weight_2d(self, module: nn.Module) -> torch.Tensor:
+        """The dense weight as a ``(fan_out, fan_in)`` matrix (the layout of ``delta_2d``)."""
+        return self.weight(module)
+
+    def apply_weight(self, module: nn.Module, x: torch.Tensor, weight_2d: torch.Tensor) -> torch.Tensor:
+        """The base's own operation on ``x`` with weight ``weight_2d`` (fan_out, fan_in) and no bias —
+        how a delta-based adapter (LoHa, LoKr) runs ΔW x. Linear-like: x Wᵀ."""
+        return x.to(weight_2d.dtype) @ weight_2d.T
+
     def add_to_weight(self, module: nn.Module, delta: torch.Tensor) -> None:
         """W ← W + delta in place (delta already in the base layout). Quantized kinds refuse."""
         w = module.weight
@@ -76,6 +94,7 @@ class LinearKind(BaseKind):
     """``nn.Linear``: weight (out, in); A (r, in), B (out, r)."""
 
     name = "linear"
+    linear = True
 
     def matches(self, module):
         return isinstance(module, nn.Linear)
@@ -95,6 +114,7 @@ class Conv1DKind(LinearKind):
     """GPT-2's ``Conv1D``: weight stored transposed, (in, out). Same factors as Linear."""
 
     name = "conv1d_gpt2"
+    transposed = True
 
     def matches(self, module):
         return _is_hf_conv1d(module)
@@ -106,6 +126,9 @@ class Conv1DKind(LinearKind):
     def to_layout(self, module, delta_2d):
         return delta_2d.T  # (out, in) -> (in, out)
 
+    def weight_2d(self, module):
+        return module.weight.T  # (in, out) -> (out, in)
+
 
 class EmbeddingKind(BaseKind):
     """``nn.Embedding``: weight (num, dim); A (r, num) starts at zero, B (dim, r) normal (as PEFT).
@@ -116,6 +139,7 @@ class EmbeddingKind(BaseKind):
 
     name = "embedding"
     zero_b = False
+    embedding = True
 
     def matches(self, module):
         return isinstance(module, nn.Embedding)
@@ -132,6 +156,14 @@ class EmbeddingKind(BaseKind):
     def to_layout(self, module, delta_2d):
         return delta_2d.T
 
+    def weight_2d(self, module):
+        return module.weight.T  # (num, dim) -> (dim, num)
+
+    def apply_weight(self, module, x, weight_2d):
+        # ids (...) -> rows of ΔWᵀ (..., dim)
+        return F.embedding(x, weight_2d.T, module.padding_idx, module.max_norm, module.norm_type,
+                           module.scale_grad_by_freq, module.sparse)
+
 
 class ConvKind(BaseKind):
     """``nn.Conv1d/2d/3d`` (groups = 1): A is a conv with the base's kernel, stride, padding and
@@ -145,15 +177,11 @@ class ConvKind(BaseKind):
 
     def geometry(self, module, r):
         if module.groups != 1:
-            from ..errors import UnsupportedModuleError
-
             raise UnsupportedModuleError(
                 f"{type(module).__name__} with groups={module.groups}: LoRA on grouped convolutions "
                 "is not supported; remove this module from target_modules."
             )
         if module.padding_mode != "zeros":
-            from ..errors import UnsupportedModuleError
-
             raise UnsupportedModuleError(
                 f"{type(module).__name__} with padding_mode={module.padding_mode!r}: only 'zeros' is "
                 "supported; remove this module from target_modules."
@@ -173,18 +201,23 @@ class ConvKind(BaseKind):
     def to_layout(self, module, delta_2d):
         return delta_2d.reshape(module.weight.shape)
 
+    def weight_2d(self, module):
+        return module.weight.flatten(1)  # (out, in, *k) -> (out, in·k)
 
-KINDS: list[BaseKind] = [LinearKind(), Conv1DKind(), EmbeddingKind(), ConvKind()]
+    def apply_weight(self, module, x, weight_2d):
+        w = weight_2d.reshape(module.weight.shape)
+        return self._fns[w.dim() - 2](x.to(w.dtype), w, None, module.stride, module.padding, module.dilation)
 
 
-def register_kind(kind: BaseKind, first: bool = True) -> None:
-    """Teach LoRA a new base type (e.g. a quantized linear); ``first`` gives it priority."""
-    if any(type(k) is type(kind) for k in KINDS):
-        return
-    KINDS.insert(0, kind) if first else KINDS.append(kind)
+KINDS: tuple[BaseKind, ...] = (LinearKind(), Conv1DKind(), EmbeddingKind(), ConvKind())
 
 
 def kind_of(module: nn.Module) -> BaseKind | None:
+    """The base kind of ``module``: its own ``lora_base_kind`` if its class names one, else the first
+    match in ``KINDS``; None when LoRA cannot wrap it."""
+    own = getattr(type(module), "lora_base_kind", None)
+    if isinstance(own, BaseKind):
+        return own
     for kind in KINDS:
         if kind.matches(module):
             return kind

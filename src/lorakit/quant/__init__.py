@@ -9,7 +9,6 @@ quantized loading of transformers checkpoints, k-bit training helpers and an 8-b
 See docs/QUANT.md for the formats, layouts and rounding rules.
 """
 
-from . import lora_kind  # noqa: F401  (registers QuantLinear as a LoRA base kind)
 from .linear import QuantLinear
 from .loading import load_quantized
 from .merge import dequantize_and_merge, requantized_merge

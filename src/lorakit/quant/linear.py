@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import QuantizationError
 from . import int8, nf4
+from .lora_kind import QuantLinearKind
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 QUANT_TYPES = ("nf4", "fp4", "int8", "int8_asym")
@@ -79,6 +80,9 @@ def check_compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class QuantLinear(nn.Module):
     """Frozen ``nn.Linear`` replacement with an NF4 / FP4 / int8 weight. Build it with
     :meth:`from_linear`; see the module docstring for the memory behaviour."""
+
+    #: how LoRA wraps this module (``lorakit.layers.kinds.kind_of`` reads it; no registration).
+    lora_base_kind = QuantLinearKind()
 
     def __init__(self, qweight, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16):
         super().__init__()

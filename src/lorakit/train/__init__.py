@@ -4,13 +4,13 @@
     result = train(TrainArgs(model="path/to/model", data="train.jsonl", r=16, lr=2e-4, max_steps=500))
     result.metrics["loss"]["last"]
 
-Variants extend the loop with hooks (``lorakit.train.hooks``) and register methods
-(``lorakit.train.methods.register``).
+Variants extend the loop with hooks (``lorakit.hooks``); the methods are the static table
+``lorakit.train.methods.METHODS``.
 """
 
 from .args import TrainArgs
 from .hooks import BaseHook, HookContext, TrainHook
 from .loop import TrainResult, train
-from .methods import MethodSetup, register
+from .methods import METHODS, MethodSetup
 
-__all__ = ["BaseHook", "HookContext", "MethodSetup", "TrainArgs", "TrainHook", "TrainResult", "register", "train"]
+__all__ = ["BaseHook", "HookContext", "MethodSetup", "TrainArgs", "TrainHook", "TrainResult", "METHODS", "train"]

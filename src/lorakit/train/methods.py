@@ -1,24 +1,16 @@
-"""Fine-tuning methods by name: ``--method lora|loraplus|full|adalora|olora``.
+"""Fine-tuning methods by name: ``--method lora|loraplus|full|adalora|olora|expand``.
 
 A method is a function ``build(model, args) -> MethodSetup``: it prepares the model (injects
 adapters, unfreezes what trains) and says which hooks, optimizer parameter groups and artifact
-writer the loop uses. Adding one is a single call::
-
-    from lorakit.train import methods
-
-    @methods.register("mymethod")
-    def build(model, args):
-        lorakit.inject(model, methods.lora_config(args))
-        return methods.MethodSetup(model, hooks=[MyHook(args.method_options)])
-
-Methods that live in other modules are found lazily: ``PROVIDERS`` maps a name to the module that
-registers it on import (``lorakit.variants.adalora`` registers ``"adalora"``), so their code is
-imported only when asked for. A name missing from both is "not available" (a ``ConfigError``).
+writer the loop uses. The methods are a static table, :data:`METHODS` — nothing registers itself
+at import time, and the variants they use (below ``train/`` in the dependency order) never import
+this package. Adding a method = writing its ``build`` here (a few lines: the variant does the work)
+and adding one entry to the table.
 """
 
 from __future__ import annotations
 
-import importlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +18,19 @@ from typing import Any
 
 from torch import nn
 
+from ..adapters import merge_and_unload
 from ..config import LoraConfig
 from ..errors import ConfigError
+from ..hooks import TrainHook
+from ..inject import inject
+from ..io import save_adapter
+from ..variants import expand, olora
+from ..variants.adalora import AUTO_WARMUPS, AdaLoraHook, adalora_config, inject_adalora
+from ..variants.loraplus import loraplus_param_groups
 from .args import TrainArgs
-from .hooks import TrainHook
 
 
 def _save_adapter(model: nn.Module, path: Path, tokenizer: Any) -> None:
-    from ..io import save_adapter
-
     save_adapter(model, path)
 
 
@@ -60,40 +56,16 @@ class MethodSetup:
 
 
 MethodBuilder = Callable[[nn.Module, TrainArgs], MethodSetup]
-_REGISTRY: dict[str, MethodBuilder] = {}
-PROVIDERS: dict[str, str] = {
-    "adalora": "lorakit.variants.adalora",
-    "olora": "lorakit.variants.olora",
-    "expand": "lorakit.variants.expand",
-}
-
-
-def register(name: str, builder: MethodBuilder | None = None):
-    """Register ``builder`` under ``name`` (also usable as a decorator). Re-registering replaces it."""
-    def deco(fn: MethodBuilder) -> MethodBuilder:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco(builder) if builder is not None else deco
 
 
 def get(name: str) -> MethodBuilder:
-    if name not in _REGISTRY and name in PROVIDERS:
-        try:
-            importlib.import_module(PROVIDERS[name])
-        except ImportError as exc:
-            raise ConfigError(
-                f"method {name!r} is not available: its module {PROVIDERS[name]} cannot be imported ({exc}). "
-                f"Available methods: {', '.join(available())}."
-            ) from None
-    if name not in _REGISTRY:
+    if name not in METHODS:
         raise ConfigError(f"method {name!r} is not available. Available methods: {', '.join(available())}.")
-    return _REGISTRY[name]
+    return METHODS[name]
 
 
 def available() -> list[str]:
-    """Registered methods and those a provider module would register on first use."""
-    return sorted(set(_REGISTRY) | set(PROVIDERS))
+    return sorted(METHODS)
 
 
 def lora_config(args: TrainArgs, **overrides: Any) -> LoraConfig:
@@ -112,21 +84,14 @@ def lora_config(args: TrainArgs, **overrides: Any) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
-# -- the methods this module provides ------------------------------------------------------------
-@register("lora")
+# -- the methods ------------------------------------------------------------------------------------
 def _lora(model: nn.Module, args: TrainArgs) -> MethodSetup:
-    from ..inject import inject
-
     _no_options(args)
     inject(model, lora_config(args))
     return MethodSetup(model)
 
 
-@register("loraplus")
 def _loraplus(model: nn.Module, args: TrainArgs) -> MethodSetup:
-    from ..inject import inject
-    from ..variants.loraplus import loraplus_param_groups
-
     _no_options(args)
     inject(model, lora_config(args))
     groups = loraplus_param_groups(model, args.lr, ratio=args.loraplus_ratio,
@@ -134,7 +99,6 @@ def _loraplus(model: nn.Module, args: TrainArgs) -> MethodSetup:
     return MethodSetup(model, param_groups=groups)
 
 
-@register("full")
 def _full(model: nn.Module, args: TrainArgs) -> MethodSetup:
     _no_options(args)
     for p in model.parameters():
@@ -146,6 +110,75 @@ def _full(model: nn.Module, args: TrainArgs) -> MethodSetup:
             tokenizer.save_pretrained(path)
 
     return MethodSetup(model, save=save, artifact="model")
+
+
+def _adalora(model: nn.Module, args: TrainArgs) -> MethodSetup:
+    """AdaLoRA (``lorakit.variants.adalora.method`` maps the run's flags onto ``AdaLoraConfig``)."""
+    if getattr(args, "use_rslora", False):
+        raise ConfigError("use_rslora does not apply to AdaLoRA (its scaling is α / init_r); drop --use-rslora.")
+    config, auto = adalora_config(args)
+    inject_adalora(model, config)
+    return MethodSetup(model, hooks=[AdaLoraHook(model=model, auto_warmups=AUTO_WARMUPS if auto else None)])
+
+
+def _olora(model: nn.Module, args: TrainArgs) -> MethodSetup:
+    """O-LoRA. ``method_options``: lambda_orth (λ1, 0.5), lambda_l2 (λ2, 0), overlap (abs|square),
+    l2 (square|norm), past (a LoRA adapter directory holding the earlier tasks' factors). Saves past +
+    current factors (and modules_to_save) as one plain PEFT LoRA adapter."""
+    opts = dict(args.method_options or {})
+    unknown = sorted(set(opts) - set(olora.OPTIONS))
+    if unknown:
+        raise ConfigError(f"method olora: unknown method_options {unknown}; valid: {', '.join(olora.OPTIONS)}.")
+    past = opts.pop("past", None)
+    hook = olora.OLoraHook(**opts, adapter_name=olora.KIND)
+    olora.add_olora(model, lora_config(args), olora.KIND)
+    if past:
+        olora.load_past(model, past, olora.KIND)
+
+    def save(m: nn.Module, directory: Path, tokenizer: Any) -> None:
+        save_adapter(m, directory, olora.KIND)
+
+    return MethodSetup(model, hooks=[hook], save=save)
+
+
+def _expand(model: nn.Module, args: TrainArgs) -> MethodSetup:
+    """LLaMA-Pro. ``method_options``: n_new (blocks to add, default 1); blocks (instead of n_new: train
+    these existing block indices, e.g. the new blocks of a model expanded earlier); lora (false: train
+    the blocks fully; true: LoRA with the run's r/alpha on them only). Saves the whole model (with
+    lora, the adapter merged into a copy) as a transformers checkpoint."""
+    opts = dict(args.method_options or {})
+    unknown = sorted(set(opts) - {"n_new", "blocks", "lora"})
+    if unknown:
+        raise ConfigError(f"method expand: unknown method_options {unknown}; valid: n_new, blocks, lora.")
+    if "blocks" in opts:
+        if "n_new" in opts:
+            raise ConfigError("method expand: give n_new (expand now) or blocks (train existing blocks), not both.")
+        new = [int(i) for i in opts["blocks"]]
+        expand.train_blocks(model, new)
+    else:
+        new = expand.expand_blocks(model, int(opts.get("n_new", 1)), freeze=True)
+    use_lora = bool(opts.get("lora", False))
+    if use_lora:
+        inject(model, lora_config(args, layers_to_transform=new))
+
+    def save(m: nn.Module, path: Path, tokenizer: Any) -> None:
+        # merge into a copy: the loop may save mid-run and must keep training the adapter
+        plain = merge_and_unload(copy.deepcopy(m)) if use_lora else m
+        plain.save_pretrained(path, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    return MethodSetup(model, save=save, artifact="model")
+
+
+METHODS: dict[str, MethodBuilder] = {
+    "lora": _lora,
+    "loraplus": _loraplus,
+    "full": _full,
+    "adalora": _adalora,
+    "olora": _olora,
+    "expand": _expand,
+}
 
 
 def _no_options(args: TrainArgs) -> None:

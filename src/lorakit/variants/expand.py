@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterStateError, ConfigError, UnsupportedModuleError
+from ..state import model_state
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,6 @@ def expand_blocks(model: nn.Module, n_new: int, *, freeze: bool = True, blocks: 
         ``LoraConfig(layers_to_transform=...)`` (or use :func:`lora_config_for_new_blocks`) to train
         them with LoRA instead of fully.
     """
-    from ..state import model_state
-
     if model_state(model) is not None:
         raise AdapterStateError(
             "the model already has lorakit adapters; expand the plain model first, then inject "
@@ -223,44 +222,3 @@ def lora_config_for_new_blocks(new_layers: Sequence[int], r: int = 8, lora_alpha
     """A ``LoraConfig`` that adapts only the blocks :func:`expand_blocks` inserted."""
     return LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules,
                       layers_to_transform=list(new_layers), **kwargs)
-
-
-# -- `lorakit train --method expand` -----------------------------------------------------------------
-def _register_method() -> None:
-    from ..train import methods
-
-    @methods.register("expand")
-    def build(model: nn.Module, args) -> methods.MethodSetup:
-        """``method_options``: n_new (blocks to add, default 1); blocks (instead of n_new: train these
-        existing block indices, e.g. the new blocks of a model expanded earlier); lora (false: train
-        the blocks fully; true: LoRA with the run's r/alpha on them only). Saves the whole model (with
-        lora, the adapter merged into a copy) as a transformers checkpoint."""
-        from ..adapters import merge_and_unload
-        from ..inject import inject
-
-        opts = dict(args.method_options or {})
-        unknown = sorted(set(opts) - {"n_new", "blocks", "lora"})
-        if unknown:
-            raise ConfigError(f"method expand: unknown method_options {unknown}; valid: n_new, blocks, lora.")
-        if "blocks" in opts:
-            if "n_new" in opts:
-                raise ConfigError("method expand: give n_new (expand now) or blocks (train existing blocks), not both.")
-            new = [int(i) for i in opts["blocks"]]
-            train_blocks(model, new)
-        else:
-            new = expand_blocks(model, int(opts.get("n_new", 1)), freeze=True)
-        use_lora = bool(opts.get("lora", False))
-        if use_lora:
-            inject(model, methods.lora_config(args, layers_to_transform=new))
-
-        def save(m: nn.Module, path, tokenizer) -> None:
-            # merge into a copy: the loop may save mid-run and must keep training the adapter
-            plain = merge_and_unload(copy.deepcopy(m)) if use_lora else m
-            plain.save_pretrained(path, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(path)
-
-        return methods.MethodSetup(model, save=save, artifact="model")
-
-
-_register_method()

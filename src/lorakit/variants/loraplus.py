@@ -46,7 +46,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, embe
         embedding_lr = DEFAULT_EMBEDDING_LR
     role: dict[int, str] = {}
     for _, host in lora_layers(model):
-        embedding = host.kind.name == "embedding"
+        embedding = host.kind.embedding
         for adapter in host.lora.values():
             # Variants (AdaLoRA's P·Λ·Q, O-LoRA) may hold other tensors; only lora_A / lora_B get roles.
             for attr, kind in (("lora_A", "lora_A"), ("lora_B", "lora_B")):

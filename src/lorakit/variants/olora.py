@@ -35,98 +35,31 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..adapter_kinds.olora import OLORA, OLoraAdapter
 from ..config import LoraConfig
-from ..errors import AdapterNotFoundError, ConfigError
-from ..layers.host import LoraLayer
-from ..layers.kinds import Geometry, init_factors, kind_of
-from ..train.hooks import BaseHook
+from ..errors import AdapterFileError, AdapterNotFoundError, ConfigError
+from ..hooks import BaseHook
+from ..inject import inject
+from ..io import PREFIX, read_adapter_config, read_adapter_weights, save_adapter
+from ..state import lora_layers, require_adapter
 
-KIND = "olora"
+KIND = OLORA.name
 Overlap = Literal["abs", "square"]
-
-
-# -- the adapter kind -------------------------------------------------------------------------------
-class OLoraAdapter(nn.Module):
-    """Frozen past factors (buffers, so no optimizer or ``requires_grad`` refresh can touch them)
-    plus one trainable pair for the current task. Same contract as ``LoraAdapter``."""
-
-    def __init__(self, geometry: Geometry, r: int, alpha: float, scaling: float, dropout: float,
-                 zero_b: bool = True, device: torch.device | str | None = None):
-        super().__init__()
-        a_shape, b_shape = geometry.a_shape, geometry.b_shape
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device))  # (r, in…)  current task
-        self.lora_B = nn.Parameter(torch.empty(b_shape, device=device))  # (out, r…)
-        # Past tasks, scaling folded into B: ΔW_past = past_B · past_A (no extra factor).
-        self.register_buffer("past_A", torch.zeros((0, *a_shape[1:]), device=device))  # (R, in…)
-        self.register_buffer("past_B", torch.zeros((b_shape[0], 0, *b_shape[2:]), device=device))  # (out, R…)
-        self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
-        self.zero_b = zero_b
-        self.past_ranks: list[int] = []  # rank of each finished task, in order
-
-    def reset(self, mode: bool | str = True) -> None:
-        init_factors(self.lora_A, self.lora_B, self.zero_b, mode)
-
-    @property
-    def past_rank(self) -> int:
-        return self.past_A.shape[0]
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """([A_past; A_t], [B_past/s | B_t], s): one rank-(R + r) branch whose update is the exact sum."""
-        if self.past_rank == 0:
-            return self.lora_A, self.lora_B, self.scaling
-        a = torch.cat([self.past_A.to(self.lora_A.dtype), self.lora_A], dim=0)  # (R + r, in…)
-        b = torch.cat([self.past_B.to(self.lora_B.dtype) / self.scaling, self.lora_B], dim=1)  # (out, R + r…)
-        return a, b, self.scaling
-
-    def delta_2d(self) -> torch.Tensor:
-        """ΔW = s · B·A over past and current factors, as a (fan_out, fan_in) matrix."""
-        a, b, s = self.factors()
-        return (b.flatten(1) @ a.flatten(1)) * s
-
-    @torch.no_grad()
-    def consolidate(self) -> None:
-        """Append the current factors to the past ones and start a fresh pair (§3.3)."""
-        self.past_A = torch.cat([self.past_A, self.lora_A.detach().to(self.past_A.dtype)], dim=0)
-        self.past_B = torch.cat([self.past_B, (self.lora_B.detach() * self.scaling).to(self.past_B.dtype)], dim=1)
-        self.past_ranks.append(self.r)
-        self.reset()
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, past_ranks={self.past_ranks}, alpha={self.alpha}, scaling={self.scaling:g}"
 
 
 # -- attaching and advancing ------------------------------------------------------------------------
 def add_olora(model: nn.Module, config: LoraConfig, adapter_name: str = KIND) -> nn.Module:
     """Add an O-LoRA adapter (no past tasks yet) to the modules ``config`` targets; it becomes the
-    active, trainable adapter and everything else is frozen. Returns ``model``."""
-    from ..inject import check_adapter_name, find_targets, register_adapter
-    from ..state import AdapterRecord, set_submodule
-
+    active, trainable adapter and everything else is frozen except what ``modules_to_save`` and
+    ``bias`` ask to train (the one ``inject`` path, ``kind=OLORA``). Returns ``model``."""
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"config must be a lorakit.LoraConfig (r, lora_alpha, target_modules, ...), "
                           f"got {type(config).__name__}.")
-    check_adapter_name(model, adapter_name)
-    for path, module in find_targets(model, config):
-        host = module if isinstance(module, LoraLayer) else LoraLayer(module, kind_of(module))
-        geometry = host.kind.geometry(host.base_layer, config.rank_for(path))
-        ref = next(host.base_layer.parameters(), None)
-        adapter = OLoraAdapter(
-            geometry, config.rank_for(path), config.alpha_for(path), config.scaling_for(path),
-            0.0 if host.kind.name == "embedding" else float(config.lora_dropout),
-            zero_b=host.kind.zero_b, device=ref.device if ref is not None else None,
-        )
-        adapter.reset(config.init_lora_weights)
-        host.add_module_adapter(adapter_name, adapter)
-        if host is not module:
-            set_submodule(model, path, host)
-    register_adapter(model, adapter_name, AdapterRecord(config=config, trainable=True, kind=KIND))
-    return model
+    return inject(model, config, adapter_name, kind=OLORA)
 
 
 def olora_adapters(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, OLoraAdapter]]:
     """(layer path, adapter) of every O-LoRA adapter (of ``adapter_name`` if given)."""
-    from ..state import lora_layers
-
     for path, host in lora_layers(model):
         for name, adapter in host.lora.items():
             if isinstance(adapter, OLoraAdapter) and (adapter_name is None or name == adapter_name):
@@ -182,7 +115,7 @@ def olora_loss(model: nn.Module, lambda_orth: float = 0.5, lambda_l2: float = 0.
 
 @dataclass
 class OLoraHook(BaseHook):
-    """The training loop's hook (``lorakit.train.hooks.TrainHook``): adds :func:`olora_loss` to every
+    """The training loop's hook (``lorakit.hooks.TrainHook``): adds :func:`olora_loss` to every
     micro-batch's loss and logs it. ``lambda_orth`` is λ1, ``lambda_l2`` is λ2, ``overlap`` picks |·|
     or (·)², ``l2`` the norm form. (Written out instead of subclassing ``BaseHook`` so that importing
     this module never imports the training package.)
@@ -227,43 +160,16 @@ class OLoraHook(BaseHook):
 
 # -- export -----------------------------------------------------------------------------------------
 def export_lora(model: nn.Module, path: str | Path, adapter_name: str = KIND) -> Path:
-    """Write the O-LoRA adapter (past + current tasks) as one plain PEFT LoRA adapter of rank R + r.
+    """Write the O-LoRA adapter (past + current tasks, plus its ``modules_to_save`` copies and biases)
+    as one plain PEFT LoRA adapter of rank R + r — what ``lorakit.save_adapter`` does for this kind.
 
     The concatenated factors *are* a LoRA adapter; lora_alpha is set so that α/(R + r) = s, so PEFT
     and ``lorakit.load_adapter`` reproduce the summed update exactly.
     """
-    from ..io import PREFIX, peft_config_dict, write_adapter_dir
-    from ..state import require_adapter
-
-    rec = require_adapter(model, adapter_name)
-    config: LoraConfig = rec.config
-    tensors, ranks, alphas = {}, {}, {}
-    for layer, ad in olora_adapters(model, adapter_name):
-        a, b, s = ad.factors()
-        tensors[f"{PREFIX}{layer}.lora_A.weight"] = a.detach().contiguous().cpu().clone()
-        tensors[f"{PREFIX}{layer}.lora_B.weight"] = b.detach().contiguous().cpu().clone()
-        ranks[layer] = a.shape[0]
-        alphas[layer] = s * a.shape[0] if not config.use_rslora else s * math.sqrt(a.shape[0])
-    if not ranks:
+    if not any(True for _ in olora_adapters(model, adapter_name)):
+        require_adapter(model, adapter_name)
         raise AdapterNotFoundError(f"adapter {adapter_name!r} has no O-LoRA layers to export.")
-    r0, a0 = next(iter(ranks.values())), next(iter(alphas.values()))
-    uniform = all(r == r0 for r in ranks.values()) and all(math.isclose(a, a0) for a in alphas.values())
-    flat = LoraConfig(
-        r=r0, lora_alpha=a0, target_modules=config.target_modules, exclude_modules=config.exclude_modules,
-        use_rslora=config.use_rslora, layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern, task_type=config.task_type,
-        rank_pattern={} if uniform else {_exact(p): r for p, r in ranks.items()},
-        alpha_pattern={} if uniform else {_exact(p): a for p, a in alphas.items()},
-    )
-    path = Path(path)
-    write_adapter_dir(path, tensors, peft_config_dict(model, adapter_name, flat))
-    return path
-
-
-def _exact(path: str) -> str:
-    import re
-
-    return re.escape(path)  # rank_pattern keys are regexes matched against the end of a module path
+    return save_adapter(model, path, adapter_name)
 
 
 def load_past(model: nn.Module, path: str | Path, adapter_name: str = KIND) -> int:
@@ -273,9 +179,6 @@ def load_past(model: nn.Module, path: str | Path, adapter_name: str = KIND) -> i
     This is how continual learning runs as separate ``lorakit train --method olora`` runs: each run
     saves past + current as one flat adapter, and the next run reads it back as its past.
     """
-    from ..errors import AdapterFileError
-    from ..io import PREFIX, read_adapter_config, read_adapter_weights
-
     raw = read_adapter_config(path)
     if raw.get("peft_type", "LORA") != "LORA":
         raise AdapterFileError(f"{path}: peft_type {raw.get('peft_type')!r}; O-LoRA's past must be a LoRA adapter.")
@@ -306,31 +209,5 @@ def load_past(model: nn.Module, path: str | Path, adapter_name: str = KIND) -> i
     return plan[0][1].shape[0]
 
 
-# -- `lorakit train --method olora` ------------------------------------------------------------------
+# -- `lorakit train --method olora` (the method itself is in lorakit.train.methods) -------------------
 OPTIONS = ("lambda_orth", "lambda_l2", "overlap", "l2", "past")
-
-
-def _register_method() -> None:
-    from ..train import methods
-
-    @methods.register(KIND)
-    def build(model: nn.Module, args) -> methods.MethodSetup:
-        """``method_options``: lambda_orth (λ1, 0.5), lambda_l2 (λ2, 0), overlap (abs|square),
-        l2 (square|norm), past (a LoRA adapter directory holding the earlier tasks' factors)."""
-        opts = dict(args.method_options or {})
-        unknown = sorted(set(opts) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"method olora: unknown method_options {unknown}; valid: {', '.join(OPTIONS)}.")
-        past = opts.pop("past", None)
-        hook = OLoraHook(**opts, adapter_name=KIND)
-        add_olora(model, methods.lora_config(args), KIND)
-        if past:
-            load_past(model, past, KIND)
-
-        def save(m: nn.Module, directory: Path, tokenizer: Any) -> None:
-            export_lora(m, directory, KIND)
-
-        return methods.MethodSetup(model, hooks=[hook], save=save)
-
-
-_register_method()

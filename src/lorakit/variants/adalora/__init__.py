@@ -30,15 +30,15 @@ from .errors import AdaLoraBudgetError, AdaLoraScheduleError, RankPatternError
 from .hook import AdaLoraHook
 from .io import load_adalora, save_adalora
 from .layer import SVDAdapter, inject_adalora, svd_adapters
-from .method import register
+from .method import AUTO_WARMUPS, adalora_config
 from .plot import format_rank_table, plot_rank_heatmap, rank_grid
 from .regularizer import orth_regularizer
 from .schedule import BudgetStep, budget_schedule
 from .shrink import current_ranks, patch_optimizer, shrink
 
-register()  # `lorakit train --method adalora` (lorakit.train.methods imports this module on demand)
-
 __all__ = [
+    "AUTO_WARMUPS",
+    "adalora_config",
     "AdaLoraBudgetError",
     "AdaLoraConfig",
     "AdaLoraHook",
@@ -54,7 +54,6 @@ __all__ = [
     "load_adalora",
     "orth_regularizer",
     "patch_optimizer",
-    "register",
     "plot_rank_heatmap",
     "rank_grid",
     "save_adalora",

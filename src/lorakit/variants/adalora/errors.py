@@ -1,17 +1,5 @@
-"""AdaLoRA's errors: each is a ``LorakitError`` (through the core family) and names the fix."""
+"""AdaLoRA's errors (defined in the core family, ``lorakit.errors``, next to the adapter kind)."""
 
-from __future__ import annotations
+from ...errors import AdaLoraBudgetError, AdaLoraScheduleError, RankPatternError
 
-from ...errors import AdapterFileError, ConfigError
-
-
-class AdaLoraBudgetError(ConfigError):
-    """The target rank budget is above the initial one (nothing could be pruned)."""
-
-
-class AdaLoraScheduleError(ConfigError):
-    """``total_step`` is missing, or too short to hold the warm-ups ``tinit + tfinal``."""
-
-
-class RankPatternError(AdapterFileError):
-    """A saved ``rank_pattern`` does not fit the model (unknown module, wrong length, rank > init_r)."""
+__all__ = ["AdaLoraBudgetError", "AdaLoraScheduleError", "RankPatternError"]

@@ -1,7 +1,7 @@
 """AdaLoRA as a training hook: the rank allocator runs by itself in lorakit's loop.
 
 PEFT leaves ``update_and_allocate`` to the user; a loop that forgets it trains a plain SVD-form LoRA
-at full rank with no warning. Here the loop calls the hook (``lorakit.train.hooks``):
+at full rank with no warning. Here the loop calls the hook (``lorakit.hooks``):
 
 * ``on_train_start``  builds the :class:`RankAllocator` (``total_step`` from the run's length if the
                       config leaves it out);
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...hooks import BaseHook, HookContext
 from ...state import require_adapter
-from ...train.hooks import BaseHook, HookContext
 from .allocator import RankAllocator, restore_shapes
 from .config import check_schedule
 from .plot import format_rank_table, write_rank_report

@@ -1,4 +1,5 @@
-"""``lorakit train --method adalora``: the AdaLoRA adapter plus its hook, registered on import.
+"""How ``lorakit train --method adalora`` maps the run's settings onto AdaLoRA (the method itself is an
+entry of the static table ``lorakit.train.methods.METHODS``).
 
 The LoRA flags map onto AdaLoRA at an equal final budget: ``--r`` is the *target* average rank
 (``target_r``), and each matrix starts at ``init_r`` = ⌈1.5·r⌉ (the paper's ratio, e.g. 12 → 8).
@@ -15,13 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from torch import nn
-
 from ...errors import ConfigError
-from ...train import methods
 from .config import AdaLoraConfig
-from .hook import AdaLoraHook
-from .layer import inject_adalora
 
 OPTIONS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
            "orth_reg_form", "total_step", "lora_alpha")
@@ -49,16 +45,3 @@ def adalora_config(args: Any) -> tuple[AdaLoraConfig, bool]:
         **opts,
     )
     return config, auto
-
-
-def build(model: nn.Module, args: Any) -> methods.MethodSetup:
-    if getattr(args, "use_rslora", False):
-        raise ConfigError("use_rslora does not apply to AdaLoRA (its scaling is α / init_r); drop --use-rslora.")
-    config, auto = adalora_config(args)
-    inject_adalora(model, config)
-    return methods.MethodSetup(model, hooks=[AdaLoraHook(model=model, auto_warmups=AUTO_WARMUPS if auto else None)])
-
-
-def register() -> None:
-    """Make ``--method adalora`` available (done on importing ``lorakit.variants.adalora``)."""
-    methods.register("adalora", build)
