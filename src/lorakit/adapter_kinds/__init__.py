@@ -14,10 +14,11 @@ from typing import Any
 from ..errors import AdapterFileError, AdapterNotFoundError, ConfigError
 from ..layers.protocol import Adapter, AdapterKind
 from .adalora import ADALORA
+from .dora import DORA
 from .lora import LORA
 from .olora import OLORA
 
-ADAPTER_KINDS: tuple[AdapterKind, ...] = (ADALORA, OLORA, LORA)
+ADAPTER_KINDS: tuple[AdapterKind, ...] = (ADALORA, OLORA, DORA, LORA)
 
 
 def adapter_kind(name: str) -> AdapterKind:
