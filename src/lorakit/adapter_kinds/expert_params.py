@@ -48,10 +48,11 @@ class ExpertParamKind(BaseKind):
     """A 2-D or 3-D parameter ``name`` of a module, as a base kind (one instance per parameter)."""
 
     linear = False
+    transposed = False  # (the Conv1D fact: PEFT's fan_in_fan_out; expert layouts are ``in_out`` below)
 
-    def __init__(self, param_name: str, transposed: bool):
+    def __init__(self, param_name: str, in_out: bool):
         self.param_name = param_name
-        self.transposed = transposed  # (E, in, out) instead of (E, out, in)
+        self.in_out = in_out  # (E, in, out) instead of (E, out, in): GPT-OSS's is_transposed
         self.name = f"param:{param_name}"
 
     def matches(self, module):
@@ -64,7 +65,7 @@ class ExpertParamKind(BaseKind):
         """(experts, fan_in, fan_out)."""
         shape = tuple(self.param(module).shape)
         e, d1, d2 = shape if len(shape) == 3 else (1, *shape)
-        return (e, d1, d2) if self.transposed else (e, d2, d1)
+        return (e, d1, d2) if self.in_out else (e, d2, d1)
 
     def geometry(self, module, r):
         e, fan_in, fan_out = self.dims(module)
@@ -95,7 +96,7 @@ class ExpertLoraAdapter(Adapter):
         self.lora_A = nn.Parameter(torch.empty(geometry.a_shape, device=device))
         self.lora_B = nn.Parameter(torch.empty(geometry.b_shape, device=device))
         self.r, self.alpha, self.scaling, self.experts = r, alpha, scaling, e
-        self.transposed = kind.transposed
+        self.in_out = kind.in_out
         self.two_d = kind.param(module).dim() == 2
         init_factors(self.lora_A, self.lora_B, True, init)
 
@@ -105,7 +106,7 @@ class ExpertLoraAdapter(Adapter):
         e, r = self.experts, self.r
         a = self.lora_A.reshape(e, r, -1)  # (E, r, in)
         b = self.lora_B.reshape(self.lora_B.shape[0], r, e)  # (out, r, E)
-        spec = "ore,eri->eio" if self.transposed else "ore,eri->eoi"
+        spec = "ore,eri->eio" if self.in_out else "ore,eri->eoi"
         delta = torch.einsum(spec, b, a) * self.scaling
         return delta[0] if self.two_d else delta
 
