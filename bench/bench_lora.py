@@ -2,6 +2,7 @@
 
     python bench/bench_lora.py                # the issue's setting (takes a few minutes on 2 cores)
     python bench/bench_lora.py --quick        # a small model, seconds
+    python bench/bench_lora.py --compare-dropout   # per-projection dropout masks vs the shared-mask option
 
 Setting (issue 2 §8): Llama-shaped model (hidden 512, intermediate 1376, 4 layers, 8 heads, vocab
 8000), batch 4 × 256 tokens, r=16, lora_alpha=32, lora_dropout=0.05, all-linear, AdamW, 2 threads.
@@ -10,7 +11,8 @@ Modes, each in a fresh subprocess (so peak RSS is its own), run in interleaved r
   floor    back-propagation through the frozen model with no weight gradients (input grads only)
   full     full fine-tuning
   peft     PEFT LoRA
-  lorakit  lorakit LoRA
+  lorakit  lorakit LoRA (independent dropout mask per projection, the default)
+  lorakit-shared  lorakit LoRA with ``share_dropout_masks`` (one mask per input tensor)
   qlora    lorakit LoRA on an NF4 + double-quantized base (fp32 compute), issue 3's QLoRA-vs-LoRA goal
   infer-*  no-grad forward: base, lorakit unmerged, lorakit merged
 Each mode times ``--steps`` steps after one warm-up and reports the median; the summary prints the
@@ -28,6 +30,7 @@ import sys
 import time
 
 MODES = ["floor", "full", "peft", "lorakit", "qlora", "infer-base", "infer-lorakit", "infer-merged"]
+DROPOUT_MODES = ["lorakit", "lorakit-shared", "peft"]
 
 
 def build(args):
@@ -75,13 +78,16 @@ def run_mode(mode: str, args) -> dict:
         lorakit.quantize_model(model, "nf4", double_quant=True, compute_dtype=torch.float32)
         lorakit.inject(model, lorakit.LoraConfig(**lora_kwargs()))
         model.train()
-    elif mode in ("lorakit", "infer-lorakit", "infer-merged"):
+    elif mode in ("lorakit", "lorakit-shared", "infer-lorakit", "infer-merged"):
         import lorakit
+        from lorakit.layers.host import share_dropout_masks
 
         lorakit.inject(model, lorakit.LoraConfig(**lora_kwargs()))
+        if mode == "lorakit-shared":
+            share_dropout_masks(model)
         if mode == "infer-merged":
             lorakit.merge(model)
-        model.train(mode == "lorakit")
+        model.train(mode in ("lorakit", "lorakit-shared"))
     else:
         model.eval()
 
@@ -126,13 +132,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--compare-dropout", action="store_true", help=f"modes {','.join(DROPOUT_MODES)}")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_mode(args.child, args)))
         return
 
-    modes = args.modes.split(",")
+    modes = DROPOUT_MODES if args.compare_dropout else args.modes.split(",")
     results: dict[str, list[dict]] = {m: [] for m in modes}
     base_cmd = [sys.executable, os.path.abspath(__file__), "--steps", str(args.steps), "--batch", str(args.batch),
                 "--seq", str(args.seq), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
@@ -146,9 +153,10 @@ def main() -> None:
 
     med = {m: statistics.median(r["median_s"] for r in rs) for m, rs in results.items()}
     rss = {m: statistics.median(r["peak_rss_mib"] for r in rs) for m, rs in results.items()}
-    print("\nmode            median s/step   peak RSS MiB")
+    print("\nmode            median s/step   spread (min-max over rounds)   peak RSS MiB")
     for m in modes:
-        print(f"{m:15s} {med[m]:13.3f}   {rss[m]:12.0f}")
+        lo, hi = min(r["median_s"] for r in results[m]), max(r["median_s"] for r in results[m])
+        print(f"{m:15s} {med[m]:13.3f}   {lo:7.3f} - {hi:7.3f}                 {rss[m]:12.0f}")
 
     def ratio(a, b, goal, cmp="<="):
         if a in med and b in med:
@@ -164,8 +172,11 @@ def main() -> None:
     ratio("qlora", "lorakit", 1.30)
     ratio("infer-lorakit", "infer-base", 1.10)
     ratio("infer-merged", "infer-base", 1.05)
+    ratio("lorakit-shared", "lorakit", 99)
     if "lorakit" in rss and "peft" in rss:
         print(f"peak RSS lorakit / peft = {rss['lorakit'] / rss['peft']:.3f}   (goal <= 1.00)")
+    if "lorakit" in rss and "lorakit-shared" in rss:
+        print(f"peak RSS lorakit-shared / lorakit = {rss['lorakit-shared'] / rss['lorakit']:.3f}")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,20 @@ def test_safe_merge_refuses_non_finite(ids):
 
 
 def test_eval_does_not_merge(ids):
+    """``.eval()`` / ``.train()`` never merge (loralib merged on ``.eval()``): the base weights stay
+    bit-identical and the output is base + s·B·A computed here by hand from an untouched copy."""
+    import copy
+
     m = two_adapters()
+    lorakit.set_adapter(m, "a")
+    plain = lorakit.unload(copy.deepcopy(m))  # the base model, weights as they were
+    weights = {n: p.clone() for n, p in m.named_parameters() if "base_layer" in n}
+    m.train()
     m.eval()
-    assert all(not h.merged for _, h in lorakit.state.lora_layers(m))
+    assert all(torch.equal(weights[n], p) for n, p in m.named_parameters() if "base_layer" in n)
+    with torch.no_grad():
+        for path, host in lorakit.state.lora_layers(m):  # merge by hand into the plain copy
+            ad = host.lora["a"]
+            plain.get_submodule(path).weight += ad.scaling * ad.lora_B @ ad.lora_A
+        torch.testing.assert_close(m(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(weights[n], p) for n, p in m.named_parameters() if "base_layer" in n)

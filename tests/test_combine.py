@@ -61,15 +61,24 @@ def test_svd_is_best_rank_k_of_the_sum():
         torch.testing.assert_close(err, s[3:].square().sum().sqrt(), rtol=1e-3, atol=1e-5)
 
 
-def test_linear_computes_documented_formula():
+def test_linear_matches_peft_add_weighted_adapter(tmp_path, ids):
+    """combination_type="linear" against PEFT's own add_weighted_adapter on the same two adapters."""
+    peft = pytest.importorskip("peft")
     m = setup()
-    w = (0.5, 2.0)
-    lorakit.combine_adapters(m, ["x", "y"], list(w), "c", method="linear")
-    for _, host in lora_layers(m):
-        ax, bx, sx = host.lora["x"].lora_A, host.lora["x"].lora_B, host.lora["x"].scaling
-        ay, by, sy = host.lora["y"].lora_A, host.lora["y"].lora_B, host.lora["y"].scaling
-        cx, cy = (w[0] * sx / sx) ** 0.5, (w[1] * sy / sx) ** 0.5
-        want = sx * (cx * bx + cy * by) @ (cx * ax + cy * ay)
+    w = [0.5, 2.0]
+    for name in ("x", "y"):
+        lorakit.save_adapter(m, tmp_path / name, name)
+    lorakit.combine_adapters(m, ["x", "y"], w, "c", method="linear")
+    lorakit.set_adapter(m, "c")
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "x", adapter_name="x")
+    pm.load_adapter(tmp_path / "y", adapter_name="y")
+    pm.add_weighted_adapter(["x", "y"], w, "c", combination_type="linear")
+    pm.set_adapter("c")
+    pm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, pm(ids).logits, rtol=1e-5, atol=1e-5)
+    for path, host in lora_layers(m):  # and the update itself, layer by layer
+        want = pm.base_model.model.get_submodule(path).get_delta_weight("c")
         torch.testing.assert_close(naive_delta(host, "c"), want.detach(), rtol=1e-5, atol=1e-6)
 
 

@@ -64,11 +64,16 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
         if reason:
             raise UnsupportedModuleError(f"module {path!r} ({type(base).__name__}) cannot take a {kind.name} "
                                          f"adapter: {reason}.")
-        adapter = kind.create(base_kind, base, path, config)
+        try:
+            adapter = kind.create(base_kind, base, path, config)
+        except UnsupportedModuleError as exc:  # e.g. a grouped convolution: say which module it is
+            if repr(path) in str(exc):
+                raise
+            raise UnsupportedModuleError(f"module {path!r}: {exc}") from None
         if adapter.needs_base_weight and isinstance(module, LoraLayer) and module.merged:
             raise AdapterStateError(
-                f"module {path!r} has merged adapters {module.merged}: a {kind.name} adapter (DoRA, trainable tokens) is measured on the "
-                "unmerged weight — unmerge first (lorakit.unmerge(model)), then add it.")
+                f"module {path!r} has merged adapters {module.merged}: a {kind.name} adapter (DoRA, trainable tokens) "
+                "is measured on the unmerged weight — unmerge first (lorakit.unmerge(model)), then add it.")
         plan.append((path, module, base_kind, adapter))
     extra = plan_extra_targets(model, config, adapter_name, {p for p, _ in module_targets})
     copies = find_copy_targets(model, config.modules_to_save or [])

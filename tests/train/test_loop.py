@@ -236,9 +236,15 @@ def test_bf16_autocast_and_gradient_checkpointing_train(reference_run, tiny_lm, 
 
 
 def test_qlora_trains_on_a_quantized_base(reference_run, tiny_lm, tmp_path):
-    pytest.importorskip("lorakit.quant", exc_type=ImportError)
+    """QLoRA learns as much as LoRA on the unquantized base (same data, seed and steps): the eval loss
+    falls by a real margin, and by at least 80 % of what the fp32 run achieves. (The tiny base's head
+    is frozen behind an RMSNorm, so its loss moves little in absolute terms; about 0.09 here.)"""
     data, _ = reference_run
-    r = train(quick_args(tiny_lm, data, tmp_path / "q", quant="nf4", max_steps=3, target_modules=["q_proj", "v_proj"]))
-    assert r.metrics["loss"]["last"] < r.metrics["loss"]["first"] + 1.0
+    kw = dict(max_steps=10, target_modules=["q_proj", "v_proj"], eval_data=str(data))
+    q = train(quick_args(tiny_lm, data, tmp_path / "q", quant="nf4", **kw)).metrics["eval"]
+    f = train(quick_args(tiny_lm, data, tmp_path / "f", **kw)).metrics["eval"]
+    q_drop = q["before"]["loss"] - q["after"]["loss"]
+    f_drop = f["before"]["loss"] - f["after"]["loss"]
+    assert f_drop > 0.05 and q_drop > 0.8 * f_drop, (q_drop, f_drop)
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in load_file(
         tmp_path / "q" / "adapter" / "adapter_model.safetensors")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lorakit.errors import ConfigError
 from lorakit.train.hooks import HookContext
 from lorakit.train.methods import METHODS
 from lorakit.variants.adalora import (
@@ -139,7 +140,7 @@ def test_method_builder_maps_train_args():
     hook.on_train_start(HookContext(model=setup.model, optimizer=None, step=0, total_steps=50))
     c = hook.allocator.config
     assert (c.total_step, c.tinit, c.tfinal) == (50, 5, 15)
-    with pytest.raises(Exception, match="not AdaLoRA options"):
+    with pytest.raises(ConfigError, match="not AdaLoRA options"):
         adalora_config(SimpleNamespace(**{**vars(args), "method_options": {"rank": 3}}))
 
 
@@ -155,11 +156,11 @@ def test_rank_grid_layout():
 def test_lorakit_train_method_adalora_end_to_end(tmp_path):
     """`lorakit train --method adalora` through the real loop: allocation, report, checkpoint/resume
     across the cut (same adapter as an uninterrupted run), and a file PEFT reads."""
-    loop = pytest.importorskip("lorakit.train.loop")
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     import lorakit
     from lorakit.tasks import DEFAULT_TASK, build_tokenizer
+    from lorakit.train import loop
     from lorakit.train.args import TrainArgs
 
     torch.manual_seed(0)

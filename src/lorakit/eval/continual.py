@@ -30,13 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._fs import atomic_write_text
+from .. import tasks as registry
+from .._fs import atomic_write, atomic_write_text
 from ..errors import ConfigError
-from ..train.hooks import BaseHook
+from ..hooks import BaseHook
+from ..io import copy_weights, read_adapter_weights
+from ..train.loop import train
+from ..variants.expand import expansion_plan
+from ..variants.sdft import write_rows
 from .forgetting import (
     MethodSpec,
     RunSettings,
-    _import_methods,
+    _finite,
     average_accuracy,
     backward_transfer,
     distill_builtin,
@@ -97,8 +102,6 @@ class LoadAdapterHook(BaseHook):
         self.path, self.adapter_name, self.applied = Path(path), adapter_name, False
 
     def on_train_start(self, ctx) -> None:
-        from ..io import copy_weights, read_adapter_weights
-
         if not self.applied:
             copy_weights(ctx.model, self.adapter_name, read_adapter_weights(self.path), source=str(self.path))
             self.applied = True
@@ -113,7 +116,6 @@ class LoadAdapterHook(BaseHook):
 def run_sequence(method: str | MethodSpec, tasks: Sequence[str], keep: Sequence[str], output_dir: str | Path,
                  settings: RunSettings, say=print) -> SequenceResult:
     """Train ``method`` on ``tasks`` in order; score all tasks (and ``keep``) after every stage."""
-    from ..train.loop import train
 
     spec = parse_method(method) if isinstance(method, str) else method
     if spec.method not in ("full", "lora", "loraplus", "olora", "expand"):
@@ -123,7 +125,6 @@ def run_sequence(method: str | MethodSpec, tasks: Sequence[str], keep: Sequence[
         raise ConfigError(f"{spec.label!r}: sequences distil data for LoRA only (sdft-lora[-rN]).")
     if len(tasks) < 2:
         raise ConfigError(f"a sequence needs at least two tasks, got {list(tasks)}.")
-    _import_methods(spec)
     out = Path(output_dir)
     eval_tasks = [*tasks, *[k for k in keep if k not in tasks]]
     result = SequenceResult(spec.label, list(tasks), list(keep), {})
@@ -167,7 +168,6 @@ def run_sequence(method: str | MethodSpec, tasks: Sequence[str], keep: Sequence[
 
 
 def _new_blocks(model_dir: Path, spec: MethodSpec) -> list[int]:
-    from ..variants.expand import expansion_plan
 
     n_layers = json.loads((model_dir / "config.json").read_text())
     n = n_layers.get("num_hidden_layers", n_layers.get("n_layer"))
@@ -180,12 +180,8 @@ def run_multitask(method: str | MethodSpec, tasks: Sequence[str], keep: Sequence
                   settings: RunSettings, say=print) -> SequenceResult:
     """One run on all ``tasks`` mixed (``builtin_rows`` rows of each, shuffled), for as many steps as
     the whole sequence gets (len(tasks) × steps)."""
-    from .. import tasks as registry
-    from ..train.loop import train
-    from ..variants.sdft import write_rows
 
     spec = parse_method(method) if isinstance(method, str) else method
-    _import_methods(spec)
     out = Path(output_dir)
     rows = [r for t in tasks for r in registry.get(t).examples(settings.builtin_rows, seed=settings.seed)]
     random.Random(settings.seed).shuffle(rows)
@@ -232,7 +228,6 @@ def matrix_table(result: SequenceResult) -> str:
 
 
 def write_results(results: Sequence[SequenceResult], path: str | Path) -> None:
-    from .forgetting import _finite
 
     atomic_write_text(Path(path), json.dumps([_finite(r.as_dict()) for r in results], indent=2) + "\n")
 
@@ -245,7 +240,6 @@ def plot_study(results: Sequence[SequenceResult], path: Path, title: str) -> Non
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from .._fs import atomic_write
 
     fig = Figure(figsize=(10, 4.2), dpi=110)
     seen_ax, keep_ax = fig.subplots(1, 2)

@@ -35,8 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import tasks as task_registry
 from .._fs import atomic_write, atomic_write_json, atomic_write_text
 from ..errors import ConfigError
+from ..tasks import embedded_manifest
+from ..train.args import TrainArgs
+from ..train.commands import load_for_inference
+from ..train.loop import train as run_training
+from ..train.model import model_dir
+from ..variants.sdft import counts_path, distill_rows, hf_generator, write_rows
 
 # -- the metrics ------------------------------------------------------------------------------------
 
@@ -211,8 +218,6 @@ class RunSettings:
 
     def train_args(self, spec: MethodSpec, data: str, output_dir: Path, eval_tasks: list[str], model: str | None = None,
                    steps: int | None = None, extra_options: Mapping[str, Any] | None = None):
-        from ..train.args import TrainArgs
-
         options = dict(spec.options)
         if spec.method in ("olora",):
             options.update(self.method_options)
@@ -225,14 +230,6 @@ class RunSettings:
             schedule=self.schedule, builtin_rows=self.builtin_rows, eval_rows=self.eval_rows, seed=self.seed,
             threads=self.threads, eval_tasks=eval_tasks, overwrite=True, progress=self.progress,
         )
-
-
-def _import_methods(spec: MethodSpec) -> None:
-    # Methods that live in variants register themselves on import.
-    if spec.method == "expand":
-        from ..variants import expand  # noqa: F401
-    elif spec.method == "olora":
-        from ..variants import olora  # noqa: F401
 
 
 # -- the harness ------------------------------------------------------------------------------------
@@ -255,8 +252,6 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
     its ``lorakit_tasks.json``). Writes ``forgetting.md``, ``forgetting.csv``, ``forgetting.json`` and
     ``pareto.png`` into ``output_dir``; each method's run lives in ``output_dir/runs/<method>``.
     """
-    from .. import tasks as task_registry
-    from ..train.loop import train as run_training
 
     settings = settings or RunSettings()
     specs = parse_methods(methods)
@@ -271,7 +266,6 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
     out = Path(output_dir)
     rows = []
     for spec in specs:
-        _import_methods(spec)
         run_dir = out / "runs" / spec.label
         data, extra = f"builtin:{train}", {}
         if spec.distill:
@@ -291,8 +285,6 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
 
 def default_keep(model: str | None, exclude: str | None = None) -> list[str]:
     """The model's base tasks (``lorakit_tasks.json``), or [] for a model without a manifest."""
-    from ..tasks import embedded_manifest
-    from ..train.model import model_dir
 
     path, _ = model_dir(model)
     if not (path / "lorakit_tasks.json").is_file():
@@ -303,9 +295,6 @@ def default_keep(model: str | None, exclude: str | None = None) -> list[str]:
 def distill_builtin(model: str | None, adapter: str | None, task: str, out: Path, settings: RunSettings):
     """SDFT's data step for a built-in task: the same rows ``builtin:TASK`` would train on, each
     response rewritten by the model (base + ``adapter``) when the rewrite passes the task's check."""
-    from .. import tasks as task_registry
-    from ..train.commands import load_for_inference
-    from ..variants.sdft import counts_path, distill_rows, hf_generator, write_rows
 
     net, tokenizer, _ = load_for_inference(model, adapter)
     rows = task_registry.get(task).examples(settings.builtin_rows, seed=settings.seed, split="train")

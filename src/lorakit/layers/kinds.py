@@ -1,9 +1,11 @@
 """Base kinds: what LoRA needs to know about each kind of module it can wrap.
 
-A *kind* answers four questions about a base module: does it match, what are the shapes of A and B,
-how does the LoRA branch run on its input, and how does the dense update ΔW (always computed as a
-2-D ``(fan_out, fan_in)`` matrix by :meth:`LoraAdapter.delta_2d`) map onto the base's own weight
-layout. Nothing here knows about adapters' lifecycle; the host (``host.py``) does that.
+A *kind* answers these questions about a base module: does it match, what are the shapes of A and B,
+how does the fused LoRA branch run on its input, how does the base's own operation run with another
+weight (``apply_weight``, for delta-based adapters), what is its weight as a ``(fan_out, fan_in)``
+matrix (``weight_2d``), and how does a dense update ΔW (always a 2-D ``(fan_out, fan_in)`` matrix from
+an adapter's ``delta_2d``, ``layers/protocol.py``) map onto the base's own weight layout. Nothing here
+knows about adapters' lifecycle; the host (``host.py``) does that.
 
 Dispatch: a base module may name its own kind (a class attribute ``lora_base_kind``, e.g. lorakit's
 ``QuantLinear``), so a new base type is one small file and nothing registers itself at import time;

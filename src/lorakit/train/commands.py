@@ -11,8 +11,16 @@ from typing import Any
 
 import torch
 
+from ..adapters import disabled, merge_and_unload
 from ..errors import AdapterFileError, ConfigError
+from ..io import load_adapter, read_adapter_config, read_adapter_weights
+from ..tasks import embedded_model_dir
 from .args import BUILTIN_PREFIX
+from .data_files import read_data
+from .encode import encode, label_mapping
+from .metrics import evaluate_loss
+from .model import load_tokenizer, model_dir
+from .task_eval import evaluate_task
 
 LABELS_FILE = "lorakit_labels.json"  # label2id of a classifier's adapter, written next to it
 
@@ -21,12 +29,10 @@ def base_of(adapter: str | None, model: str | None) -> str | None:
     """The base model: ``--model``, else the adapter's ``base_model_name_or_path`` (None = embedded)."""
     if model is not None or adapter is None:
         return model
-    from ..io import read_adapter_config
 
     base = read_adapter_config(adapter).get("base_model_name_or_path")
     if base and (Path(base) / "config.json").is_file():
         return base
-    from ..tasks import embedded_model_dir
 
     if base and Path(base).resolve() == embedded_model_dir(check=False).resolve():
         return None
@@ -37,8 +43,6 @@ def load_for_inference(model: str | None, adapter: str | None):
     """(model, tokenizer, task) with the adapter loaded (frozen) when one is given."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ..io import load_adapter
-    from .model import load_tokenizer, model_dir
 
     path, _ = model_dir(base_of(adapter, model))
     tokenizer = load_tokenizer(path)
@@ -69,10 +73,6 @@ def load_for_inference(model: str | None, adapter: str | None):
 def evaluate(data: str, adapter: str | None = None, model: str | None = None, max_length: int = 512,
              batch_size: int = 16, eval_rows: int = 200, seed: int = 0) -> dict[str, Any]:
     """Loss / perplexity / accuracy of the base model and (with ``adapter``) the adapted one."""
-    from ..adapters import disabled
-    from ..eval.metrics import evaluate_loss
-    from .data_files import read_data
-    from .encode import encode, label_mapping
 
     net, tokenizer, task = load_for_inference(model, adapter)
     raw = read_data(data, "auto", "eval", eval_rows, seed)
@@ -85,8 +85,6 @@ def evaluate(data: str, adapter: str | None = None, model: str | None = None, ma
     def score() -> dict[str, Any]:
         result = {"loss": evaluate_loss(net, encoded.examples, tokenizer.pad_token_id, batch_size).to_dict()}
         if builtin and task == "causal-lm":
-            from ..eval.task_eval import evaluate_task
-
             result["exact_match"] = evaluate_task(net, tokenizer, builtin, n=eval_rows).accuracy
         return result
 
@@ -116,7 +114,6 @@ def format_eval(result: dict[str, Any]) -> list[str]:
 # -- merge ------------------------------------------------------------------------------------------
 def merge(adapter: str, out: str, model: str | None = None) -> Path:
     """Merge ``adapter`` into its base and save a dense transformers checkpoint (+ tokenizer) to ``out``."""
-    from ..adapters import merge_and_unload
 
     net, tokenizer, _ = load_for_inference(model, adapter)
     net = merge_and_unload(net)
@@ -154,8 +151,6 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
 # -- info ---------------------------------------------------------------------------------------------
 def info(adapter_dir: str) -> dict[str, Any]:
     """What an adapter directory holds: its config, ranks per module, tensor count and size."""
-    from ..io import read_adapter_config, read_adapter_weights
-
     config = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
     ranks: dict[str, int] = {}

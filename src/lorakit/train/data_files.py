@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import tasks
 from ..errors import ConfigError, DataError
 from .args import BUILTIN_PREFIX
 
@@ -62,7 +63,6 @@ def read_data(spec: str, data_format: str = "auto", split: str = "train", builti
 
 
 def _read_builtin(name: str, data_format: str, split: str, n: int, seed: int) -> RawData:
-    from .. import tasks
 
     task = tasks.get(name)  # ConfigError naming the known tasks on a typo
     if data_format not in ("auto", "instruction"):

@@ -20,6 +20,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from ..io import adapter_tensors, peft_config_dict, write_adapter_dir
+from ..state import model_state, require_adapter
 from .args import TrainArgs
 
 
@@ -37,8 +39,6 @@ def check_fsdp_args(args: TrainArgs) -> None:
 
 def adapter_param_names(model: nn.Module, adapter_name: str = "default") -> dict[str, str] | None:
     """PEFT file key → parameter name in ``model``, for a plain LoRA adapter (None otherwise)."""
-    from ..io import adapter_tensors
-    from ..state import model_state
 
     st = model_state(model)
     if st is None or adapter_name not in st.adapters or st.adapters[adapter_name].kind != "lora":
@@ -62,8 +62,6 @@ def save_artifact(accelerator, model, unwrapped, setup, path: Path, tokenizer: A
             if key_names is None:
                 raise ConfigError(f"saving a {setup.artifact} of method {type(setup).__name__} under FSDP is only "
                                   "supported for LoRA adapters; use DDP for this method.")
-            from ..io import peft_config_dict, write_adapter_dir
-            from ..state import require_adapter
 
             tensors = {k: full[n].detach().contiguous().cpu().clone() for k, n in key_names.items()}
             write_adapter_dir(path, tensors, peft_config_dict(unwrapped, "default", require_adapter(unwrapped, "default").config))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..tasks.format import format_answer, format_prompt, to_messages
 from .data_files import RawData
 
 IGNORE = -100
@@ -63,8 +64,6 @@ def encode(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int] | 
         texts, spans = zip(*(_render_chat(tokenizer, c, raw.source, i + 1) for i, c in enumerate(conversations)))
         add_special = False  # the template writes the special tokens itself
     else:
-        from ..tasks.format import format_answer, format_prompt
-
         prompts = [format_prompt(r) for r in raw.rows]
         texts = [p + format_answer(r) for p, r in zip(prompts, raw.rows)]
         spans = [[(len(p), len(t))] for p, t in zip(prompts, texts)]
@@ -146,7 +145,6 @@ def pack(examples: list[dict[str, Any]], block: int) -> list[dict[str, Any]]:
 
 # -- chat rendering -----------------------------------------------------------------------------
 def _instruction_messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    from ..tasks.format import to_messages
 
     return to_messages(row)
 

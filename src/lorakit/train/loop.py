@@ -27,15 +27,18 @@ from typing import Any
 
 import torch
 
-from ..errors import TrainingError
+from .._fs import atomic_write_json
+from ..errors import CheckpointError, TrainingError
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from .args import TrainArgs
 from .batches import BatchPlan, batch_loss_sum, collate, target_count
+from .commands import LABELS_FILE
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
 from .logs import StepLog
+from .metrics import evaluate_loss
 from .report import plot_loss, summary_lines, write_metrics
 from .schedule import apply_lr, init_base_lr, lr_factor
 from .setup import (
@@ -48,6 +51,7 @@ from .setup import (
     prepare_model_and_data,
     resolve_defaults,
 )
+from .task_eval import evaluate_tasks
 
 
 @dataclass
@@ -210,8 +214,6 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
             row = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "targets": n_step,
                    "seconds": time.perf_counter() - t0, **ctx.log}
             if args.eval_every and (step + 1) % args.eval_every == 0 and data.eval is not None:
-                from ..eval.metrics import evaluate_loss
-
                 ev = evaluate_loss(model, data.eval.examples, pad_id, args.batch_size, accelerator, autocast)
                 row.update(eval_loss=ev.loss, eval_accuracy=ev.accuracy)
             history.append(row)
@@ -246,8 +248,6 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     artifact = out / setup.artifact
     save_artifact(accelerator, model, unwrapped, setup, artifact, tokenizer, key_names)
     if main and data.label2id:  # a classifier's labels, for `lorakit eval/merge` to rebuild its head
-        from .._fs import atomic_write_json
-        from .commands import LABELS_FILE
 
         atomic_write_json(artifact / LABELS_FILE, data.label2id)
     t_eval = time.perf_counter()
@@ -293,15 +293,11 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
 def _evaluate(model, unwrapped, tokenizer, eval_data, tasks: EvalTasks, args: TrainArgs, accelerator,
               pad_id: int, autocast) -> dict[str, Any]:
     """Eval loss on the eval data (all processes), and built-in task accuracy (main process)."""
-    from ..eval.metrics import evaluate_loss
-
     result: dict[str, Any] = {}
     if eval_data is not None:
         result["eval"] = evaluate_loss(model, eval_data.examples, pad_id, args.batch_size, accelerator,
                                        autocast).to_dict()
     if tasks.all and accelerator.is_main_process:
-        from ..eval.task_eval import evaluate_tasks
-
         with autocast():
             scores = evaluate_tasks(unwrapped, tokenizer, tasks.all, n=args.eval_rows)
         result["tasks"] = {name: s.accuracy for name, s in scores.items()}
@@ -335,7 +331,6 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, hooks, history, bef
 
 
 def _load_trainable(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from ..errors import CheckpointError
 
     params = dict(model.named_parameters())
     problems = [f"{k}: not a parameter of the model" for k in tensors if k not in params]

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..quant import prepare_for_kbit_training, quantize_model
+from ..tasks import embedded_model_dir
 from .args import TrainArgs
 
 
@@ -27,8 +29,6 @@ class LoadedModel:
 def model_dir(spec: str | None) -> tuple[Path, bool]:
     """The directory of ``spec`` (None = the embedded model) and whether it is the embedded one."""
     if spec is None:
-        from ..tasks import embedded_model_dir
-
         return embedded_model_dir(), True
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
@@ -96,15 +96,7 @@ def load_model(args: TrainArgs, data_format: str | None = None, label2id: dict[s
 
 
 def quantize(model, quant: str, bf16: bool, checkpointing: bool):
-    """Quantize the frozen base with ``lorakit.quant`` (imported only when asked for); the output
-    head stays in full precision. Compute runs in bf16 with ``bf16``, else fp32."""
-    try:
-        from ..quant import prepare_for_kbit_training, quantize_model
-    except ImportError as exc:
-        raise ConfigError(
-            f"quant={quant} needs lorakit.quant.quantize_model and prepare_for_kbit_training, which this "
-            f"lorakit build cannot import ({exc}); train without quant (quant=none)."
-        ) from None
+    """Quantize the frozen base with ``lorakit.quant``; the output head stays in full precision. Compute runs in bf16 with ``bf16``, else fp32."""
     import torch
 
     model = quantize_model(model, quant_type=quant, compute_dtype=torch.bfloat16 if bf16 else torch.float32)

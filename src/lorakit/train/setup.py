@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from .. import tasks
 from ..errors import ConfigError
+from ..tasks import DEFAULT_TASK, embedded_manifest
 from . import methods
 from .args import BUILTIN_PREFIX, TrainArgs
 from .checkpoint import list_checkpoints
@@ -44,7 +46,6 @@ def resolve_defaults(args: TrainArgs) -> TrainArgs:
     if args.data is None:
         if args.model is not None:
             raise ConfigError("--data is required with --model: pass a .jsonl/.csv/.parquet file or builtin:TASK.")
-        from ..tasks import DEFAULT_TASK, embedded_manifest
 
         task = embedded_manifest().get("default_task", DEFAULT_TASK)
         args = args.replace(data=f"{BUILTIN_PREFIX}{task}")
@@ -127,7 +128,6 @@ def build_optimizer(setup: methods.MethodSetup, args: TrainArgs) -> torch.optim.
 
 def eval_tasks(args: TrainArgs, loaded: LoadedModel) -> EvalTasks:
     """Built-in tasks to score: ``eval_tasks`` if given, else the data's task and the model's base tasks."""
-    from .. import tasks
 
     if loaded.task != "causal-lm":
         return EvalTasks()
@@ -154,8 +154,6 @@ def with_replay(train: RawData, args: TrainArgs) -> RawData:
     if args.replay_data is not None:
         sources = [args.replay_data]
     elif args.model is None:
-        from ..tasks import embedded_manifest
-
         sources = [f"{BUILTIN_PREFIX}{t}" for t in embedded_manifest().get("base_tasks", [])]
     else:
         raise ConfigError(f"replay={args.replay} needs replay_data=FILE (rows of the tasks to keep) with --model; "

@@ -39,6 +39,8 @@ import torch
 
 from .._fs import atomic_write_json, atomic_write_text
 from ..errors import ConfigError, DataError
+from ..tasks import BUILTIN_TASKS
+from ..tasks.format import format_prompt, parse_answer, to_messages, user_text
 
 # The authors' ban list (eval/gen_distilled_data.py in sail-sg/sdft), matched case-insensitively.
 REFERENCE_PHRASES = ("reference answer", "your response", "my response", "your own response", "now it's your turn")
@@ -61,13 +63,9 @@ class DistillTemplate:
     answer: Literal["line", "full"] = "full"
 
     def render(self, row: Mapping[str, Any]) -> str:
-        from ..tasks.format import format_prompt, user_text
-
         return self.text.format(prompt=format_prompt(row), user=user_text(row), reference=row["output"])
 
     def parse(self, continuation: str) -> str:
-        from ..tasks.format import parse_answer
-
         return parse_answer(continuation) if self.answer == "line" else continuation.strip()
 
 
@@ -102,7 +100,6 @@ def mentions_reference(text: str) -> bool:
 def builtin_check(rewrite: str, row: Mapping[str, Any]) -> bool:
     """The default check: the built-in task with the row's instruction word scores the rewrite
     (``Task.score``); a row of no built-in task accepts any non-empty rewrite."""
-    from ..tasks import BUILTIN_TASKS
 
     for task in BUILTIN_TASKS:
         if task.instruction == row.get("instruction"):
@@ -212,7 +209,6 @@ def _as_instruction_row(obj: Any, where: str) -> tuple[dict[str, Any], str]:
 
 
 def write_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], schema: str = "instruction") -> Path:
-    from ..tasks.format import to_messages
 
     lines = [json.dumps({"messages": to_messages(r)} if schema == "messages" else dict(r), ensure_ascii=False)
              for r in rows]

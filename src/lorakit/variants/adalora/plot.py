@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..._fs import atomic_write, atomic_write_json
+
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.(.+)$")
 
 
@@ -68,7 +70,6 @@ def plot_rank_heatmap(ranks: Mapping[str, int], path: str | Path, title: str | N
     fig.colorbar(im, ax=ax, label="final rank")
     ax.set_title(title or f"AdaLoRA final ranks (total {sum(ranks.values())})")
     fig.tight_layout()
-    from ..._fs import atomic_write
 
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -77,7 +78,6 @@ def plot_rank_heatmap(ranks: Mapping[str, int], path: str | Path, title: str | N
 
 def write_rank_report(ranks: Mapping[str, int], output_dir: str | Path, extra: Mapping | None = None) -> tuple[Path, Path]:
     """``adalora_ranks.png`` and ``adalora_ranks.json`` in ``output_dir``."""
-    from ..._fs import atomic_write_json
 
     out = Path(output_dir)
     png = plot_rank_heatmap(ranks, out / "adalora_ranks.png", vmax=(extra or {}).get("init_r"))
