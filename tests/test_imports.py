@@ -24,7 +24,7 @@ ROOT = Path(lorakit.__file__).parent
 LAYERS = {
     # core
     "errors": 0, "_fs": 0, "config": 0, "layers": 0, "adapter_kinds": 0, "state": 0, "inject": 0,
-    "adapters": 0, "io": 0, "combine": 0, "summary": 0, "hooks": 0,
+    "adapters": 0, "io": 0, "combine": 0, "summary": 0, "hooks": 0, "init_conversion": 0,
     "quant": 1,
     "__init__": 1,  # the public API facade: core, plus quantize_model (imported when called)
     "variants": 2,
