@@ -210,3 +210,15 @@ def test_dora_delta_alone_is_refused():
     lorakit.inject(model, lorakit.LoraConfig(**kw, use_dora=True, init_lora_weights=False), "b")
     with pytest.raises(LorakitError, match="'a' is a dora adapter"):
         lorakit.combine_adapters(model, ["a", "b"], [0.5, 0.5], "ab", method="svd")
+
+
+def test_dropout_acts_on_the_low_rank_path_only():
+    """Documented choice: with B = 0 (fresh adapter, g = 1) a training-mode forward with dropout is the
+    base model's output exactly — the base path is never dropped (PEFT drops it and pays a 2nd matmul)."""
+    make, kw = CASES["llama"]
+    ids = _ids("llama")
+    model = lorakit.inject(make(), lorakit.LoraConfig(**{**kw, "lora_dropout": 0.5}, use_dora=True))
+    model.train()
+    base = make().train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
