@@ -196,3 +196,73 @@ def test_embedding_lookup_apply_weight_matches_f_embedding():
     w = torch.randn(3, 7)  # (fan_out=dim, fan_in=num)
     ids = torch.tensor([1, 2, 6])
     torch.testing.assert_close(kind.apply_weight(emb, ids, w), F.embedding(ids, w.T))
+
+
+class RescaleAdapter(Adapter):
+    """DoRA-like (Liu et al. 2024, §4.1): W' = m ⊙ V / ‖V‖_row with V = W0 + s·B·A; exercises
+    ``needs_base_weight`` and ``unmerge_delta_2d`` (W0 recovered with the norm cached at merge)."""
+
+    needs_base_weight = True
+
+    def __init__(self, w0: torch.Tensor, r: int, s: float):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.a = nn.Parameter(torch.randn(r, w0.shape[1], generator=g) * 0.3)
+        self.b = nn.Parameter(torch.randn(w0.shape[0], r, generator=g) * 0.3)
+        self.m = nn.Parameter(w0.norm(dim=1) * 1.5)
+        self.s = s
+        self._norm = None
+
+    def _scale(self, w0):
+        v = w0 + self.s * self.b @ self.a
+        return v, self.m / v.norm(dim=1)
+
+    def delta_2d(self, base_weight=None):
+        v, scale = self._scale(base_weight)
+        self._norm = v.norm(dim=1).detach()  # cached for unmerge, as PEFT does
+        return scale[:, None] * v - base_weight
+
+    def unmerge_delta_2d(self, merged_weight=None):
+        w0 = merged_weight / (self.m / self._norm)[:, None] - self.s * self.b @ self.a
+        return merged_weight - w0
+
+    def apply(self, kind, base, base_out, x, mask):
+        w0 = kind.weight_2d(base)
+        bias = kind.bias(base)
+        _, scale = self._scale(w0)
+        direct = base_out - (bias if bias is not None else 0)  # W0 x
+        lora = (x @ self.a.T) @ self.b.T * self.s
+        return scale * (direct + lora) + (bias if bias is not None else 0)
+
+    def peft_tensors(self, kind):
+        return {"lora_A.weight": self.a, "lora_B.weight": self.b, "lora_magnitude_vector": self.m}
+
+
+class RescaleKind(AdapterKind):
+    name = "toy_dora"
+    config_type = lorakit.LoraConfig
+
+    def accepts_config(self, config):
+        return False
+
+    def create(self, base_kind, base, path, config):
+        return RescaleAdapter(base_kind.weight_2d(base).detach().float(), config.r, 0.5)
+
+
+def test_weight_dependent_kind_merges_and_unmerges_through_the_host():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    w0 = model[0].weight.detach().clone()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]), "d", kind=RescaleKind())
+    ad = model[0].lora["d"]
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        v = w0 + 0.5 * ad.b @ ad.a
+        w_new = ad.m[:, None] * v / v.norm(dim=1, keepdim=True)  # the formula, written out here
+        want = F.linear(x, w_new, model[0].base_layer.bias)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+        lorakit.merge(model)
+        torch.testing.assert_close(model[0].base_layer.weight, w_new, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+        lorakit.unmerge(model)
+        torch.testing.assert_close(model[0].base_layer.weight, w0, rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import AdapterNotFoundError, AdapterStateError
+from ..errors import AdapterNotFoundError, AdapterStateError, UnsupportedModuleError
 from .dropout import SharedMasks, dropout_mask
 from .kinds import BaseKind
 from .protocol import Adapter
@@ -39,11 +39,12 @@ class LoraLayer(nn.Module):
     def add(self, name: str, adapter: Adapter) -> Adapter:
         """Attach ``adapter`` (any kind on the adapter protocol) under ``name``."""
         if not isinstance(adapter, Adapter):
-            raise TypeError(f"{type(adapter).__name__} is not a lorakit.layers.protocol.Adapter")
+            raise UnsupportedModuleError(
+                f"{type(adapter).__name__} is not an adapter: subclass lorakit.layers.protocol.Adapter "
+                "(see its docstring for what a kind provides)."
+            )
         self.lora[name] = adapter
         return adapter
-
-    add_module_adapter = add  # the name variants used before the protocol
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
