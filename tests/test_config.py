@@ -11,7 +11,9 @@ from lorakit.errors import ConfigError
     (dict(lora_dropout=1.0, target_modules=["q"]), "lora_dropout"),
     (dict(target_modules=None), "target_modules is not set"),
     (dict(target_modules=["q"], bias="some"), "bias='some'"),
-    (dict(target_modules=["q"], init_lora_weights="pissa"), "init_lora_weights"),
+    (dict(target_modules=["q"], init_lora_weights="pissa_niter_x"), "init_lora_weights"),
+    (dict(target_modules=["q"], init_lora_weights="loftq", loftq_config={"loftq_bits": 8}), "loftq_bits"),
+    (dict(target_modules=["q"], trainable_token_indices=[-1]), "trainable_token_indices"),
     (dict(target_modules="(unclosed"), "regular expression"),
     (dict(target_modules=["q"], rank_pattern={"q": 0}), "rank_pattern"),
     (dict(target_modules=[]), "non-empty"),
@@ -40,5 +42,6 @@ def test_peft_dict_round_trip_and_unknown_fields_warn():
     data["brand_new_field"] = 3
     with pytest.warns(UserWarning, match="brand_new_field"):
         assert LoraConfig.from_peft_dict(data) == cfg
-    with pytest.raises(ConfigError, match="use_dora"):
-        LoraConfig.from_peft_dict({**data, "use_dora": True})
+    assert LoraConfig.from_peft_dict({**data, "use_dora": True}).use_dora  # DoRA: adapter_kinds/dora.py
+    with pytest.raises(ConfigError, match="lora_bias"):
+        LoraConfig.from_peft_dict({**data, "lora_bias": True})

@@ -98,7 +98,7 @@ def per_row_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> I
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     require_adapter(model, name)
-    for path, host in list(lora_layers(model)):
+    for path, host in reversed(list(lora_layers(model))):  # innermost first (nested ParamHosts)
         if name in host.lora:
             host.remove_adapter(name)
             if len(host.lora) == 0:
@@ -150,7 +150,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
-    for path, host in list(lora_layers(model)):
+    for path, host in reversed(list(lora_layers(model))):  # innermost first (nested ParamHosts)
         set_submodule(model, path, host.base_layer)
     for path, host in list(trainable_copies(model)):
         set_submodule(model, path, host.current() if keep_copies else host.original_module)

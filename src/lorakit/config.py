@@ -21,6 +21,7 @@ from .peft_fields import check_peft_fields
 
 InitKind = Literal["kaiming", "gaussian"]
 BIAS_CHOICES = ("none", "all", "lora_only")
+_WEIGHT_INIT = re.compile(r"^(pissa|pissa_niter_\d+|olora)$")
 COMMON_LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 
 
@@ -43,8 +44,19 @@ class LoraConfig:
             adapted layers train and are saved).
         modules_to_save: modules trained in full next to the adapter (e.g. a classifier head).
         use_rslora: scale by α/√r (rank-stabilized LoRA).
-        init_lora_weights: ``True`` (B = 0, A Kaiming-uniform), ``"gaussian"`` (B = 0, A ~ N(0, 1/r))
-            or ``False`` (A and B both random — ΔW ≠ 0; for tests only).
+        init_lora_weights: ``True`` (B = 0, A Kaiming-uniform), ``"gaussian"`` (B = 0, A ~ N(0, 1/r)),
+            ``False`` (A and B both random — ΔW ≠ 0; for tests only), or an init from the weight that
+            CHANGES the base weights (adapter_kinds/weight_inits.py): ``"pissa"`` / ``"pissa_niter_N"``
+            (principal singular triplets), ``"olora"`` (QR); ``"loftq"`` (NF4 bases, through
+            ``lorakit.quant.loftq``, with ``loftq_config``).
+        use_dora: DoRA (Liu et al. 2024): a trainable magnitude per output channel on top of the
+            LoRA direction (adapter_kinds/dora.py).
+        loftq_config: ``{"loftq_bits": 4, "loftq_iter": N}`` for ``init_lora_weights="loftq"``.
+        target_parameters: parameters to adapt directly, e.g. MoE expert weights stored as 3-D tensors
+            (``["experts.gate_up_proj", "experts.down_proj"]``; adapter_kinds/expert_params.py).
+            ``target_modules`` may then be empty.
+        trainable_token_indices: train only these rows of the input embedding (a list of token ids), or
+            ``{embedding module name: [ids]}`` (adapter_kinds/trainable_tokens.py).
         rank_pattern / alpha_pattern: ``{regex: value}``; a key matches a module when it matches the
             end of its path after a ``.`` (PEFT's rule). When several keys match, the most specific
             (covering the longest end of the path) wins, whatever the keys' order; inject warns.
@@ -66,6 +78,10 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    use_dora: bool = False
+    loftq_config: dict = field(default_factory=dict)
+    target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -78,11 +94,22 @@ class LoraConfig:
         _check_int("r", self.r, minimum=1)
         _check_number("lora_alpha", self.lora_alpha)
         validate_shared_fields(self)
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian", "loftq") and not (
+                isinstance(self.init_lora_weights, str) and _WEIGHT_INIT.match(self.init_lora_weights)):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r}: use True (B=0, Kaiming A), "
-                "'gaussian' (B=0, Gaussian A) or False (random A and B, for tests)."
+                "'gaussian' (B=0, Gaussian A), False (random A and B, for tests), 'pissa', "
+                "'pissa_niter_N' (N an integer, e.g. 'pissa_niter_4'), 'olora' or 'loftq'."
             )
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora={self.use_dora!r}: must be True or False.")
+        self.loftq_config = dict(self.loftq_config or {})
+        if self.init_lora_weights == "loftq":
+            bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+            if bits != 4:
+                raise ConfigError(f"loftq_config loftq_bits={bits!r}: lorakit's LoftQ quantizes to NF4; use 4.")
+            _check_int("loftq_config loftq_iter", iters, minimum=1)
+            self.loftq_config = {"loftq_bits": 4, "loftq_iter": iters}
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         for key, value in self.rank_pattern.items():
@@ -109,9 +136,11 @@ class LoraConfig:
     def to_peft_dict(self) -> dict[str, Any]:
         """The fields PEFT's ``LoraConfig.from_pretrained`` reads, with PEFT's names."""
         out = dataclasses.asdict(self)
-        out.update(peft_type="LORA", inference_mode=True, revision=None, lora_bias=False, use_dora=False)
-        if isinstance(out["init_lora_weights"], str):
-            out["init_lora_weights"] = "gaussian"
+        out.update(peft_type="LORA", inference_mode=True, revision=None, lora_bias=False)
+        if out["init_lora_weights"] not in (True, False, "gaussian"):
+            # pissa/olora/loftq changed the base when the adapter was made; a reader that ran them again
+            # on load (PEFT does) would change the residual base a second time. The file's factors are final.
+            out["init_lora_weights"] = True
         if not out["fused_slices"]:
             del out["fused_slices"]  # a lorakit-only field: written only when used
         return out
@@ -137,7 +166,9 @@ class LoraConfig:
             )
         kwargs = {k: v for k, v in data.items() if k in known}
         if kwargs.get("init_lora_weights") not in (True, False, "gaussian"):
-            kwargs["init_lora_weights"] = True  # an init that left the base unchanged (eva, mica, ...)
+            # pissa/olora/loftq only matter when an adapter is created: a file's factors are loaded
+            # into the (residual) base it was trained on, which is never changed again.
+            kwargs["init_lora_weights"] = True
         return cls(**kwargs)
 
 
@@ -148,7 +179,12 @@ def validate_shared_fields(cfg: Any) -> None:
     layers_pattern."""
     if not (0.0 <= float(cfg.lora_dropout) < 1.0):
         raise ConfigError(f"lora_dropout={cfg.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
-    cfg.target_modules = _norm_targets("target_modules", cfg.target_modules)
+    _norm_extra_targets(cfg)
+    if cfg.target_modules in (None, [], ()) and (getattr(cfg, "target_parameters", None)
+                                                 or getattr(cfg, "trainable_token_indices", None)):
+        cfg.target_modules = []  # only parameters / token rows are adapted (PEFT writes [])
+    else:
+        cfg.target_modules = _norm_targets("target_modules", cfg.target_modules)
     cfg.exclude_modules = _norm_targets("exclude_modules", cfg.exclude_modules)
     if cfg.target_modules is None:
         raise ConfigError(
@@ -168,6 +204,27 @@ def validate_shared_fields(cfg: Any) -> None:
         cfg.layers_to_transform = list(cfg.layers_to_transform)
     if isinstance(cfg.layers_pattern, str):
         cfg.layers_pattern = [cfg.layers_pattern]
+
+
+def _norm_extra_targets(cfg: Any) -> None:
+    params = getattr(cfg, "target_parameters", None)
+    if params is not None:
+        if isinstance(params, str):
+            params = [params]
+        if not isinstance(params, (list, tuple)) or not all(isinstance(p, str) and p for p in params):
+            raise ConfigError(f"target_parameters={params!r}: give a list of parameter names, e.g. "
+                              "['experts.gate_up_proj', 'experts.down_proj'].")
+        cfg.target_parameters = list(params) or None
+    tokens = getattr(cfg, "trainable_token_indices", None)
+    if tokens is not None:
+        items = tokens.items() if isinstance(tokens, dict) else [("the input embedding", tokens)]
+        for name, idx in items:
+            if not isinstance(idx, (list, tuple)) or not idx or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx):
+                raise ConfigError(f"trainable_token_indices for {name}: {idx!r} — give a non-empty list of token "
+                                  "ids (integers ≥ 0), e.g. [32000, 32001].")
+        cfg.trainable_token_indices = ({k: list(v) for k, v in tokens.items()} if isinstance(tokens, dict)
+                                       else list(tokens))
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -22,8 +22,9 @@ from collections.abc import Iterable
 from torch import nn
 
 from .adapter_kinds import kind_for_config
+from .adapter_kinds.extra_targets import plan_extra_targets
 from .config import warn_pattern_overlaps
-from .errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
+from .errors import AdapterStateError, ConfigError, TargetNotFoundError, UnsupportedModuleError
 from .layers.host import LoraLayer
 from .layers.kinds import BaseKind, kind_of, supported_type_names
 from .layers.protocol import AdapterKind
@@ -56,7 +57,8 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
         raise ConfigError(f"adapter kind {kind.name!r} needs a {kind.config_type.__name__}, got {type(config).__name__}.")
     check_adapter_name(model, adapter_name)
     plan = []
-    for path, module in find_targets(model, config):  # build everything before changing the model
+    module_targets = find_targets(model, config) if config.target_modules != [] else []
+    for path, module in module_targets:  # build everything before changing the model
         base = module.base_layer if isinstance(module, LoraLayer) else module
         base_kind = module.kind if isinstance(module, LoraLayer) else kind_of(module)
         reason = kind.refuses(base_kind, base)
@@ -66,9 +68,16 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
         try:
             adapter = kind.create(base_kind, base, path, config)
         except UnsupportedModuleError as exc:  # e.g. a grouped convolution: say which module it is
+            if repr(path) in str(exc):
+                raise
             raise UnsupportedModuleError(f"module {path!r}: {exc}") from None
+        if adapter.needs_base_weight and isinstance(module, LoraLayer) and module.merged:
+            raise AdapterStateError(
+                f"module {path!r} has merged adapters {module.merged}: a {kind.name} adapter (DoRA, trainable tokens) "
+                "is measured on the unmerged weight — unmerge first (lorakit.unmerge(model)), then add it.")
         plan.append((path, module, base_kind, adapter))
     warn_pattern_overlaps(config, [p for p, *_ in plan])
+    extra = plan_extra_targets(model, config, adapter_name, {p for p, _ in module_targets})
     copies = find_copy_targets(model, config.modules_to_save or [])
     both = sorted({p for p, _ in copies} & {p for p, *_ in plan})
     if both:
@@ -77,8 +86,11 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
     for path, module, base_kind, adapter in plan:
         host = module if isinstance(module, LoraLayer) else LoraLayer(module, base_kind)
         host.add(adapter_name, adapter)
+        adapter.attach(base_kind, host.base_layer)  # e.g. PiSSA/OLoRA leave the residual in the base
         if host is not module:
             set_submodule(model, path, host)
+    for attach in extra:
+        attach()
     add_trainable_copies(model, copies, adapter_name)
     register_adapter(model, adapter_name, AdapterRecord(config=config, trainable=True, kind=kind.name))
     return model

@@ -80,15 +80,15 @@ PEFT_FIELDS: dict[str, Decision] = {
     "megatron_config": _ign("how PEFT builds LoRA for Megatron-LM parallel layers; same maths, and "
                             "lorakit adapts the torch modules it is given"),
     "megatron_core": _ign("module name used with megatron_config"),
-    "loftq_config": _ign("settings of init_lora_weights='loftq' (refused through that value)"),
+    "loftq_config": _i("LoftQ's settings (loftq_bits=4 NF4, loftq_iter) for lorakit.quant.loftq_inject"),
     "eva_config": _ign("settings of the EVA initialisation; the trained factors are in the file"),
     "corda_config": _ign("settings of init_lora_weights='corda' (refused through that value)"),
     "lora_ga_config": _ign("settings of init_lora_weights='lora_ga' (refused through that value)"),
     "qalora_group_size": _ign("only used with use_qalora (refused)"),
     # -- features lorakit does not implement (refused by name when set) ----------------------------
-    "use_dora": _ref("DoRA (use_dora)", _PENDING),
-    "trainable_token_indices": _ref("trainable tokens (trainable_token_indices)", _PENDING),
-    "target_parameters": _ref("LoRA on nn.Parameter targets (target_parameters)", _PENDING),
+    "use_dora": _i("DoRA: adapter_kinds/dora.py (magnitude vector, detached column norm)"),
+    "trainable_token_indices": _i("trainable embedding rows: adapter_kinds/trainable_tokens.py"),
+    "target_parameters": _i("LoRA on 3-D expert parameters (MoE): adapter_kinds/expert_params.py"),
     "alora_invocation_tokens": _ref("aLoRA, activated LoRA (alora_invocation_tokens)",
                                     "the update applies only after the invocation tokens; plain LoRA "
                                     "would apply it everywhere"),
@@ -114,13 +114,11 @@ INIT_DECISIONS: dict[str, Decision] = {
     "eva": _ign("data-driven A at creation; the base is unchanged, the factors are in the file"),
     "orthogonal": _ign("orthogonal A and B at creation; the base is unchanged"),
     "mica": _ign("B from the base's minor singular vectors at creation; the base is unchanged"),
-    "pissa": _ref("PiSSA initialisation (init_lora_weights='pissa')",
-                  _PENDING + "; it rewrites the base weights (W - BA), so the adapter only fits the "
-                  "residual base model — or convert it in PEFT (path_initial_model_for_weight_conversion)"),
-    "olora": _ref("OLoRA initialisation (init_lora_weights='olora')",
-                  _PENDING + "; it rewrites the base weights — convert it in PEFT first"),
-    "loftq": _ref("LoftQ initialisation (init_lora_weights='loftq')",
-                  _PENDING + "; it rewrites (quantizes) the base weights"),
+    "pissa": _i("run at inject (adapter_kinds/weight_inits.py; the base becomes W - BA); a file's "
+                "factors load against the residual base they were trained on — convert them to a plain "
+                "LoRA of the original weights with lorakit.init_conversion.save_as_lora"),
+    "olora": _i("run at inject (QR of W; the base becomes the residual); files as for pissa"),
+    "loftq": _i("lorakit.quant.loftq_inject on NF4 bases (alternating quantize / SVD); files as for pissa"),
     "corda": _ref("CorDA initialisation (init_lora_weights='corda')", "it rewrites the base weights"),
     "lora_ga": _ref("LoRA-GA initialisation (init_lora_weights='lora_ga')", "it rewrites the base weights"),
 }

@@ -42,15 +42,10 @@ def _features():
     return {
         "alora_invocation_tokens": dict(alora_invocation_tokens=[3, 4], task_type="CAUSAL_LM"),
         "layer_replication": dict(layer_replication=[[0, 2], [1, 2]]),
-        "trainable_token_indices": dict(trainable_token_indices=[1, 2]),
-        "target_parameters": dict(target_modules=[], target_parameters=["mlp.down_proj.weight"]),
-        "use_dora": dict(use_dora=True),
         "kasa_config": dict(kasa_config=KasaConfig()),
         "velora_config": dict(velora_config=VeloraConfig()),
         "use_bdlora": dict(use_bdlora=BdLoraConfig(match_strict=False)),
         "lora_bias": dict(lora_bias=True),
-        "init_lora_weights='pissa'": dict(init_lora_weights="pissa"),
-        "init_lora_weights='olora'": dict(init_lora_weights="olora"),
     }
 
 
@@ -89,7 +84,7 @@ def plain_peft_dir(tmp_path):
 
 @pytest.mark.parametrize(("field", "value"), [
     ("arrow_config", {"top_k": 2}), ("monteclora_config", {"n_samples": 4}), ("use_qalora", True),
-    ("init_lora_weights", "corda"), ("init_lora_weights", "loftq"), ("init_lora_weights", "pissa_niter_4"),
+    ("init_lora_weights", "corda"), ("init_lora_weights", "lora_ga"),
 ])
 def test_refusals_from_the_config_alone(plain_peft_dir, field, value):
     path, _ = plain_peft_dir

@@ -181,7 +181,8 @@ def test_wrong_config_for_a_kind_and_unknown_file_types():
     assert kind_for_config(lorakit.LoraConfig(target_modules=["0"])).name == "lora"
     with pytest.raises(AdapterFileError, match="peft_type 'IA3' is not supported"):
         kind_for_file({"peft_type": "IA3"}, "x/adapter_config.json")
-    assert [k.name for k in ADAPTER_KINDS] == ["adalora", "olora", "lora_sliced", "lora"]
+    assert [k.name for k in ADAPTER_KINDS] == ["adalora", "olora", "lora_sliced", "dora", "lora", "loha", "lokr"]
+    assert kind_for_config(lorakit.LoraConfig(target_modules=["0"], use_dora=True)).name == "dora"
     with pytest.raises(lorakit.LorakitError, match="unknown adapter kind"):
         adapter_kind("nope")
 

@@ -14,13 +14,14 @@ from typing import Any
 from ..errors import AdapterFileError, AdapterNotFoundError, ConfigError
 from ..layers.protocol import Adapter, AdapterKind
 from .adalora import ADALORA
+from .dora import DORA
 from .loha import LOHA
 from .lokr import LOKR
 from .lora import LORA
 from .olora import OLORA
 from .sliced import SLICED
 
-ADAPTER_KINDS: tuple[AdapterKind, ...] = (ADALORA, OLORA, SLICED, LORA, LOHA, LOKR)
+ADAPTER_KINDS: tuple[AdapterKind, ...] = (ADALORA, OLORA, SLICED, DORA, LORA, LOHA, LOKR)
 
 
 def adapter_kind(name: str) -> AdapterKind:

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..layers.kinds import BaseKind, Geometry, init_factors
 from ..layers.protocol import Adapter, AdapterKind, base_device
+from .weight_inits import init_from_weight
 
 
 class LoraAdapter(Adapter):
@@ -40,6 +41,12 @@ class LoraAdapter(Adapter):
     def delta_2d(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """ΔW = scaling · B·A as a (fan_out, fan_in) matrix, in the factors' dtype."""
         return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)) * self.scaling
+
+    def attach(self, kind: BaseKind, base: nn.Module) -> None:
+        """Leave PiSSA/OLoRA's residual in the base: W ← W − s·B0A0 (``weight_inits.py``)."""
+        pending = self.__dict__.pop("pending_base_delta", None)
+        if pending is not None:
+            kind.add_to_weight(base, kind.to_layout(base, pending))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, scaling) as the base kind's fused branch consumes them."""
@@ -72,8 +79,12 @@ class LoraKind(AdapterKind):
     config_type = LoraConfig
 
     def create(self, base_kind, base, path, config: LoraConfig) -> LoraAdapter:
-        return new_lora_adapter(base_kind, base, config.rank_for(path), config.alpha_for(path),
-                                config.scaling_for(path), float(config.lora_dropout), config.init_lora_weights)
+        init = config.init_lora_weights
+        adapter = new_lora_adapter(base_kind, base, config.rank_for(path), config.alpha_for(path),
+                                   config.scaling_for(path), float(config.lora_dropout),
+                                   True if isinstance(init, str) and init != "gaussian" else init)
+        init_from_weight(adapter, base_kind, base, path, init)
+        return adapter
 
 
 LORA = LoraKind()

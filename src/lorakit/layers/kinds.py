@@ -54,6 +54,8 @@ class BaseKind:
     transposed = False
     #: a linear projection: selected by ``target_modules="all-linear"``.
     linear = False
+    #: the weight can take ``W += ΔW`` in place (False for quantized bases).
+    in_place = True
 
     def matches(self, module: nn.Module) -> bool:  # pragma: no cover - interface
         raise NotImplementedError

@@ -88,6 +88,10 @@ class Adapter(nn.Module):
     def unmerge_delta_2d(self, merged_weight: torch.Tensor | None = None) -> torch.Tensor:
         return self.delta_2d()
 
+    def attach(self, kind: BaseKind, base: nn.Module) -> None:
+        """Called once by ``inject`` when the adapter is put on its layer, after every check passed: the
+        place where an initialisation changes the base (PiSSA/OLoRA leave the residual W − s·B0A0)."""
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} uses the default apply() but defines no factors()")
 

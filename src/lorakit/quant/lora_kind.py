@@ -17,6 +17,7 @@ from ..layers.kinds import LinearKind
 
 class QuantLinearKind(LinearKind):
     name = "quant_linear"
+    in_place = False
 
     def matches(self, module: nn.Module) -> bool:
         return getattr(type(module), "lora_base_kind", None) is self
