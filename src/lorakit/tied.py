@@ -23,8 +23,11 @@ def check_merge_untied(model: nn.Module, names: Sequence[str]) -> None:
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
     for path, host in lora_layers(model):
-        if not any(n in host.lora and n not in host.merged for n in names):
+        pending = [n for n in names if n in host.lora and n not in host.merged]
+        if not pending:
             continue
+        if all(getattr(host.lora[n], "merges_into_tied_weight", False) for n in pending):
+            continue  # the kind writes one update meant for every tied user (trainable tokens' rows)
         w = host.base_layer.__dict__.get("_parameters", {}).get("weight")
         if w is None:
             continue

@@ -30,6 +30,7 @@ class TrainableTokensAdapter(Adapter):
     """New values for rows ``token_indices`` of an ``nn.Embedding`` weight (num, dim)."""
 
     needs_base_weight = True
+    merges_into_tied_weight = True  # the new rows are meant for every user of a tied weight (the head)
 
     def __init__(self, weight: torch.Tensor, token_indices: list[int], init: bool = True):
         super().__init__()
@@ -80,6 +81,7 @@ class TiedTokensAdapter(Adapter):
     """
 
     needs_base_weight = True
+    merges_into_tied_weight = True
 
     def __init__(self, source: TrainableTokensAdapter):
         super().__init__()
