@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ._txn import all_or_nothing
 from .config import COMMON_LAYER_PATTERNS, LoraConfig
 from .errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
 from .layers.host import LoraLayer
@@ -29,6 +30,7 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _INTERNAL = re.compile(r"\.(lora|original_module|modules_to_save)\.")
 
 
+@all_or_nothing
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add a LoRA adapter named ``adapter_name`` to ``model`` (in place) and return the model.
 

@@ -16,7 +16,6 @@ atomic (temporary file + rename), so an interrupted save leaves the previous ada
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -25,10 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._fs import atomic_write, atomic_write_json
+from ._txn import all_or_nothing
 from .config import LoraConfig
 from .errors import AdapterFileError, LorakitError
 from .inject import bias_parameters, candidate_modules, inject
 from .state import lora_layers, model_state, require_adapter, trainable_copies
+from .validate import check_file_ranks, check_float_tensors, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -115,28 +116,32 @@ def read_adapter_config(path: str | Path) -> dict:
         raise AdapterFileError(f"{path}: not a directory; pass the folder that holds {CONFIG_NAME}.")
     if not cfg.is_file():
         raise AdapterFileError(f"{path}: no {CONFIG_NAME}; is this an adapter saved by PEFT or lorakit?")
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{cfg}: not valid JSON ({exc}); the file is damaged — save the adapter again.") from None
+    return read_json_object(cfg, AdapterFileError, "the file is damaged — save the adapter again.")
 
 
 def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if (path / WEIGHTS_NAME).is_file():
         try:
-            return load_file(str(path / WEIGHTS_NAME), device="cpu")
+            weights = load_file(str(path / WEIGHTS_NAME), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise AdapterFileError(f"{path / WEIGHTS_NAME}: cannot be read ({exc}); the file is damaged.") from None
+        check_float_tensors(weights, str(path / WEIGHTS_NAME), AdapterFileError)
+        return weights
     if (path / LEGACY_WEIGHTS_NAME).is_file():
         try:
             # weights_only: a legacy .bin is unpickled with torch's safe loader only.
-            return torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+            weights = torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise AdapterFileError(
                 f"{path / LEGACY_WEIGHTS_NAME}: refused or unreadable by torch.load(weights_only=True) ({exc}). "
                 "Convert it to safetensors with a tool you trust."
             ) from None
+        if not isinstance(weights, dict) or not all(isinstance(k, str) for k in weights):
+            raise AdapterFileError(f"{path / LEGACY_WEIGHTS_NAME}: holds a {type(weights).__name__}, not a mapping "
+                                   "of tensor names to tensors; save the adapter again.")
+        check_float_tensors(weights, str(path / LEGACY_WEIGHTS_NAME), AdapterFileError)
+        return weights
     raise AdapterFileError(f"{path}: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} is there.")
 
 
@@ -152,6 +157,7 @@ def normalize_key(key: str) -> str | None:
     return key
 
 
+@all_or_nothing
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
                  trainable: bool = False) -> nn.Module:
     """Load a LoRA adapter saved by PEFT or lorakit from directory ``path`` into ``model``.
@@ -167,6 +173,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         return load_variant(model, path, adapter_name, trainable, raw)
     config = LoraConfig.from_peft_dict(raw, source=str(Path(path) / CONFIG_NAME))
     weights = read_adapter_weights(path)
+    check_file_ranks(config.rank_for, {normalize_key(k) or k: v for k, v in weights.items()}, str(path),
+                     AdapterFileError)
     return install_adapter(model, path, adapter_name, trainable,
                            inject_fn=lambda: inject(model, config, adapter_name),
                            fill_fn=lambda: copy_weights(model, adapter_name, weights, source=str(path)))
