@@ -53,3 +53,8 @@ class CheckpointError(LorakitError, RuntimeError):
 
 class TrainingError(LorakitError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class OutputError(LorakitError, OSError):
+    """A file or directory lorakit must write cannot be written (disk full, read-only, no permission),
+    or an output directory another run is using."""

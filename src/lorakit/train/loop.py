@@ -30,11 +30,13 @@ import torch
 from ..errors import TrainingError
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
+from . import resume_checks
 from .args import TrainArgs
 from .batches import BatchPlan, batch_loss_sum, collate, target_count
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
+from .lock import RunLock
 from .logs import StepLog
 from .report import plot_loss, summary_lines, write_metrics
 from .schedule import apply_lr, init_base_lr, lr_factor
@@ -65,7 +67,10 @@ def train(args: TrainArgs, hooks: list[TrainHook] | tuple = ()) -> TrainResult:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _train(resolve_defaults(args), list(hooks))
+        args = resolve_defaults(args)
+        # One run per output directory, held until this call returns or raises (rank 0 of a launch).
+        with RunLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+            return _train(args, list(hooks))
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
@@ -87,6 +92,11 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     say = print if main else (lambda *a, **k: None)
     out = check_output_dir(args) if main else Path(args.output_dir)
     accelerator.wait_for_everyone()
+    resume_path = ckpt.resolve_resume(args.resume, out) if args.resume is not None else None
+    if resume_path is not None:  # the checkpoint's settings, before the optimizer and plan are built
+        args, notes = resume_checks.reconcile_args(args, resume_path)
+        for note in notes:
+            say(f"resume: {note}")
 
     # -- model, data, method, optimizer -----------------------------------------------------------
     set_seed(args.seed)  # the same initialization in every process
@@ -112,16 +122,22 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
 
     # -- resume ---------------------------------------------------------------------------------------
     start_step, history, before = 0, [], {}
-    fp = fingerprint(args, world)
-    if args.resume is not None:
-        path = ckpt.resolve_resume(args.resume, out)
+    fp = {**fingerprint(args, world), **resume_checks.data_digests(args)}
+    if resume_path is not None:
+        path = resume_path
         state = ckpt.load_checkpoint(path)
-        ckpt.check_fingerprint(state.state.get("fingerprint", {}), fp, path)
+        resume_checks.check_checkpoint(state, total_steps)
+        saved_fp = dict(state.state.get("fingerprint", {}))
+        resume_checks.check_data_unchanged(saved_fp, fp, args, path)
+        ckpt.check_fingerprint(saved_fp, fp, path)
         for hook, hook_state in zip(all_hooks, state.hooks):
-            hook.load_state_dict(hook_state)  # first: a hook may reshape parameters (AdaLoRA)
+            # first: a hook may reshape parameters (AdaLoRA)
+            resume_checks.guarded("hooks.pt", path, hook.load_state_dict, hook_state)
         _load_trainable(unwrapped, state.trainable, path)
-        optimizer.load_state_dict(state.optimizer)
-        ckpt.set_rng_state(state.rng[rank] if rank < len(state.rng) else state.rng[0])
+        resume_checks.check_optimizer_state(optimizer, state.optimizer, path)
+        resume_checks.guarded("optimizer.pt", path, optimizer.load_state_dict, state.optimizer)
+        resume_checks.guarded("rng.pt", path, ckpt.set_rng_state,
+                              state.rng[rank] if rank < len(state.rng) else state.rng[0])
         start_step, history, before = state.step, state.state["history"], state.state.get("before", {})
         say(f"resuming from {path} at step {start_step}/{total_steps}")
 
@@ -326,7 +342,7 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, hooks, history, bef
             schedule={"schedule": args.schedule, "warmup_steps": args.warmup_steps, "total_steps": total_steps},
             hooks=[h.state_dict() for h in hooks],
             rng=rngs,
-            state={"history": history, "before": before, "fingerprint": fp, "epoch": epoch,
+            state={"history": history, "before": before, "fingerprint": fp, "args": args.to_dict(), "epoch": epoch,
                    "step_in_epoch": in_epoch, "steps_per_epoch": plan.steps_per_epoch},
             keep=args.keep_checkpoints,
         )

@@ -6,7 +6,6 @@ Kept apart from ``loop.py`` so that the loop reads top to bottom; nothing here t
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from .checkpoint import list_checkpoints
 from .data_files import RawData, read_data
 from .encode import Encoded, encode, label_mapping
 from .model import LoadedModel, load_model, model_dir
+from .outdir import clear_previous_run
 
 
 @dataclass
@@ -63,9 +63,7 @@ def check_output_dir(args: TrainArgs) -> Path:
                 f"{out} already holds a run ({previous[-1].name}). Continue it with --resume auto, start over "
                 "with --overwrite, or pick another --output-dir."
             )
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for name in ("metrics.json", "log.csv", "loss.png"):
-            (out / name).unlink(missing_ok=True)
+        clear_previous_run(out)  # every artifact (adapter, labels, TensorBoard, …), moved aside then deleted
     return out
 
 
