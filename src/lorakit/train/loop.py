@@ -125,19 +125,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     fp = {**fingerprint(args, world), **resume_checks.data_digests(args)}
     if resume_path is not None:
         path = resume_path
-        state = ckpt.load_checkpoint(path)
-        resume_checks.check_checkpoint(state, total_steps)
-        saved_fp = dict(state.state.get("fingerprint", {}))
-        resume_checks.check_data_unchanged(saved_fp, fp, args, path)
-        ckpt.check_fingerprint(saved_fp, fp, path)
-        for hook, hook_state in zip(all_hooks, state.hooks):
-            # first: a hook may reshape parameters (AdaLoRA)
-            resume_checks.guarded("hooks.pt", path, hook.load_state_dict, hook_state)
-        _load_trainable(unwrapped, state.trainable, path)
-        resume_checks.check_optimizer_state(optimizer, state.optimizer, path)
-        resume_checks.guarded("optimizer.pt", path, optimizer.load_state_dict, state.optimizer)
-        resume_checks.guarded("rng.pt", path, ckpt.set_rng_state,
-                              state.rng[rank] if rank < len(state.rng) else state.rng[0])
+        state = resume_checks.resume_from(path, model=unwrapped, optimizer=optimizer, hooks=all_hooks,
+                                          total_steps=total_steps, fingerprint=fp, args=args, rank=rank)
         start_step, history, before = state.step, state.state["history"], state.state.get("before", {})
         say(f"resuming from {path} at step {start_step}/{total_steps}")
 
@@ -348,22 +337,6 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, hooks, history, bef
         )
     accelerator.wait_for_everyone()
     return path
-
-
-def _load_trainable(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from ..errors import CheckpointError
-
-    params = dict(model.named_parameters())
-    problems = [f"{k}: not a parameter of the model" for k in tensors if k not in params]
-    problems += [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-                 for k, v in tensors.items() if k in params and params[k].shape != v.shape]
-    problems += [f"{k}: trainable but not in the checkpoint" for k, p in params.items()
-                 if p.requires_grad and k not in tensors]
-    if problems:
-        raise CheckpointError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:20]))
-    with torch.no_grad():
-        for k, v in tensors.items():
-            params[k].copy_(v.to(params[k].dtype))
 
 
 def _adopt_optimizer(optimizer, factor: float) -> None:

@@ -163,6 +163,54 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, where: P
                     f"{tuple(params[key].shape)}; the optimizer state is from another run.")
 
 
+def resume_from(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, hooks: list,
+                total_steps: int, fingerprint: dict[str, Any], args: TrainArgs, rank: int = 0):
+    """Load checkpoint ``path`` into the run: every check first, then RNG, hooks, parameters, optimizer.
+    On any failure the parameters' values and the RNG state are put back before the error propagates."""
+    from . import checkpoint as ckpt
+
+    state = ckpt.load_checkpoint(path)
+    check_checkpoint(state, total_steps)
+    saved_fp = dict(state.state.get("fingerprint", {}))
+    check_data_unchanged(saved_fp, fingerprint, args, path)
+    ckpt.check_fingerprint(saved_fp, fingerprint, path)
+    if not hooks:  # a hook may reshape parameters (AdaLoRA), then the check waits until it has
+        check_optimizer_state(optimizer, state.optimizer, path)
+    params = dict(model.named_parameters())
+    kept = {k: p.detach().clone() for k, p in params.items() if k in state.trainable}
+    rng_now = ckpt.rng_state()
+    try:
+        guarded("rng.pt", path, ckpt.set_rng_state, state.rng[rank] if rank < len(state.rng) else state.rng[0])
+        for hook, hook_state in zip(hooks, state.hooks):
+            guarded("hooks.pt", path, hook.load_state_dict, hook_state)  # first: a hook may reshape (AdaLoRA)
+        check_optimizer_state(optimizer, state.optimizer, path)
+        load_trainable(model, state.trainable, path)
+        guarded("optimizer.pt", path, optimizer.load_state_dict, state.optimizer)
+    except BaseException:
+        ckpt.set_rng_state(rng_now)
+        with torch.no_grad():
+            for k, value in kept.items():
+                if params[k].shape == value.shape:
+                    params[k].copy_(value)
+        raise
+    return state
+
+
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy the checkpoint's trainable tensors into ``model`` after checking names and shapes."""
+    params = dict(model.named_parameters())
+    problems = [f"{k}: not a parameter of the model" for k in tensors if k not in params]
+    problems += [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+                 for k, v in tensors.items() if k in params and params[k].shape != v.shape]
+    problems += [f"{k}: trainable but not in the checkpoint" for k, p in params.items()
+                 if p.requires_grad and k not in tensors]
+    if problems:
+        raise CheckpointError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:20]))
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v.to(params[k].dtype))
+
+
 def guarded(what: str, where: Path, fn, *args) -> Any:
     """Run ``fn(*args)`` (restoring RNG or hook state from a checkpoint) with the errors torch, numpy and
     Python raise on malformed state reported as a ``CheckpointError``."""
