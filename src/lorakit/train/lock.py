@@ -76,6 +76,8 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode())
             self._fd = fd
+        except RunLockedError:
+            raise
         except OSError as exc:
             raise output_error(exc, self.path) from None
         return self
