@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import LorakitError, OutputError
@@ -77,3 +79,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a whole directory atomically: ``with atomic_dir(out) as tmp: model.save_pretrained(tmp)``.
+
+    The block writes into a temporary sibling; on success it replaces ``path`` (the previous copy is
+    renamed aside, then deleted), on any failure it is deleted and ``path`` is untouched. Readers see
+    the old directory or the new one, never a half-written mix of the two."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as exc:
+        raise output_error(exc, path) from None
+    try:
+        yield tmp
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(exc):
+            raise output_error(exc, path) from None
+        raise

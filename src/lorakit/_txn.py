@@ -63,7 +63,7 @@ def snapshot(model: nn.Module) -> Snapshot:
     return Snapshot(
         modules=modules,
         requires_grad=[(p, p.requires_grad) for p in params],
-        versions=[(t, t._version) for t in tensors],
+        versions=[(t, t._version) for t in tensors if not t.is_inference()],  # inference tensors have none
     )
 
 
