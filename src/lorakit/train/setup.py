@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LorakitError
 from . import methods
 from .args import BUILTIN_PREFIX, TrainArgs
 from .checkpoint import list_checkpoints
@@ -139,8 +139,8 @@ def eval_tasks(args: TrainArgs, loaded: LoadedModel) -> EvalTasks:
     if (loaded.path / "lorakit_tasks.json").is_file():
         try:
             base = list(tasks.embedded_manifest(loaded.path).get("base_tasks", []))
-        except Exception:  # a manifest of another prompt-format version: its tasks would score wrong
-            base = []
+        except (LorakitError, ValueError, OSError, AttributeError):
+            base = []  # another prompt-format version (its tasks would score wrong), or not lorakit's manifest
     return EvalTasks(new, [t for t in base if t not in new])
 
 
