@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import struct
 import tempfile
@@ -28,7 +29,10 @@ from lorakit.errors import LorakitError
 from fault_helpers import assert_same, picture, tiny_llama
 
 COUNTS: Counter = Counter()
-FAST = settings(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+# LORAKIT_FUZZ_SCALE=10 runs ten times the cases with fresh random draws (the default is small, fixed
+# and fast enough for every test run).
+SCALE = int(os.environ.get("LORAKIT_FUZZ_SCALE", "1"))
+FAST = settings(deadline=None, suppress_health_check=list(HealthCheck), derandomize=SCALE == 1, database=None)
 
 # Any JSON value, small; plus the values the adversarial pass found harmful.
 SPECIAL = st.sampled_from([2**31, 10**30, -1, 0, 1.5, "false", "true", 1e30, math.inf, math.nan, [], {}, None,
@@ -80,7 +84,7 @@ def try_load(proto, adapter_dir: Path, kind: str) -> str:
 
 
 # -- adapter_config.json ---------------------------------------------------------------------------
-@settings(FAST, max_examples=70)
+@settings(FAST, max_examples=70 * SCALE)
 @given(data=st.data())
 def test_fuzz_adapter_config(proto, good_adapter, data):
     cfg = json.loads((good_adapter / "adapter_config.json").read_text())
@@ -117,7 +121,7 @@ def _join(header: dict, body: bytes) -> bytes:
     return struct.pack("<Q", len(h)) + h + body
 
 
-@settings(FAST, max_examples=70)
+@settings(FAST, max_examples=70 * SCALE)
 @given(data=st.data())
 def test_fuzz_safetensors_header(proto, good_adapter, data):
     raw = (good_adapter / "adapter_model.safetensors").read_bytes()
@@ -205,7 +209,7 @@ PT = st.recursive(JSON.filter(lambda v: not isinstance(v, str) or v.isascii()) |
                   max_leaves=5)
 
 
-@settings(FAST, max_examples=70)
+@settings(FAST, max_examples=70 * SCALE)
 @given(data=st.data())
 def test_fuzz_checkpoint_files(checkpoint, data):
     from lorakit.train import checkpoint as ckpt
@@ -273,7 +277,7 @@ ROWS = st.dictionaries(st.sampled_from(["text", "label", "instruction", "output"
                        JSON | st.text(max_size=10), min_size=1, max_size=3)
 
 
-@settings(FAST, max_examples=20)
+@settings(FAST, max_examples=20 * SCALE)
 @given(data=st.data())
 def test_fuzz_data_files(data):
     from lorakit.train.data_files import read_data
@@ -322,7 +326,7 @@ def sharded(tmp_path_factory):
     return path
 
 
-@settings(FAST, max_examples=30)
+@settings(FAST, max_examples=30 * SCALE)
 @given(data=st.data())
 def test_fuzz_quantized_index(sharded, data):
     from lorakit.quant import load_quantized
