@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import LorakitError, OutputError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically move ``tmp_path`` onto ``path``."""
+    """Call ``write(tmp_path)`` then atomically move ``tmp_path`` onto ``path``.
+
+    A full disk, a read-only directory or a missing permission is an ``OutputError`` naming ``path``
+    (never a half-written file: the temporary file is removed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise output_error(exc, path) from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
@@ -25,10 +35,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if is_write_failure(exc):
+            raise output_error(exc, path) from None
         raise
+
+
+# How the writers we call report a failed write: OSError, safetensors' SafetensorError("No space left on
+# device"), torch's RuntimeError("... failed writing file ..."). Anything else is re-raised untouched.
+_WRITE_FAILURES = ("no space left", "read-only file system", "permission denied", "disk quota",
+                   "failed writing", "file too large", "input/output error")
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    if isinstance(exc, LorakitError):
+        return False
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, Exception) and any(w in str(exc).lower() for w in _WRITE_FAILURES)
+
+
+def output_error(exc: BaseException, path: str | os.PathLike) -> OutputError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return OutputError(f"{path}: cannot be written ({reason}). Free disk space, or choose a writable "
+                       "directory (e.g. --output-dir elsewhere).")
 
 
 def _umask() -> int:
@@ -47,3 +79,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a whole directory atomically: ``with atomic_dir(out) as tmp: model.save_pretrained(tmp)``.
+
+    The block writes into a temporary sibling; on success it replaces ``path`` (the previous copy is
+    renamed aside, then deleted), on any failure it is deleted and ``path`` is untouched. Readers see
+    the old directory or the new one, never a half-written mix of the two."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as exc:
+        raise output_error(exc, path) from None
+    try:
+        yield tmp
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(exc):
+            raise output_error(exc, path) from None
+        raise

@@ -11,14 +11,16 @@ typed function (``lorakit.train.train``, ``lorakit.train.commands.*``).
 
 ``train``'s flags, recipe keys and ``key=value`` overrides are the fields of ``TrainArgs``; later
 sources win: defaults < (embedded defaults, with no --model/--data) < recipe < flags < key=value.
-Errors lorakit understands (bad config, bad data, bad checkpoint) print one message and exit 2;
-an interrupted run exits 130 (SIGINT) or 143 (SIGTERM) after saving a checkpoint.
+Errors lorakit understands (bad config, bad data, bad checkpoint, an unwritable output) print one line
+and exit 2 (``--debug`` shows the traceback); an interrupted run exits 130 (SIGINT) or 143 (SIGTERM)
+after saving a checkpoint, and SIGTERM outside the training steps exits 143 with a message.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.options import add_flags
 
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, eval, merge, generate.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = parser.train_parser = sub.add_parser("train", help="fine-tune a model (no arguments: the embedded demo)",
@@ -137,34 +140,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (startup, final evaluation): stop with a message, exit 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LORAKIT_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]  # accepted before or after the command
     if argv[:1] == ["train"]:  # flags and KEY=VALUE may interleave: `--model M lr=1e-4 --data D r=8`
         ns = parser.train_parser.parse_intermixed_args(argv[1:])
         ns.command = "train"
     else:
         ns = parser.parse_args(argv)
+    ns.debug = debug or getattr(ns, "debug", False)
+    # The training loop installs its own handler (stop after the step, save); outside it, SIGTERM
+    # ends the command with a message instead of a silent -15.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        if ns.command == "train":
-            flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "overrides")}
-            return train_command(ns.config, flags, ns.overrides)
-        if ns.command == "eval":
-            return eval_command(ns.data, ns.adapter, ns.model, ns.max_length, ns.batch_size, ns.eval_rows,
-                                ns.as_json)
-        if ns.command == "merge":
-            return merge_command(ns.adapter, ns.out, ns.model)
-        if ns.command == "generate":
-            return generate_command(ns.prompt, ns.adapter, ns.model, ns.max_new_tokens, ns.temperature, ns.chat)
-        if ns.command == "info":
-            return info_command(ns.adapter_dir, ns.as_json)
-        return ns.run(ns)  # a contributed command (lorakit forgetting, distill-data)
+        return _dispatch(ns)
     except LorakitError as exc:
-        print(f"lorakit {ns.command}: error: {exc}", file=sys.stderr)
+        if ns.debug:
+            raise
+        print(f"lorakit {ns.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment refused (a missing file, a full disk): not a lorakit bug
+        if ns.debug:
+            raise
+        print(f"lorakit {ns.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C during a save: the previous checkpoint is intact
         print(f"lorakit {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"lorakit {ns.command}: terminated (SIGTERM) outside the training steps; checkpoints already "
+              "written are intact — continue with --resume auto.", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(ns) -> int:
+    if ns.command == "train":
+        flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "overrides", "debug")}
+        return train_command(ns.config, flags, ns.overrides)
+    if ns.command == "eval":
+        return eval_command(ns.data, ns.adapter, ns.model, ns.max_length, ns.batch_size, ns.eval_rows,
+                            ns.as_json)
+    if ns.command == "merge":
+        return merge_command(ns.adapter, ns.out, ns.model)
+    if ns.command == "generate":
+        return generate_command(ns.prompt, ns.adapter, ns.model, ns.max_new_tokens, ns.temperature, ns.chat)
+    if ns.command == "info":
+        return info_command(ns.adapter_dir, ns.as_json)
+    return ns.run(ns)  # a contributed command (lorakit forgetting, distill-data)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (multi-line problem lists are joined), ``--debug`` for the traceback."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

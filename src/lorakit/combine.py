@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._txn import all_or_nothing
 from .adapter_kinds.lora import new_lora_adapter
 from .config import LoraConfig
 from .errors import ConfigError
@@ -34,6 +35,7 @@ from .state import AdapterRecord, lora_layers, require_adapter, trainable_copies
 METHODS = ("cat", "svd", "linear")
 
 
+@all_or_nothing
 def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], new_name: str,
                      method: str = "cat", svd_rank: int | None = None) -> nn.Module:
     """Add adapter ``new_name`` = the weighted combination of ``adapters`` (see the module docstring)."""

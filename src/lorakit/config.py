@@ -18,6 +18,17 @@ from typing import Any, Literal
 from .config_slices import FusedSlices, normalize_fused_slices
 from .errors import ConfigError
 from .peft_fields import check_peft_fields
+from .validate import (
+    MAX_ALPHA,
+    MAX_RANK,
+    check_bool,
+    check_int,
+    check_int_list,
+    check_number,
+    check_opt_str,
+    check_pattern_map,
+    check_str_list,
+)
 
 InitKind = Literal["kaiming", "gaussian"]
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -91,8 +102,11 @@ class LoraConfig:
     fused_slices: dict[str, FusedSlices] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_int("r", self.r, minimum=1)
+        # Strict types first, bounds before any allocation: r = 2**31 must fail here, not in torch.empty.
+        check_int("r", self.r, minimum=1, maximum=MAX_RANK)
         _check_number("lora_alpha", self.lora_alpha)
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        check_bool("use_rslora", self.use_rslora)
         validate_shared_fields(self)
         if self.init_lora_weights not in (True, False, "gaussian", "loftq") and not (
                 isinstance(self.init_lora_weights, str) and _WEIGHT_INIT.match(self.init_lora_weights)):
@@ -110,14 +124,13 @@ class LoraConfig:
                 raise ConfigError(f"loftq_config loftq_bits={bits!r}: lorakit's LoftQ quantizes to NF4; use 4.")
             _check_int("loftq_config loftq_iter", iters, minimum=1)
             self.loftq_config = {"loftq_bits": 4, "loftq_iter": iters}
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
-        for key, value in self.rank_pattern.items():
-            _check_regex(f"rank_pattern key {key!r}", key)
-            _check_int(f"rank_pattern[{key!r}]", value, minimum=1)
-        for key, value in self.alpha_pattern.items():
-            _check_regex(f"alpha_pattern key {key!r}", key)
-            _check_number(f"alpha_pattern[{key!r}]", value)
+        self.rank_pattern = check_pattern_map(
+            "rank_pattern", self.rank_pattern, lambda n, v: check_int(n, v, minimum=1, maximum=MAX_RANK))
+        self.alpha_pattern = check_pattern_map("alpha_pattern", self.alpha_pattern, _check_number)
+        for key in (*self.rank_pattern, *self.alpha_pattern):
+            _check_regex(f"pattern key {key!r}", key)
+        check_opt_str("task_type", self.task_type)
+        check_opt_str("base_model_name_or_path", self.base_model_name_or_path)
         self.fused_slices = normalize_fused_slices(self.fused_slices, self.target_modules)
 
     # -- per-module values ------------------------------------------------------------------
@@ -148,6 +161,9 @@ class LoraConfig:
     @classmethod
     def from_peft_dict(cls, data: Mapping[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         """Read a PEFT ``adapter_config.json``; fields a newer PEFT added are ignored with a warning."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: must hold a JSON object of LoRA settings, not a {type(data).__name__}; "
+                              "save the adapter again.")
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ConfigError(
@@ -169,7 +185,10 @@ class LoraConfig:
             # pissa/olora/loftq only matter when an adapter is created: a file's factors are loaded
             # into the (residual) base it was trained on, which is never changed again.
             kwargs["init_lora_weights"] = True
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc} Fix the field or save the adapter again.") from None
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -177,8 +196,7 @@ def validate_shared_fields(cfg: Any) -> None:
     """Check and normalise the fields every LoRA-family config shares (LoraConfig, AdaLoraConfig):
     lora_dropout, target_modules, exclude_modules, bias, modules_to_save, layers_to_transform,
     layers_pattern."""
-    if not (0.0 <= float(cfg.lora_dropout) < 1.0):
-        raise ConfigError(f"lora_dropout={cfg.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
+    check_number("lora_dropout", cfg.lora_dropout, 0.0, 1.0, high_open=True, example=", e.g. 0.05")
     _norm_extra_targets(cfg)
     if cfg.target_modules in (None, [], ()) and (getattr(cfg, "target_parameters", None)
                                                  or getattr(cfg, "trainable_token_indices", None)):
@@ -191,19 +209,13 @@ def validate_shared_fields(cfg: Any) -> None:
             "target_modules is not set: give a list of module names (e.g. ['q_proj', 'v_proj']), "
             "a regex matching whole module paths, or 'all-linear'."
         )
-    if cfg.bias not in BIAS_CHOICES:
+    if not isinstance(cfg.bias, str) or cfg.bias not in BIAS_CHOICES:
         raise ConfigError(f"bias={cfg.bias!r}: must be one of {', '.join(BIAS_CHOICES)}.")
-    if isinstance(cfg.modules_to_save, str):
-        cfg.modules_to_save = [cfg.modules_to_save]
-    cfg.modules_to_save = list(cfg.modules_to_save) if cfg.modules_to_save else None
-    if isinstance(cfg.layers_to_transform, int):
-        cfg.layers_to_transform = [cfg.layers_to_transform]
-    if cfg.layers_to_transform is not None:
-        for idx in cfg.layers_to_transform:
-            _check_int("layers_to_transform entry", idx, minimum=0)
-        cfg.layers_to_transform = list(cfg.layers_to_transform)
-    if isinstance(cfg.layers_pattern, str):
-        cfg.layers_pattern = [cfg.layers_pattern]
+    modules = check_str_list("modules_to_save", cfg.modules_to_save or None)
+    cfg.modules_to_save = [modules] if isinstance(modules, str) else modules
+    cfg.layers_to_transform = check_int_list("layers_to_transform", cfg.layers_to_transform)
+    pattern = check_str_list("layers_pattern", cfg.layers_pattern or None)
+    cfg.layers_pattern = [pattern] if isinstance(pattern, str) else pattern
 
 
 def _norm_extra_targets(cfg: Any) -> None:
@@ -228,19 +240,17 @@ def _norm_extra_targets(cfg: Any) -> None:
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r}: must be an integer ≥ {minimum}.")
+    check_int(name, value, minimum=minimum)
 
 
 def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name}={value!r}: must be a positive finite number (e.g. 2·r).")
+    return check_number(name, value, 0.0, MAX_ALPHA, low_open=True, example=" (e.g. 2·r)")
 
 
 def _check_regex(name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:
         raise ConfigError(f"{name} is not a valid regular expression: {exc}.") from None
 
 
@@ -251,13 +261,11 @@ def _norm_targets(name: str, value: Any) -> list[str] | str | None:
         if value != "all-linear":
             _check_regex(name, value)
         return value
-    try:
-        items = list(value)
-    except TypeError:
-        raise ConfigError(f"{name}={value!r}: use a list of module names, a regex string or 'all-linear'.") from None
-    if not items or not all(isinstance(v, str) and v for v in items):
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise ConfigError(f"{name}={value!r}: use a list of module names, a regex string or 'all-linear'.")
+    if not value or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{name}={value!r}: must be a non-empty list of non-empty module names.")
-    return sorted(set(items))
+    return sorted(set(value))
 
 
 def _pattern_value(patterns: Mapping[str, Any], module_path: str, default: Any) -> Any:

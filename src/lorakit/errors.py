@@ -65,3 +65,8 @@ class AdaLoraScheduleError(ConfigError):
 
 class RankPatternError(AdapterFileError):
     """AdaLoRA: a saved ``rank_pattern`` does not fit the model (unknown module, wrong length, rank > init_r)."""
+
+
+class OutputError(LorakitError, OSError):
+    """A file or directory lorakit must write cannot be written (disk full, read-only, no permission),
+    or an output directory another run is using."""

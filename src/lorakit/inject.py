@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ._txn import all_or_nothing
 from .adapter_kinds import kind_for_config
 from .adapter_kinds.extra_targets import plan_extra_targets
 from .config import warn_pattern_overlaps
@@ -43,6 +44,7 @@ HEAD_NAMES = frozenset({"lm_head", "score", "classifier", "qa_outputs", "cls", "
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
+@all_or_nothing
 def inject(model: nn.Module, config, adapter_name: str = "default", kind: AdapterKind | None = None) -> nn.Module:
     """Add an adapter named ``adapter_name`` of ``kind`` to ``model`` (in place) and return the model.
 

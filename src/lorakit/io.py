@@ -21,7 +21,6 @@ atomic (temporary file + rename), so an interrupted save leaves the previous ada
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._fs import atomic_write, atomic_write_json
+from ._txn import all_or_nothing
 from .adapter_kinds import adapter_kind, kind_for_file
 from .adapters import delete_adapter, set_adapter, set_trainable
 from .config import LoraConfig
@@ -37,6 +37,7 @@ from .errors import AdapterFileError, LorakitError
 from .inject import _excluded, _in_layers, candidate_modules, inject
 from .peft_compat import portable_patterns, present_names
 from .state import bias_parameters, lora_layers, model_state, require_adapter, trainable_copies
+from .validate import check_file_ranks, check_float_tensors, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -125,28 +126,32 @@ def read_adapter_config(path: str | Path) -> dict:
         raise AdapterFileError(f"{path}: not a directory; pass the folder that holds {CONFIG_NAME}.")
     if not cfg.is_file():
         raise AdapterFileError(f"{path}: no {CONFIG_NAME}; is this an adapter saved by PEFT or lorakit?")
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{cfg}: not valid JSON ({exc}); the file is damaged — save the adapter again.") from None
+    return read_json_object(cfg, AdapterFileError, "the file is damaged — save the adapter again.")
 
 
 def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if (path / WEIGHTS_NAME).is_file():
         try:
-            return load_file(str(path / WEIGHTS_NAME), device="cpu")
+            weights = load_file(str(path / WEIGHTS_NAME), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise AdapterFileError(f"{path / WEIGHTS_NAME}: cannot be read ({exc}); the file is damaged.") from None
+        check_float_tensors(weights, str(path / WEIGHTS_NAME), AdapterFileError)
+        return weights
     if (path / LEGACY_WEIGHTS_NAME).is_file():
         try:
             # weights_only: a legacy .bin is unpickled with torch's safe loader only.
-            return torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+            weights = torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise AdapterFileError(
                 f"{path / LEGACY_WEIGHTS_NAME}: refused or unreadable by torch.load(weights_only=True) ({exc}). "
                 "Convert it to safetensors with a tool you trust."
             ) from None
+        if not isinstance(weights, dict) or not all(isinstance(k, str) for k in weights):
+            raise AdapterFileError(f"{path / LEGACY_WEIGHTS_NAME}: holds a {type(weights).__name__}, not a mapping "
+                                   "of tensor names to tensors; save the adapter again.")
+        check_float_tensors(weights, str(path / LEGACY_WEIGHTS_NAME), AdapterFileError)
+        return weights
     raise AdapterFileError(f"{path}: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} is there.")
 
 
@@ -176,6 +181,7 @@ def _drop_name_segment(key: str, expected: dict) -> str:
     return key
 
 
+@all_or_nothing
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
                  trainable: bool = False) -> nn.Module:
     """Load an adapter saved by PEFT or lorakit from directory ``path`` into ``model``; the file's
@@ -191,6 +197,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     config = kind.config_from_file(raw, source)
     config = present_names(model, config)  # a file's names are read leniently (PEFT's SEQ_CLS heads)
     weights = read_adapter_weights(path)
+    if hasattr(config, "rank_for"):  # ranks checked against the file before anything is allocated
+        check_file_ranks(config.rank_for, {normalize_key(k) or k: v for k, v in weights.items()}, str(path),
+                         AdapterFileError)
 
     def fill() -> None:
         kind.before_load(model, adapter_name, config, source)

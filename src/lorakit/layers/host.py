@@ -140,7 +140,8 @@ class LoraLayer(nn.Module):
             delta = self.delta(name)
             if safe:
                 w = self.kind.weight(self.base_layer)
-                if not torch.isfinite(w.float() + delta).all():
+                # in the base's dtype, as add_to_weight adds: an fp16 weight overflows where fp32 would not
+                if not torch.isfinite(w + delta.to(w.dtype)).all():
                     raise AdapterStateError(
                         f"merging adapter {name!r} would put inf/NaN into a {self.kind.name} weight; "
                         "the adapter was not merged. Check the adapter's weights (trained with a NaN loss?)."

@@ -14,17 +14,18 @@ tensor still on the meta device is an error — a partly loaded model is never r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import QuantizationError
+from ..validate import inside, read_json_object
 from .linear import QuantLinear, quantize_weight
 from .model import check_options, linears_to_quantize
 
@@ -59,7 +60,7 @@ def load_quantized(model_dir: str | os.PathLike, quant_type: str = "nf4", double
     quantize = dict(quant_type=quant_type, double_quant=double_quant, blocksize=blocksize)
     for shard, names in _shards(model_dir):
         log.info("load_quantized: reading %s", shard.name)
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
+        with _open_shard(shard) as f:
             present = set(f.keys())
             if names is None:
                 names = list(f.keys())
@@ -93,7 +94,12 @@ def _empty_model(model_dir: Path, model_class) -> nn.Module:
     import transformers
     from accelerate import init_empty_weights
 
-    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    read_json_object(model_dir / "config.json", QuantizationError, "re-save the model's config.json.")
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # transformers' ways of refusing a config
+        raise QuantizationError(f"{model_dir / 'config.json'}: transformers cannot build a config from it "
+                                f"({type(exc).__name__}: {exc}); re-save the model's config.json.") from None
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
         model_class = getattr(transformers, arch, None) if arch else None
@@ -107,12 +113,13 @@ def _shards(model_dir: Path) -> list[tuple[Path, list[str] | None]]:
     """(file, tensor names it must hold — None: all it has) in reading order."""
     index, single = model_dir / INDEX, model_dir / SINGLE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise QuantizationError(f"{index} is not a safetensors index (no 'weight_map'): {e}") from e
+        fix = "the checkpoint index is damaged; re-save the model with save_pretrained."
+        weight_map = read_json_object(index, QuantizationError, fix).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise QuantizationError(f"{index}: 'weight_map' must be a non-empty object of tensor name → shard file; {fix}")
         by_file: dict[str, list[str]] = {}
         for name, file in weight_map.items():
+            inside(model_dir, file, f"{index.name} weight_map[{name!r}]", QuantizationError)
             by_file.setdefault(file, []).append(name)
         absent = [f for f in by_file if not (model_dir / f).is_file()]
         if absent:
@@ -124,6 +131,22 @@ def _shards(model_dir: Path) -> list[tuple[Path, list[str] | None]]:
         f"{model_dir} has neither {SINGLE} nor {INDEX}; load_quantized reads safetensors checkpoints "
         "(re-save a .bin checkpoint with save_pretrained(..., safe_serialization=True))."
     )
+
+
+@contextmanager
+def _open_shard(shard: Path):
+    """``safe_open`` with a truncated or damaged shard reported as a ``QuantizationError``."""
+    try:
+        handle = safe_open(str(shard), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise QuantizationError(f"{shard}: not a readable safetensors file ({exc}); the download is incomplete "
+                                "or the file is damaged — fetch or re-save it.") from None
+    with handle as f:
+        try:
+            yield f
+        except SafetensorError as exc:  # a tensor's bytes lie beyond the end of a truncated file
+            raise QuantizationError(f"{shard}: a tensor cannot be read ({exc}); the file is truncated or "
+                                    "damaged — fetch or re-save it.") from None
 
 
 def _tie_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
@@ -167,6 +190,10 @@ def _place(model, name, tensor, shard, targets, ties, quantize, compute_dtype, d
     if current is None:
         return False
     _check_shape(name, shard, tuple(tensor.shape), tuple(current.shape))
+    if current.is_floating_point() != tensor.is_floating_point():
+        raise QuantizationError(f"{name} in {shard} has dtype {tensor.dtype}, but the model's tensor is "
+                                f"{current.dtype}; integer and float tensors are never cast into each other — "
+                                "the checkpoint is damaged or from another architecture.")
     # An explicit copy: safetensors hands out views of the mapped shard, and one live view keeps every
     # page of the shard that was read resident (RSS grows towards the checkpoint's size).
     cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .._txn import all_or_nothing
 from ..errors import QuantizationError
 from .linear import QUANT_TYPES, QuantLinear, check_compute_dtype
 from .nf4 import check_blocksize
@@ -72,6 +73,7 @@ def linears_to_quantize(model: nn.Module, skip: Iterable[str] = (), quantize_hea
     return chosen
 
 
+@all_or_nothing
 def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                    compute_dtype: torch.dtype = torch.bfloat16, skip: Iterable[str] = (),
                    quantize_head: bool = False) -> nn.Module:

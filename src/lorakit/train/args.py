@@ -102,6 +102,8 @@ class TrainArgs:
     resume: str | None = _f(None, "continue from a checkpoint directory, or 'auto' for the latest in "
                                   "output_dir/checkpoints")
     overwrite: bool = _f(False, "start over in an output_dir that already holds a run")
+    resume_override: list[str] | None = _f(None, "settings a resume may change from the checkpoint's "
+                                                 "(e.g. lr,max_steps); any other contradicting flag is an error")
     log_every: int = _f(10, "refresh the progress bar's loss every N steps (the CSV log gets every step)")
     eval_every: int = _f(0, "evaluate the eval data every N steps (0 = before and after only)")
     progress: bool = _f(True, "show a progress bar")
@@ -143,6 +145,12 @@ class TrainArgs:
             raise ConfigError(f"method={self.method!r}: name a method, e.g. lora, loraplus or full.")
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options={self.method_options!r}: must be a mapping of option → value.")
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            raise ConfigError(f"output_dir={self.output_dir!r}: name a directory for the run (e.g. runs/my-run); "
+                              "lorakit never writes a run into the current directory by default.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32 - 1024:
+            raise ConfigError(f"seed={self.seed!r}: must be an integer in [0, 2**32 - 1024) (numpy's seed range, "
+                              "less room for one seed per process), e.g. 0.")
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: resume continues the run that "
                               "overwrite would delete. Pass one of them.")

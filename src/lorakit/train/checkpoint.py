@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._fs import is_write_failure, output_error
 from ..errors import CheckpointError
+from .lock import pid_alive
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FILES = ("trainable.safetensors", "optimizer.pt", "schedule.json", "hooks.pt", "rng.pt", "trainer_state.json")
@@ -57,12 +59,17 @@ def save_checkpoint(root: Path, step: int, *, trainable: dict[str, torch.Tensor]
                     schedule: dict[str, Any], hooks: list[dict[str, Any]], rng: list[dict[str, Any]],
                     state: dict[str, Any], keep: int | None = None) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep`` ones."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, root) from None
     list_checkpoints(root)  # recovers a crashed same-step re-save before anything else
-    for stale in root.glob(".tmp-step-*"):  # left by a killed save; never a complete checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_dead_temporaries(root)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-p{os.getpid()}-", dir=root))
+    except OSError as exc:
+        raise output_error(exc, root) from None
     try:
         tensors = {k: v.detach().contiguous().cpu().clone() for k, v in trainable.items()}
         _write(tmp / "trainable.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
@@ -82,13 +89,38 @@ def save_checkpoint(root: Path, step: int, *, trainable: dict[str, torch.Tensor]
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(exc):
+            raise output_error(exc, final) from None
         raise
     if keep is not None:
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)
     return final
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that no half-deleted copy is ever visible under its name: rename it aside
+    (one atomic step; ``list_checkpoints`` ignores the new name), then delete. A kill during the delete
+    leaves only a ``.del-…`` directory, which the next save removes."""
+    aside = path.parent / f".del-{path.name}-p{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_OWNED = re.compile(r"^\.(?:tmp|del)-step-\d+-p(\d+)-")
+
+
+def _remove_dead_temporaries(root: Path) -> None:
+    """Remove temporaries of saves and deletes whose process is gone — never another live process's
+    (the pid is part of the name; names without one come from older versions and are stale)."""
+    for path in list(root.glob(".tmp-step-*")) + list(root.glob(".del-step-*")):
+        m = _OWNED.match(path.name + "-")
+        if m and int(m.group(1)) != os.getpid() and pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _write(path: Path, write) -> None:
@@ -122,7 +154,8 @@ def list_checkpoints(root: Path) -> list[Path]:
         if not final.exists() and (old / "trainer_state.json").is_file():
             os.replace(old, final)
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
+    # A directory missing any file was half-deleted by an older lorakit (or by hand): not a checkpoint.
+    return [p for _, p in sorted(found) if all((p / f).is_file() for f in FILES)]
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Path:

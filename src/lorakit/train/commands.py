@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .._fs import atomic_dir
 from ..adapters import disabled, merge_and_unload
 from ..errors import AdapterFileError, ConfigError
 from ..io import load_adapter, read_adapter_config, read_adapter_weights
@@ -124,8 +125,9 @@ def merge(adapter: str, out: str, model: str | None = None) -> Path:
     net, tokenizer, _ = load_for_inference(model, adapter)
     net = merge_and_unload(net)
     path = Path(out)
-    net.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    with atomic_dir(path) as tmp:  # a kill mid-save leaves the previous --out (or none), never half a model
+        net.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return path
 
 

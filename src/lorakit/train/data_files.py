@@ -25,6 +25,7 @@ from .. import tasks
 from ..errors import ConfigError, DataError
 from . import glue
 from .args import BUILTIN_PREFIX
+from .data_guard import scan_file
 
 FORMATS = ("text", "instruction", "chat", "classification")
 ROLES = ("system", "user", "assistant")
@@ -78,9 +79,12 @@ def _read_builtin(name: str, data_format: str, split: str, n: int, seed: int) ->
 def _load(path: Path, loader: str) -> tuple[list[dict], list[str]]:
     import datasets
 
+    scan_file(path)  # UTF-8 or a DataError naming the line, before datasets' own decoding errors
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(loader, data_files=str(path), split="train")
+        # force_redownload: datasets' cache keys a local file by path, size and mtime, so a rewrite
+        # keeping both would serve stale rows; re-reading a local file is cheap.
+        ds = datasets.load_dataset(loader, data_files=str(path), split="train", download_mode="force_redownload")
     except Exception as exc:  # datasets wraps parser errors in its own types
         cause = exc.__cause__ or exc
         where = _first_bad_json_line(path) if loader == "json" else None
@@ -93,7 +97,7 @@ def _load(path: Path, loader: str) -> tuple[list[dict], list[str]]:
 def _first_bad_json_line(path: Path) -> str | None:
     if path.suffix.lower() != ".jsonl":
         return None
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue

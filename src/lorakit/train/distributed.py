@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from .._fs import atomic_dir
 from ..errors import ConfigError
 from ..io import adapter_tensors, peft_config_dict, write_adapter_dir
 from ..state import model_state, require_adapter
@@ -53,20 +54,22 @@ def save_artifact(accelerator, model, unwrapped, setup, path: Path, tokenizer: A
     """Write the method's artifact once, from the main process (gathering shards under FSDP)."""
     if not is_fsdp(accelerator):
         if accelerator.is_main_process:
-            setup.save(unwrapped, path, tokenizer)
+            with atomic_dir(path) as tmp:  # every method's artifact appears whole or not at all
+                setup.save(unwrapped, tmp, tokenizer)
         accelerator.wait_for_everyone()
         return
     full = accelerator.get_state_dict(model)  # collective: every process takes part
     if accelerator.is_main_process:
-        if setup.artifact == "adapter":
-            if key_names is None:
-                raise ConfigError(f"saving a {setup.artifact} of method {type(setup).__name__} under FSDP is only "
-                                  "supported for LoRA adapters; use DDP for this method.")
+        with atomic_dir(path) as tmp:  # the whole artifact appears at once
+            if setup.artifact == "adapter":
+                if key_names is None:
+                    raise ConfigError(f"saving a {setup.artifact} of method {type(setup).__name__} under FSDP is only "
+                                      "supported for LoRA adapters; use DDP for this method.")
 
-            tensors = {k: full[n].detach().contiguous().cpu().clone() for k, n in key_names.items()}
-            write_adapter_dir(path, tensors, peft_config_dict(unwrapped, "default", require_adapter(unwrapped, "default").config))
-        else:
-            unwrapped.save_pretrained(path, state_dict=full, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(path)
+                tensors = {k: full[n].detach().contiguous().cpu().clone() for k, n in key_names.items()}
+                write_adapter_dir(tmp, tensors, peft_config_dict(unwrapped, "default", require_adapter(unwrapped, "default").config))
+            else:
+                unwrapped.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()

@@ -126,6 +126,9 @@ def _encode_cls(raw: RawData, tokenizer, max_length: int, label2id: dict[str, in
     return out
 
 
+MAX_CLASSES = 1 << 16  # integer labels are class ids: the head gets max(label) + 1 outputs
+
+
 def label_mapping(rows: list[dict[str, Any]], config_label2id: dict[str, int] | None = None) -> dict[str, int]:
     """Label (as a string) → class id. Integer labels map to themselves; string labels use the
     model's ``label2id`` when it names them all, else their sorted order."""
@@ -133,6 +136,11 @@ def label_mapping(rows: list[dict[str, Any]], config_label2id: dict[str, int] | 
     if all(isinstance(lab, int) for lab in labels):
         if min(labels) < 0:
             raise DataError(f"classification labels must be ≥ 0, got {min(labels)}; renumber them from 0.")
+        if max(labels) >= MAX_CLASSES:  # checked before a head of max+1 classes is allocated
+            row = next(i for i, r in enumerate(rows, 1) if r["label"] == max(labels))
+            raise DataError(f"row {row}: label {max(labels)} would need a classifier head of {max(labels) + 1:,} "
+                            f"classes (limit {MAX_CLASSES:,}); integer labels are class ids — renumber them "
+                            "0..K-1, or use string labels.")
         return {str(i): i for i in range(max(labels) + 1)}
     if config_label2id and all(str(lab) in config_label2id for lab in labels):
         return {str(k): int(v) for k, v in config_label2id.items()}

@@ -28,16 +28,18 @@ from typing import Any
 import torch
 
 from .._fs import atomic_write_json
-from ..errors import CheckpointError, TrainingError
+from ..errors import TrainingError
 from ..losses import unsupported_reason
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
+from . import resume_checks
 from .args import TrainArgs
 from .batches import BatchPlan, collate, model_loss_sum, target_count
 from .commands import LABELS_FILE
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
+from .lock import RunLock
 from .logs import StepLog
 from .metrics import evaluate_loss
 from .probe import ForgettingProbe
@@ -71,7 +73,10 @@ def train(args: TrainArgs, hooks: list[TrainHook] | tuple = ()) -> TrainResult:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _train(resolve_defaults(args), list(hooks))
+        args = resolve_defaults(args)
+        # One run per output directory, held until this call returns or raises (rank 0 of a launch).
+        with RunLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+            return _train(args, list(hooks))
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
@@ -93,6 +98,11 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     say = print if main else (lambda *a, **k: None)
     out = check_output_dir(args) if main else Path(args.output_dir)
     accelerator.wait_for_everyone()
+    resume_path = ckpt.resolve_resume(args.resume, out) if args.resume is not None else None
+    if resume_path is not None:  # the checkpoint's settings, before the optimizer and plan are built
+        args, notes = resume_checks.reconcile_args(args, resume_path)
+        for note in notes:
+            say(f"resume: {note}")
 
     # -- model, data, method, optimizer -----------------------------------------------------------
     set_seed(args.seed)  # the same initialization in every process
@@ -124,16 +134,11 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
 
     # -- resume ---------------------------------------------------------------------------------------
     start_step, history, before = 0, [], {}
-    fp = fingerprint(args, world)
-    if args.resume is not None:
-        path = ckpt.resolve_resume(args.resume, out)
-        state = ckpt.load_checkpoint(path)
-        ckpt.check_fingerprint(state.state.get("fingerprint", {}), fp, path)
-        for hook, hook_state in zip(all_hooks, state.hooks):
-            hook.load_state_dict(hook_state)  # first: a hook may reshape parameters (AdaLoRA)
-        _load_trainable(unwrapped, state.trainable, path)
-        optimizer.load_state_dict(state.optimizer)
-        ckpt.set_rng_state(state.rng[rank] if rank < len(state.rng) else state.rng[0])
+    fp = {**fingerprint(args, world), **resume_checks.data_digests(args)}
+    if resume_path is not None:
+        path = resume_path
+        state = resume_checks.resume_from(path, model=unwrapped, optimizer=optimizer, hooks=all_hooks,
+                                          total_steps=total_steps, fingerprint=fp, args=args, rank=rank)
         start_step, history, before = state.step, state.state["history"], state.state.get("before", {})
         say(f"resuming from {path} at step {start_step}/{total_steps}")
 
@@ -334,27 +339,12 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, hooks, history, bef
             schedule={"schedule": args.schedule, "warmup_steps": args.warmup_steps, "total_steps": total_steps},
             hooks=[h.state_dict() for h in hooks],
             rng=rngs,
-            state={"history": history, "before": before, "fingerprint": fp, "epoch": epoch,
+            state={"history": history, "before": before, "fingerprint": fp, "args": args.to_dict(), "epoch": epoch,
                    "step_in_epoch": in_epoch, "steps_per_epoch": plan.steps_per_epoch},
             keep=args.keep_checkpoints,
         )
     accelerator.wait_for_everyone()
     return path
-
-
-def _load_trainable(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
-
-    params = dict(model.named_parameters())
-    problems = [f"{k}: not a parameter of the model" for k in tensors if k not in params]
-    problems += [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-                 for k, v in tensors.items() if k in params and params[k].shape != v.shape]
-    problems += [f"{k}: trainable but not in the checkpoint" for k, p in params.items()
-                 if p.requires_grad and k not in tensors]
-    if problems:
-        raise CheckpointError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:20]))
-    with torch.no_grad():
-        for k, v in tensors.items():
-            params[k].copy_(v.to(params[k].dtype))
 
 
 def _adopt_optimizer(optimizer, factor: float) -> None:

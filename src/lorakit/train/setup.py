@@ -6,7 +6,6 @@ Kept apart from ``loop.py`` so that the loop reads top to bottom; nothing here t
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 
 from .. import tasks
-from ..errors import ConfigError
+from ..errors import ConfigError, LorakitError
 from ..tasks import DEFAULT_TASK, embedded_manifest
 from . import methods
 from .args import BUILTIN_PREFIX, SELF, TrainArgs
@@ -23,6 +22,7 @@ from .data_files import RawData, read_data
 from .encode import Encoded, encode, label_mapping
 from .gguf_model import check_gguf_task, is_gguf
 from .model import LoadedModel, load_model, model_dir
+from .outdir import clear_previous_run
 
 
 @dataclass
@@ -66,9 +66,7 @@ def check_output_dir(args: TrainArgs) -> Path:
                 f"{out} already holds a run ({previous[-1].name}). Continue it with --resume auto, start over "
                 "with --overwrite, or pick another --output-dir."
             )
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for name in ("metrics.json", "log.csv", "loss.png"):
-            (out / name).unlink(missing_ok=True)
+        clear_previous_run(out)  # every artifact (adapter, labels, TensorBoard, …), moved aside then deleted
     return out
 
 
@@ -173,8 +171,8 @@ def eval_tasks(args: TrainArgs, loaded: LoadedModel) -> EvalTasks:
     if (loaded.path / "lorakit_tasks.json").is_file():
         try:
             base = list(tasks.embedded_manifest(loaded.path).get("base_tasks", []))
-        except Exception:  # a manifest of another prompt-format version: its tasks would score wrong
-            base = []
+        except (LorakitError, ValueError, OSError, AttributeError):
+            base = []  # another prompt-format version (its tasks would score wrong), or not lorakit's manifest
     return EvalTasks(new, [t for t in base if t not in new])
 
 

@@ -1,0 +1,179 @@
+"""Strict checks of untrusted values: config fields, JSON files, tensors and paths read from files.
+
+Every check raises a :class:`lorakit.errors.LorakitError` subclass whose message names the field,
+key or file and says what would be accepted — never a raw ``TypeError`` / ``UnicodeDecodeError``
+from deep inside. Types are checked strictly: ``"false"`` (a string) is not a bool, ``1.5`` is not a
+bool and not an int, ``True`` is not an int. Sizes are bounded *before* anything is allocated (a rank
+of 2³¹ would ask for terabytes before any shape check could run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, LorakitError
+
+#: Largest LoRA rank accepted anywhere. ΔW's rank is at most min(fan_in, fan_out), and no released
+#: model has a hidden size above 2¹⁶; a larger value is a typo or a hostile file.
+MAX_RANK = 1 << 16
+#: Largest α (or α-pattern value); α/r scales the update, a value beyond this only makes it overflow.
+MAX_ALPHA = 1e6
+#: Plain integer fields (layer indices, steps) stay within a signed 32-bit int.
+MAX_INT = (1 << 31) - 1
+
+
+# -- config fields -------------------------------------------------------------------------------
+def check_bool(name: str, value: Any, error=ConfigError) -> bool:
+    if not isinstance(value, bool):
+        raise error(f"{name}={value!r}: must be true or false (a JSON/YAML boolean, not a "
+                    f"{type(value).__name__}).")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int = 0, maximum: int = MAX_INT, error=ConfigError) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{name}={value!r}: must be an integer (got a {type(value).__name__}).")
+    if not minimum <= value <= maximum:
+        raise error(f"{name}={value!r}: must be an integer in [{minimum}, {maximum}].")
+    return value
+
+
+def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = False, example: str = "", error=ConfigError) -> float:
+    """A real number (int or float, never bool or str), finite, within the bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{name}={value!r}: must be a number (got a {type(value).__name__}){example}.")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float range
+        v = math.inf
+    ok = math.isfinite(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise error(f"{name}={value!r}: must be a finite number in {lo}{low:g}, {high:g}{hi}{example}.")
+    return v
+
+
+def check_opt_str(name: str, value: Any, error=ConfigError) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise error(f"{name}={value!r}: must be a string or null (got a {type(value).__name__}).")
+    return value
+
+
+def check_str_list(name: str, value: Any, allow_str: bool = True, error=ConfigError) -> list[str] | str | None:
+    """None, a string (when ``allow_str``), or a non-empty list/tuple of non-empty strings."""
+    if value is None or (allow_str and isinstance(value, str)):
+        return value
+    if not isinstance(value, (list, tuple, set, frozenset)) or not value:
+        raise error(f"{name}={value!r}: must be a non-empty list of names" + (" or a string" if allow_str else "")
+                    + f" (got a {type(value).__name__}).")
+    bad = [v for v in value if not isinstance(v, str) or not v]
+    if bad:
+        raise error(f"{name}: entries {bad[:5]!r} are not non-empty strings; list module names, e.g. ['q_proj'].")
+    return list(value)
+
+
+def check_int_list(name: str, value: Any, minimum: int = 0, error=ConfigError) -> list[int] | None:
+    """None, one integer, or a list of integers ≥ ``minimum``."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise error(f"{name}={value!r}: must be an integer or a list of integers (got a {type(value).__name__}).")
+    for item in value:
+        check_int(f"{name} entry", item, minimum=minimum, error=error)
+    return list(value)
+
+
+def check_pattern_map(name: str, value: Any, check_value, error=ConfigError) -> dict[str, Any]:
+    """A ``{regex: value}`` mapping (None = empty) with string keys; ``check_value(key_name, v)``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise error(f"{name}={value!r}: must be a mapping {{module regex: value}} (got a {type(value).__name__}).")
+    out = {}
+    for key, v in value.items():
+        if not isinstance(key, str) or not key:
+            raise error(f"{name} key {key!r}: must be a non-empty string (a module-path regex).")
+        out[key] = check_value(f"{name}[{key!r}]", v)
+    return out
+
+
+# -- files ---------------------------------------------------------------------------------------
+def _refuse_constant(token: str):
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def read_json_object(path: str | os.PathLike, error: type[LorakitError], fix: str, max_bytes: int = 64 << 20
+                     ) -> dict[str, Any]:
+    """The JSON object in ``path``: UTF-8, valid JSON (no NaN/Infinity), an object at the top."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path}: {size:,} bytes is far too large for this JSON file (limit {max_bytes:,}); {fix}")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or exc}); {fix}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); {fix}") from None
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise error(f"{path}: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must hold a JSON object {{...}}, not a {type(data).__name__}; {fix}")
+    return data
+
+
+def check_float_tensors(tensors: Mapping[str, torch.Tensor], source: str, error: type[LorakitError],
+                        fix: str = "the file is damaged or not an adapter; save it again") -> None:
+    """Every tensor is floating point and finite; all offenders are named at once."""
+    bad_dtype = [f"{k} ({t.dtype})" for k, t in tensors.items()
+                 if not isinstance(t, torch.Tensor) or not t.is_floating_point()]
+    if bad_dtype:
+        raise error(f"{source}: tensors must be floating point, these are not: {', '.join(bad_dtype[:10])}"
+                    f"{' …' if len(bad_dtype) > 10 else ''}. Integer or bool weights are never cast; {fix}.")
+    bad = [k for k, t in tensors.items() if t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise error(f"{source}: tensors hold NaN or inf values: {', '.join(bad[:10])}"
+                    f"{' …' if len(bad) > 10 else ''}. The adapter diverged or the file is damaged; "
+                    "use an earlier checkpoint.")
+
+
+def inside(base: str | os.PathLike, name: Any, what: str, error: type[LorakitError]) -> Path:
+    """``base / name`` for a relative file name read from a file, refusing any path that leaves ``base``
+    (``../../etc/passwd``, absolute paths, symlinks pointing out)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise error(f"{what}: {name!r} is not a file name; the index must map tensor names to shard file names.")
+    base = Path(base).resolve()
+    target = (base / name).resolve()
+    if Path(name).is_absolute() or (target != base and base not in target.parents):
+        raise error(f"{what}: {name!r} points outside {base}; shard files must lie in the model directory.")
+    return target
+
+
+def check_file_ranks(rank_for, tensors: Mapping[str, torch.Tensor], source: str, error: type[LorakitError]) -> None:
+    """Before injecting: the rank the config gives each module (``rank_for(path)``) equals the rank of
+    the file's A factor (PEFT keys, normalised). A config that claims r = 60000 for a file of rank 8
+    is refused here, before 60000-row factors are allocated."""
+    problems = []
+    for key, t in tensors.items():
+        for suffix in (".lora_A.weight", ".lora_embedding_A"):
+            if key.endswith(suffix) and t.dim() >= 1:
+                path = key[: -len(suffix)].removeprefix("base_model.model.")
+                if rank_for(path) != t.shape[0]:
+                    problems.append(f"{path}: config rank {rank_for(path)}, file rank {t.shape[0]}")
+    if problems:
+        raise error(f"{source}: adapter_config.json does not match its weights: {'; '.join(problems[:10])}"
+                    f"{' …' if len(problems) > 10 else ''}. Fix r / rank_pattern or save the adapter again.")
