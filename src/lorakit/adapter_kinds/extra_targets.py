@@ -46,7 +46,7 @@ def _plan_parameters(model, config, adapter_name):
         # a module already wrapped by ParamHosts is addressed by the outermost host's path
         while host_path.endswith(".base_layer"):
             host_path = host_path[: -len(".base_layer")]
-        for pname, p in module.named_parameters(recurse=False):
+        for pname, _p in module.named_parameters(recurse=False):
             full = f"{host_path}.{pname}" if host_path else pname
             if _matches(full, targets):
                 by_module.setdefault(host_path, []).append(pname)
