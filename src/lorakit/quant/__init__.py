@@ -11,6 +11,7 @@ See docs/QUANT.md for the formats, layouts and rounding rules.
 
 from . import lora_kind  # noqa: F401  (registers QuantLinear as a LoRA base kind)
 from .linear import QuantLinear
+from .load_qlora import load_for_qlora
 from .loading import load_quantized
 from .merge import dequantize_and_merge, requantized_merge
 from .model import quantize_model
@@ -21,6 +22,7 @@ __all__ = [
     "Adam8bit",
     "QuantLinear",
     "dequantize_and_merge",
+    "load_for_qlora",
     "load_quantized",
     "prepare_for_kbit_training",
     "quantize_model",

@@ -36,7 +36,8 @@ SINGLE = "model.safetensors"
 def load_quantized(model_dir: str | os.PathLike, quant_type: str = "nf4", double_quant: bool = True,
                    blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16, skip=(),
                    quantize_head: bool = False, dtype: torch.dtype | None = None,
-                   device: str | torch.device = "cpu", model_class=None) -> nn.Module:
+                   device: str | torch.device = "cpu", model_class=None, config_kwargs: dict | None = None,
+                   init_missing=()) -> nn.Module:
     """Build the model of ``model_dir/config.json`` and fill it from its safetensors checkpoint,
     quantizing every ``nn.Linear`` weight (except the output head and ``skip``) as it arrives.
 
@@ -78,6 +79,7 @@ def load_quantized(model_dir: str | os.PathLike, quant_type: str = "nf4", double
                     filled.update(ties.get(name, (name,)))
                 else:
                     unexpected.append(name)
+    _init_missing(model, init_missing, dtype, device)
     _check_complete(model, model_dir)
     if unexpected:
         warnings.warn(
@@ -87,13 +89,13 @@ def load_quantized(model_dir: str | os.PathLike, quant_type: str = "nf4", double
     return model.eval()
 
 
-def _empty_model(model_dir: Path, model_class) -> nn.Module:
+def _empty_model(model_dir: Path, model_class, config_kwargs: dict | None = None) -> nn.Module:
     if not (model_dir / "config.json").is_file():
         raise QuantizationError(f"{model_dir} has no config.json; load_quantized needs a transformers model directory.")
     import transformers
     from accelerate import init_empty_weights
 
-    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True, **(config_kwargs or {}))
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
         model_class = getattr(transformers, arch, None) if arch else None
@@ -188,6 +190,24 @@ def _check_shape(name: str, shard: str, got: tuple, expected: tuple) -> None:
             "the checkpoint does not match its config (check hidden_size, intermediate_size, vocab_size, "
             "num_key_value_heads)."
         )
+
+
+def _init_missing(model: nn.Module, paths, dtype: torch.dtype | None, device) -> None:
+    """Materialize and initialize the modules of ``paths`` whose tensors the checkpoint did not fill
+    (transformers' ``_init_weights`` when the model has it, else the module's own ``reset_parameters``)."""
+    for path in paths:
+        module = model.get_submodule(path)
+        if not any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+            continue
+        module.to_empty(device=device)
+        if dtype is not None:
+            module.to(dtype)
+        init = getattr(model, "_init_weights", None)
+        with torch.no_grad():
+            if callable(init):
+                init(module)
+            elif callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
 
 
 def _check_complete(model: nn.Module, model_dir: Path) -> None:
