@@ -102,6 +102,8 @@ def _empty_model(model_dir: Path, model_class, config_kwargs: dict | None = None
     with init_empty_weights():  # parameters on meta; buffers real (include_buffers=False)
         if model_class is None:
             return transformers.AutoModelForCausalLM.from_config(config)
+        if model_class.__name__.startswith("Auto"):  # an Auto class dispatches on the config
+            return model_class.from_config(config)
         return model_class(config)
 
 
