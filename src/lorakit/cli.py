@@ -56,10 +56,10 @@ def eval_command(data: str, adapter: str | None, model: str | None, max_length: 
     return 0
 
 
-def merge_command(adapter: str, out: str, model: str | None) -> int:
+def merge_command(adapter: str, out: str, model: str | None, requantize: bool = False) -> int:
     from .train.commands import merge
 
-    path = merge(adapter, out, model=model)
+    path = merge(adapter, out, model=model, requantize=requantize)
     print(f"merged {adapter} into its base; saved a transformers checkpoint to {path}")
     return 0
 
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True, help="output directory (from_pretrained loads it)")
     p.add_argument("--model", help="base model directory (default: the adapter's base)")
+    p.add_argument("--requantize", action="store_true", help="QLoRA adapters: quantize the merged weights "
+                   "again in the base's format and report the error it adds (default: 16/32-bit merge)")
 
     p = sub.add_parser("generate", help="continue a prompt with an adapter")
     p.add_argument("prompt")
@@ -194,7 +196,7 @@ def _dispatch(ns) -> int:
         return eval_command(ns.data, ns.adapter, ns.model, ns.max_length, ns.batch_size, ns.eval_rows,
                             ns.as_json)
     if ns.command == "merge":
-        return merge_command(ns.adapter, ns.out, ns.model)
+        return merge_command(ns.adapter, ns.out, ns.model, ns.requantize)
     if ns.command == "generate":
         return generate_command(ns.prompt, ns.adapter, ns.model, ns.max_new_tokens, ns.temperature, ns.chat)
     if ns.command == "info":

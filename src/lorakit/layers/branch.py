@@ -22,8 +22,12 @@ import torch
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    @torch.autocast("cuda", enabled=False)
     def forward(ctx, base_out, x, mask, a, b, scaling):
-        # base_out: (..., out), x: (..., in). Compute in base_out's dtype (bf16 under autocast).
+        # base_out: (..., out), x: (..., in). Compute in base_out's dtype (bf16 under autocast), with
+        # autocast off: it would turn x2 @ A into bf16 while a base that returns fp32 (QuantLinear
+        # casts back to x's dtype) leaves out2 fp32, and the in-place addmm_ is not autocast.
         dt = base_out.dtype
         x2 = _dropped(x, mask, dt)  # (N, in), a temporary
         a_, b_ = a.to(dt), b.to(dt)
@@ -36,6 +40,8 @@ class _LoraLinear(torch.autograd.Function):
         return base_out
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    @torch.autocast("cuda", enabled=False)
     def backward(ctx, g):
         x, mask, xa, a, b = ctx.saved_tensors
         s, dt = ctx.scaling, g.dtype

@@ -10,6 +10,7 @@ See docs/QUANT.md for the formats, layouts and rounding rules.
 """
 
 from .linear import QuantLinear
+from .load_qlora import load_for_qlora
 from .loading import load_quantized
 from .merge import dequantize_and_merge, requantized_merge
 from .model import quantize_model
@@ -20,6 +21,7 @@ __all__ = [
     "Adam8bit",
     "QuantLinear",
     "dequantize_and_merge",
+    "load_for_qlora",
     "load_quantized",
     "prepare_for_kbit_training",
     "quantize_model",

@@ -37,7 +37,8 @@ SINGLE = "model.safetensors"
 def load_quantized(model_dir: str | os.PathLike, quant_type: str = "nf4", double_quant: bool = True,
                    blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16, skip=(),
                    quantize_head: bool = False, dtype: torch.dtype | None = None,
-                   device: str | torch.device = "cpu", model_class=None) -> nn.Module:
+                   device: str | torch.device = "cpu", model_class=None, config_kwargs: dict | None = None,
+                   init_missing=()) -> nn.Module:
     """Build the model of ``model_dir/config.json`` and fill it from its safetensors checkpoint,
     quantizing every ``nn.Linear`` weight (except the output head and ``skip``) as it arrives.
 
@@ -79,6 +80,7 @@ def load_quantized(model_dir: str | os.PathLike, quant_type: str = "nf4", double
                     filled.update(ties.get(name, (name,)))
                 else:
                     unexpected.append(name)
+    _init_missing(model, init_missing, dtype, device)
     _check_complete(model, model_dir)
     if unexpected:
         warnings.warn(
@@ -88,7 +90,7 @@ def load_quantized(model_dir: str | os.PathLike, quant_type: str = "nf4", double
     return model.eval()
 
 
-def _empty_model(model_dir: Path, model_class) -> nn.Module:
+def _empty_model(model_dir: Path, model_class, config_kwargs: dict | None = None) -> nn.Module:
     if not (model_dir / "config.json").is_file():
         raise QuantizationError(f"{model_dir} has no config.json; load_quantized needs a transformers model directory.")
     import transformers
@@ -96,7 +98,7 @@ def _empty_model(model_dir: Path, model_class) -> nn.Module:
 
     read_json_object(model_dir / "config.json", QuantizationError, "re-save the model's config.json.")
     try:
-        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True, **(config_kwargs or {}))
     except (OSError, ValueError, KeyError, TypeError) as exc:  # transformers' ways of refusing a config
         raise QuantizationError(f"{model_dir / 'config.json'}: transformers cannot build a config from it "
                                 f"({type(exc).__name__}: {exc}); re-save the model's config.json.") from None
@@ -106,6 +108,8 @@ def _empty_model(model_dir: Path, model_class) -> nn.Module:
     with init_empty_weights():  # parameters on meta; buffers real (include_buffers=False)
         if model_class is None:
             return transformers.AutoModelForCausalLM.from_config(config)
+        if model_class.__name__.startswith("Auto"):  # an Auto class dispatches on the config
+            return model_class.from_config(config)
         return model_class(config)
 
 
@@ -215,6 +219,24 @@ def _check_shape(name: str, shard: str, got: tuple, expected: tuple) -> None:
             "the checkpoint does not match its config (check hidden_size, intermediate_size, vocab_size, "
             "num_key_value_heads)."
         )
+
+
+def _init_missing(model: nn.Module, paths, dtype: torch.dtype | None, device) -> None:
+    """Materialize and initialize the modules of ``paths`` whose tensors the checkpoint did not fill
+    (transformers' ``_init_weights`` when the model has it, else the module's own ``reset_parameters``)."""
+    for path in paths:
+        module = model.get_submodule(path)
+        if not any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+            continue
+        module.to_empty(device=device)
+        if dtype is not None:
+            module.to(dtype)
+        init = getattr(model, "_init_weights", None)
+        with torch.no_grad():
+            if callable(init):
+                init(module)
+            elif callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
 
 
 def _check_complete(model: nn.Module, model_dir: Path) -> None:

@@ -99,6 +99,14 @@ class Adam8bit(torch.optim.Optimizer):
 
     def _load(self, state: dict, name: str, p: torch.Tensor) -> torch.Tensor:
         """The moment ``name`` as a dense fp32 tensor on p's device (zeros at the first step)."""
+        if name + "_codes" in state and state[name + "_codes"].numel() != p.numel():
+            # The parameter changed size under the optimizer (AdaLoRA's final rank cut slices P, Λ, Q):
+            # blockwise codes cannot be sliced like a dense moment, so this parameter's state restarts.
+            log.warning("Adam8bit: a parameter changed from %d to %d elements; its state restarts from zero.",
+                        state[name + "_codes"].numel(), p.numel())
+            for key in (name + "_codes", name + "_absmax"):
+                del state[key]
+            state["step"] = 1
         if name + "_codes" in state:
             q = Blockwise8bit(state[name + "_codes"].to(p.device), state[name + "_absmax"].to(p.device),
                               self.blocksize, signed=name == "m")

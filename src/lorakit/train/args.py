@@ -60,11 +60,21 @@ class TrainArgs:
     quant: Literal["none", "nf4", "fp4", "int8", "gguf"] = _f("none", "quantize the frozen base's linear layers "
                                                                     "with lorakit.quant (QLoRA); gguf: keep a .gguf "
                                                                     "model's own quantized weights packed")
+    double_quant: bool = _f(True, "quant=nf4/fp4: also quantize the absmax statistics (QLoRA's double "
+                                  "quantization)")
+    quant_skip: list[str] | None = _f(None, "modules kept in 16/32 bit under quant (paths or suffixes, "
+                                            "comma-separated); the output head, embeddings and norms always are")
+    quant_modules: list[str] | None = _f(None, "only these nn.Linear modules are quantized (default: all but "
+                                               "the output head and quant_skip)")
     bf16: bool = _f(False, "bf16 autocast for forward/backward (LoRA factors stay fp32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     chunked_ce: bool = _f(True, "causal LM: cross-entropy over chunks of tokens, never the full logits "
                                 "(lorakit.losses; same loss and gradients, far less memory at large vocab)")
     # -- optimization -----------------------------------------------------------------------------
+    optim: Literal["adamw", "adamw8bit"] = _f("adamw", "optimizer: adamw (fp32 state) or adamw8bit (blockwise "
+                                                       "8-bit state, lorakit.quant.Adam8bit)")
+    offload_optimizer: bool = _f(False, "optim=adamw8bit: keep the optimizer state in CPU memory on GPU runs "
+                                        "(a logged no-op on CPU)")
     lr: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     schedule: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate schedule after warm-up")
@@ -160,6 +170,11 @@ class TrainArgs:
         if self.quant != "none" and self.method == "full":
             raise ConfigError(f"quant={self.quant} freezes quantized base weights, so method=full cannot "
                               "train them; use method=lora (QLoRA) or quant=none.")
+        if self.offload_optimizer and self.optim != "adamw8bit":
+            raise ConfigError("offload_optimizer=true needs optim=adamw8bit (its 8-bit state is what moves to the "
+                              "CPU); add optim=adamw8bit or drop offload_optimizer.")
+        if self.quant == "none" and (self.quant_skip or self.quant_modules):
+            raise ConfigError("quant_skip / quant_modules only apply with quant=nf4|fp4|int8; set quant or drop them.")
 
     # -- conveniences ---------------------------------------------------------------------------
     @property

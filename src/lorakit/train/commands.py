@@ -119,8 +119,24 @@ def format_eval(result: dict[str, Any]) -> list[str]:
 
 
 # -- merge ------------------------------------------------------------------------------------------
-def merge(adapter: str, out: str, model: str | None = None) -> Path:
-    """Merge ``adapter`` into its base and save a dense transformers checkpoint (+ tokenizer) to ``out``."""
+def merge(adapter: str, out: str, model: str | None = None, requantize: bool = False) -> Path:
+    """Merge ``adapter`` into its base and save a dense transformers checkpoint (+ tokenizer) to ``out``.
+
+    A QLoRA adapter (``lorakit_quant.json``) merges into the dequantized base it was trained on
+    (``merge_qlora.py``); ``requantize`` quantizes the merged weights again and reports the error."""
+    from ..quant.load_qlora import read_qlora_record
+
+    record = read_qlora_record(adapter)
+    if record is not None:
+        from .merge_qlora import merge_qlora
+
+        path, report = merge_qlora(adapter, out, model, record, requantize, LABELS_FILE)
+        if report is not None:
+            print(f"{report} (vs the dequantized merge; per layer in {path}/lorakit_requant_report.json)")
+        return path
+    if requantize:
+        raise ConfigError(f"--requantize applies to QLoRA adapters; {adapter} was trained on a 16/32-bit base "
+                          "(no lorakit_quant.json next to it). Drop --requantize.")
 
     net, tokenizer, _ = load_for_inference(model, adapter)
     net = merge_and_unload(net)

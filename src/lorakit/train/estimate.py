@@ -58,15 +58,36 @@ def estimate_run(model: nn.Module, probe, args, seq_len: int, steps: int) -> Est
     step_seconds = probe_step_seconds(probe) * args.grad_accum
     return Estimate(
         process_mb=current_rss_mb(),
-        weights_mb=tensor_mb(model.parameters()),
+        weights_mb=tensor_mb(list(model.parameters()) + [b for b in model.buffers() if hasattr(b, "_lorakit_params")]),
         gradients_mb=trainable_mb,
-        optimizer_mb=2 * trainable_mb,  # AdamW: exp_avg and exp_avg_sq
-        activations_mb=activation_bytes(model, args.batch_size, seq_len, args.bf16,
-                                        args.gradient_checkpointing) / MB,
+        optimizer_mb=optimizer_state_mb(model, getattr(args, "optim", "adamw")),
+        activations_mb=(activation_bytes(model, args.batch_size, seq_len, args.bf16, args.gradient_checkpointing)
+                        + dequantized_weight_bytes(model)) / MB,
         step_seconds=step_seconds,
         total_seconds=step_seconds * steps,
         steps=steps,
     )
+
+
+def optimizer_state_mb(model: nn.Module, optim: str = "adamw") -> float:
+    """AdamW: two fp32 moments per trainable parameter. adamw8bit (``lorakit.quant.Adam8bit``): two
+    1-byte codes plus one fp32 absmax per 256 values each, fp32 moments for tensors under 4096 values."""
+    total = 0.0
+    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+        n = p.numel()
+        total += 8 * n if optim != "adamw8bit" or n < 4096 else 2 * (n + 4 * -(-n // 256))
+    return total / MB
+
+
+def dequantized_weight_bytes(model: nn.Module) -> float:
+    """A quantized linear layer (``QuantLinear``) rebuilds its weight for each matmul: the largest one's
+    fp32 dequantization plus its cast to the compute dtype is alive at the peak of a step."""
+    biggest = 0.0
+    for m in model.modules():
+        if hasattr(m, "dequantize_weight") and hasattr(m, "compute_dtype"):
+            n = m.in_features * m.out_features
+            biggest = max(biggest, n * (4 + torch.empty(0, dtype=m.compute_dtype).element_size()))
+    return biggest
 
 
 def current_rss_mb() -> float:

@@ -266,6 +266,10 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     if main and data.label2id:  # a classifier's labels, for `lorakit eval/merge` to rebuild its head
 
         atomic_write_json(artifact / LABELS_FILE, data.label2id)
+    if main and args.quant != "none":  # the base this adapter was trained on, for `lorakit merge`
+        from .qlora_record import write_qlora_record
+
+        write_qlora_record(artifact, args)
     t_eval = time.perf_counter()
     after = _evaluate(model, unwrapped, tokenizer, data.eval, tasks, args, accelerator, pad_id, autocast)
     eval_seconds += time.perf_counter() - t_eval

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError
 from ..quant import prepare_for_kbit_training, quantize_model
 from ..tasks import embedded_model_dir
@@ -90,26 +92,33 @@ def load_model(args: TrainArgs, data_format: str | None = None, label2id: dict[s
         raise ConfigError(f"quant=gguf keeps a GGUF file's quantized weights; --model {args.model} is not a .gguf "
                           "file. Use quant=nf4 (or fp4/int8) for a transformers checkpoint.")
     tokenizer = load_tokenizer(path)
+    if args.bf16:
+        from ..quant.load_qlora import check_compute_dtype_supported
+
+        check_compute_dtype_supported(torch.bfloat16, "cuda" if torch.cuda.is_available() else "cpu")
+    if task == "seq-cls" and label2id is None:
+        raise ConfigError("a sequence classifier needs the data's labels; pass classification data.")
+    id2label = {i: k for k, i in label2id.items()} if task == "seq-cls" else None
     if gguf:
         model = gguf_causal_lm(path, args.quant, args.bf16)
+    elif args.quant != "none":  # quantized as the shards stream in: never a 16/32-bit copy in memory
+        model = quantized_model(path, args, task, id2label)
     elif task == "seq-cls":
-        if label2id is None:
-            raise ConfigError("a sequence classifier needs the data's labels; pass classification data.")
-        id2label = {i: k for k, i in label2id.items()}
         model = AutoModelForSequenceClassification.from_pretrained(
             path, local_files_only=True, num_labels=len(id2label), id2label=id2label, label2id=label2id,
             ignore_mismatched_sizes=True,
         )
-        model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     else:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    if args.quant == "gguf":
+    if task == "seq-cls":
+        model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    if gguf and args.quant == "gguf":
         from ..quant import prepare_for_kbit_training
 
         model = prepare_for_kbit_training(model, gradient_checkpointing=args.gradient_checkpointing)
-    elif args.quant != "none":
+    elif gguf and args.quant != "none":  # a dequantized GGUF model, quantized again
         model = quantize(model, args.quant, args.bf16, args.gradient_checkpointing)
-    elif args.gradient_checkpointing:
+    elif args.quant == "none" and args.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing; drop the flag.")
         # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads needed).
@@ -119,8 +128,25 @@ def load_model(args: TrainArgs, data_format: str | None = None, label2id: dict[s
 
 
 def quantize(model, quant: str, bf16: bool, checkpointing: bool):
-    """Quantize the frozen base with ``lorakit.quant``; the output head stays in full precision. Compute runs in bf16 with ``bf16``, else fp32."""
-    import torch
-
+    """Quantize an already loaded frozen base (a dequantized GGUF model) with ``lorakit.quant``; the
+    output head stays in full precision. Compute runs in bf16 with ``bf16``, else fp32."""
     model = quantize_model(model, quant_type=quant, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     return prepare_for_kbit_training(model, gradient_checkpointing=checkpointing)
+
+
+def quantized_model(path: Path, args: TrainArgs, task: str, id2label: dict[int, str] | None):
+    """The base loaded with ``lorakit.quant.load_for_qlora``: linear weights quantized on arrival,
+    the rest (head, embeddings; norms go to fp32) in the compute dtype — bf16 with ``bf16``, else fp32."""
+    from ..quant.load_qlora import load_for_qlora
+
+    kwargs = {}
+    if task == "seq-cls":
+        from transformers import AutoModelForSequenceClassification
+
+        kwargs = dict(model_class=AutoModelForSequenceClassification, new_head=("score", "classifier"),
+                      config_kwargs=dict(num_labels=len(id2label), id2label=id2label,
+                                         label2id={k: i for i, k in id2label.items()}))
+    return load_for_qlora(path, quant=args.quant, double_quant=args.double_quant,
+                          compute_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                          skip=args.quant_skip or (), modules=args.quant_modules,
+                          gradient_checkpointing=args.gradient_checkpointing, **kwargs)

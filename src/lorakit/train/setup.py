@@ -153,6 +153,10 @@ def build_optimizer(setup: methods.MethodSetup, args: TrainArgs) -> torch.optim.
     if groups is None:
         trainable = [p for p in setup.model.parameters() if p.requires_grad]
         groups = [{"params": trainable, "name": "trainable"}]
+    if args.optim == "adamw8bit":  # blockwise 8-bit moments (Dettmers et al. 2022); docs/QUANT.md
+        from ..quant.optim import Adam8bit
+
+        return Adam8bit(groups, lr=args.lr, weight_decay=args.weight_decay, offload_state=args.offload_optimizer)
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
@@ -211,5 +215,7 @@ def fingerprint(args: TrainArgs, world_size: int) -> dict[str, Any]:
             "builtin_rows", "task", "quant", "replay", "replay_data", "self_replay_prompts", "probe_every",
             "probe_rows")
     fp = {k: getattr(args, k) for k in keys}
+    if args.quant != "none" or args.optim != "adamw":  # only then: older checkpoints keep resuming
+        fp.update({k: getattr(args, k) for k in ("double_quant", "quant_skip", "quant_modules", "optim")})
     fp["world_size"] = world_size
     return fp

