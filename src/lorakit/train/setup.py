@@ -19,6 +19,7 @@ from .args import BUILTIN_PREFIX, TrainArgs
 from .checkpoint import list_checkpoints
 from .data_files import RawData, read_data
 from .encode import Encoded, encode, label_mapping
+from .formats import split_eval
 from .model import LoadedModel, load_model, model_dir
 
 
@@ -70,13 +71,18 @@ def check_output_dir(args: TrainArgs) -> Path:
 
 
 def load_data(args: TrainArgs, model_config_label2id: dict[str, int] | None = None) -> tuple[RawData, RawData | None]:
-    train = read_data(args.data, args.data_format, "train", args.builtin_rows, args.seed)
+    train = read_data(args.data, args.data_format, "train", args.builtin_rows, args.seed, args.columns)
+    if args.eval_split and args.eval_data is None:  # a seeded validation split of the training file
+        rows, held = split_eval(train.rows, args.eval_split, args.seed, train.source)
+        train, held_out = RawData(rows, train.format, train.source), RawData(held, train.format,
+                                                                             f"{train.source} (eval_split)")
+        return (with_replay(train, args) if args.replay > 0 else train), held_out
     if args.replay > 0:
         train = with_replay(train, args)
     evaluation = None
     if args.eval_data is not None:
         n = args.eval_rows if args.eval_builtin_task else args.builtin_rows
-        evaluation = read_data(args.eval_data, args.data_format, "eval", n, args.seed)
+        evaluation = read_data(args.eval_data, args.data_format, "eval", n, args.seed, args.columns)
         if evaluation.format != train.format:
             raise ConfigError(f"eval data {evaluation.source} has {evaluation.format} rows but the training data "
                               f"{train.source} has {train.format} rows; give both the same format.")
@@ -97,8 +103,9 @@ def prepare_model_and_data(args: TrainArgs) -> tuple[TrainArgs, LoadedModel, Run
     args = args.replace(task=loaded.task)
     if loaded.task == "seq-cls" and args.modules_to_save is None and args.method != "full":
         args = args.replace(modules_to_save=classifier_head(loaded.model))
-    train = encode(raw_train, loaded.tokenizer, args.max_length, label2id, args.packing)
-    evaluation = encode(raw_eval, loaded.tokenizer, args.max_length, label2id, False) if raw_eval else None
+    system = None if args.system_prompt == "auto" else args.system_prompt
+    train = encode(raw_train, loaded.tokenizer, args.max_length, label2id, args.packing, system)
+    evaluation = encode(raw_eval, loaded.tokenizer, args.max_length, label2id, False, system) if raw_eval else None
     return args, loaded, RunData(train, evaluation, label2id)
 
 
