@@ -76,6 +76,8 @@ class TrainArgs:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     max_length: int = _f(512, "tokens per row; longer rows are truncated (and counted)")
     packing: bool = _f(False, "concatenate rows into blocks of max_length tokens")
+    neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of scale alpha/sqrt(L*d) on the input embeddings "
+                                   "while training (0 = off; the paper uses 5)")
     seed: int = _f(0, "seed for initialization, data order and dropout")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     # -- data ---------------------------------------------------------------------------------------
@@ -125,6 +127,9 @@ class TrainArgs:
         if self.eval_split and self.eval_data is not None and not self.builtin_task:
             raise ConfigError("eval_split and eval_data exclude each other: eval_split takes the eval rows from "
                               "the training file. Pass one of them.")
+        if isinstance(self.neftune_alpha, bool) or not isinstance(self.neftune_alpha, (int, float)) \
+                or not math.isfinite(self.neftune_alpha) or self.neftune_alpha < 0:
+            raise ConfigError(f"neftune_alpha={self.neftune_alpha!r}: must be a finite number ≥ 0 (0 = off, e.g. 5).")
         if not isinstance(self.system_prompt, str):
             raise ConfigError(f"system_prompt={self.system_prompt!r}: must be a string ('auto', '' or the text).")
         if not isinstance(self.columns, dict):

@@ -36,6 +36,7 @@ from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_art
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
 from .logs import StepLog
+from .neftune import NEFTuneHook
 from .progress import Progress, quiet_loading, warmup_warning
 from .report import plot_loss, summary_lines, write_metrics
 from .schedule import apply_lr, init_base_lr, lr_factor
@@ -96,6 +97,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     setup = build_method(loaded.model, args)
     model, tokenizer = setup.model, loaded.tokenizer
     all_hooks: list[TrainHook] = [*setup.hooks, *hooks]
+    if args.neftune_alpha:  # last, so checkpointed hook states keep their order with or without it
+        all_hooks.append(NEFTuneHook(args.neftune_alpha))
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     key_names = adapter_param_names(model)  # for saving a sharded (FSDP) adapter by name
     counts = trainable_parameters(model)
