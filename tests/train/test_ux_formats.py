@@ -160,3 +160,13 @@ def test_system_prompt_word_and_validation(tmp_path, tiny_lm, instr_file):
     assert TrainArgs().system_prompt == "auto"
     with pytest.raises(ConfigError, match="system_prompt"):
         TrainArgs(system_prompt=3)
+
+
+def test_resume_refuses_another_eval_split(tmp_path, tiny_lm, instr_file):
+    from lorakit.errors import CheckpointError
+    from lorakit.train import train
+
+    out = tmp_path / "run"
+    train(quick_args(tiny_lm, instr_file, out, max_steps=2, save_every=1, eval_split=0.25))
+    with pytest.raises(CheckpointError, match="eval_split"):
+        train(quick_args(tiny_lm, instr_file, out, max_steps=3, resume="auto", eval_split=0.5))

@@ -190,4 +190,8 @@ def fingerprint(args: TrainArgs, world_size: int) -> dict[str, Any]:
             "builtin_rows", "task", "quant", "replay", "replay_data")
     fp = {k: getattr(args, k) for k in keys}
     fp["world_size"] = world_size
+    # Settings that change which rows train, recorded only when set, so older checkpoints still resume.
+    for key, off in (("eval_split", 0.0), ("columns", {}), ("system_prompt", "auto")):
+        if getattr(args, key) != off:
+            fp[key] = getattr(args, key)
     return fp
