@@ -3,8 +3,6 @@ system_prompt. Expected texts are written out by hand from the tiny tokenizer's 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from lorakit.errors import ConfigError, DataError
