@@ -56,21 +56,51 @@ def eval_command(data: str, adapter: str | None, model: str | None, max_length: 
     return 0
 
 
-def merge_command(adapter: str, out: str, model: str | None, requantize: bool = False) -> int:
+def merge_command(adapter: str, out: str, model: str | None, requantize: bool = False,
+                  dtype: str | None = None) -> int:
     from .train.commands import merge
 
-    path = merge(adapter, out, model=model, requantize=requantize)
-    print(f"merged {adapter} into its base; saved a transformers checkpoint to {path}")
+    path = merge(adapter, out, model=model, requantize=requantize, dtype=dtype)
+    print(f"merged {adapter} into its base; saved a transformers checkpoint to {path}"
+          + (f" ({dtype})" if dtype else ""))
     return 0
 
 
-def generate_command(prompt: str, adapter: str | None, model: str | None, max_new_tokens: int,
-                     temperature: float, chat: bool) -> int:
-    from .train.commands import generate
+def generate_command(prompt: str | None, adapter: str | None, model: str | None, max_new_tokens: int,
+                     temperature: float, chat: bool, system: str | None = None, file: str | None = None,
+                     interactive: bool = False) -> int:
+    from .errors import ConfigError
+    from .train.commands import generator
+    from .train.generation import read_prompts
 
-    text = generate(prompt, adapter=adapter, model=model, max_new_tokens=max_new_tokens,
-                    temperature=temperature, chat=chat)
-    print(text, end="" if text.endswith("\n") else "\n")
+    if sum(x is not None and x is not False for x in (prompt, file, interactive or None)) != 1:
+        raise ConfigError("generate takes one of: a PROMPT, --file FILE (one prompt per line) or --interactive.")
+    prompts = read_prompts(file) if file else None
+    gen = generator(adapter, model, max_new_tokens, temperature, chat, system)
+
+    def show(text: str) -> None:
+        print(text, end="" if text.endswith("\n") else "\n", flush=True)
+        hint = gen.hint(text)
+        if hint:
+            print(f"lorakit generate: note: {hint}", file=sys.stderr)
+
+    if prompts is not None:  # JSON lines: generated text may span lines
+        for p in prompts:
+            text = gen(p)
+            print(json.dumps({"prompt": p, "output": text}, ensure_ascii=False), flush=True)
+            hint = gen.hint(text)
+            if hint:
+                print(f"lorakit generate: note: {p!r}: {hint}", file=sys.stderr)
+        return 0
+    if interactive:
+        print("lorakit generate: one prompt per line; an empty line or end of input quits.", file=sys.stderr)
+        while True:
+            print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                return 0
+            show(gen(line.rstrip("\n")))
+    show(gen(prompt))
     return 0
 
 
@@ -113,14 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model directory (default: the adapter's base)")
     p.add_argument("--requantize", action="store_true", help="QLoRA adapters: quantize the merged weights "
                    "again in the base's format and report the error it adds (default: 16/32-bit merge)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="precision of the saved weights (default: as loaded, fp32); the merge itself runs in fp32")
 
-    p = sub.add_parser("generate", help="continue a prompt with an adapter")
-    p.add_argument("prompt")
+    p = sub.add_parser("generate", help="continue a prompt with an adapter",
+                       description="Continue prompts as raw text; --chat (or --system) wraps them in the "
+                                   "tokenizer's chat template.")
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --file / --interactive)")
     p.add_argument("--adapter")
     p.add_argument("--model")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--system", help="system message (implies --chat)")
+    p.add_argument("--file", help="a text file with one prompt per line; prints one JSON line per prompt")
+    p.add_argument("--interactive", action="store_true", help="read prompts from standard input, one per line")
 
     p = sub.add_parser("info", help="describe an adapter directory")
     p.add_argument("adapter_dir")
@@ -196,9 +233,10 @@ def _dispatch(ns) -> int:
         return eval_command(ns.data, ns.adapter, ns.model, ns.max_length, ns.batch_size, ns.eval_rows,
                             ns.as_json)
     if ns.command == "merge":
-        return merge_command(ns.adapter, ns.out, ns.model, ns.requantize)
+        return merge_command(ns.adapter, ns.out, ns.model, ns.requantize, ns.dtype)
     if ns.command == "generate":
-        return generate_command(ns.prompt, ns.adapter, ns.model, ns.max_new_tokens, ns.temperature, ns.chat)
+        return generate_command(ns.prompt, ns.adapter, ns.model, ns.max_new_tokens, ns.temperature, ns.chat,
+                                ns.system, ns.file, ns.interactive)
     if ns.command == "info":
         return info_command(ns.adapter_dir, ns.as_json)
     return ns.run(ns)  # a contributed command (lorakit forgetting, distill-data)

@@ -36,8 +36,15 @@ class TrainArgs:
     output_dir: str = _f("runs/default", "where the adapter, metrics.json, loss.png, logs and checkpoints go")
     task: Literal["auto", "causal-lm", "seq-cls"] = _f(
         "auto", "model head: causal-lm, seq-cls, or auto (from the model's architectures and the data)")
-    data_format: Literal["auto", "text", "instruction", "chat", "classification"] = _f(
-        "auto", "row schema; auto picks it from the columns (messages / instruction+output / text+label / text)")
+    data_format: Literal["auto", "text", "instruction", "chat", "completion", "sharegpt", "classification"] = _f(
+        "auto", "row schema; auto picks it from the columns (messages / conversations / prompt+completion / "
+                "instruction+output / text+label / text)")
+    columns: dict[str, str] = _f(None, "map lorakit's fields to your file's columns, e.g. "
+                                       "columns.instruction=question columns.output=answer", factory=dict)
+    eval_split: float = _f(0.0, "hold out this fraction of the training rows (seeded) as eval data when no "
+                                "eval_data is given, e.g. 0.05")
+    system_prompt: str = _f("auto", "system turn for conversations rendered by a chat template that have none: "
+                                     "auto = the template's own default, '' = an empty one, or the text to use")
     method: str = _f("lora", "fine-tuning method: lora, loraplus, full, or one registered by a variant "
                               "(adalora, olora)")
     method_options: dict[str, Any] = _f(None, "extra options for the method (YAML mapping, or "
@@ -86,6 +93,8 @@ class TrainArgs:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     max_length: int = _f(512, "tokens per row; longer rows are truncated (and counted)")
     packing: bool = _f(False, "concatenate rows into blocks of max_length tokens")
+    neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of scale alpha/sqrt(L*d) on the input embeddings "
+                                   "while training (0 = off; the paper uses 5)")
     seed: int = _f(0, "seed for initialization, data order and dropout")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     # -- data ---------------------------------------------------------------------------------------
@@ -149,6 +158,20 @@ class TrainArgs:
                 f"replay_data=self with self_replay_prompts={self.self_replay_prompts}"
                 + (f" and a forgetting probe holding out {self.probe_rows}" if self.probe_every else "")
                 + ": that leaves no prompt to replay; raise self_replay_prompts (e.g. 32) or set replay=0.")
+        if isinstance(self.eval_split, bool) or not isinstance(self.eval_split, (int, float)) \
+                or not 0.0 <= self.eval_split < 1.0:
+            raise ConfigError(f"eval_split={self.eval_split!r}: must be in [0, 1) — the fraction of training rows "
+                              "held out for evaluation, e.g. 0.05.")
+        if self.eval_split and self.eval_data is not None and not self.builtin_task:
+            raise ConfigError("eval_split and eval_data exclude each other: eval_split takes the eval rows from "
+                              "the training file. Pass one of them.")
+        if isinstance(self.neftune_alpha, bool) or not isinstance(self.neftune_alpha, (int, float)) \
+                or not math.isfinite(self.neftune_alpha) or self.neftune_alpha < 0:
+            raise ConfigError(f"neftune_alpha={self.neftune_alpha!r}: must be a finite number ≥ 0 (0 = off, e.g. 5).")
+        if not isinstance(self.system_prompt, str):
+            raise ConfigError(f"system_prompt={self.system_prompt!r}: must be a string ('auto', '' or the text).")
+        if not isinstance(self.columns, dict):
+            raise ConfigError(f"columns={self.columns!r}: must be a mapping of lorakit field → column name.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
         if not self.method or not isinstance(self.method, str):

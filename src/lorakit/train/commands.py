@@ -19,6 +19,7 @@ from ..tasks import embedded_model_dir
 from .args import BUILTIN_PREFIX
 from .data_files import read_data
 from .encode import encode, label_mapping
+from .generation import Generator
 from .gguf_model import gguf_causal_lm, is_gguf
 from .metrics import evaluate_loss
 from .model import load_tokenizer, model_dir
@@ -119,11 +120,16 @@ def format_eval(result: dict[str, Any]) -> list[str]:
 
 
 # -- merge ------------------------------------------------------------------------------------------
-def merge(adapter: str, out: str, model: str | None = None, requantize: bool = False) -> Path:
+MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def merge(adapter: str, out: str, model: str | None = None, requantize: bool = False,
+          dtype: str | None = None) -> Path:
     """Merge ``adapter`` into its base and save a dense transformers checkpoint (+ tokenizer) to ``out``.
 
     A QLoRA adapter (``lorakit_quant.json``) merges into the dequantized base it was trained on
-    (``merge_qlora.py``); ``requantize`` quantizes the merged weights again and reports the error."""
+    (``merge_qlora.py``); ``requantize`` quantizes the merged weights again and reports the error.
+    The merge is computed in the loaded precision; ``dtype`` (fp32, bf16, fp16) casts the result."""
     from ..quant.load_qlora import read_qlora_record
 
     record = read_qlora_record(adapter)
@@ -138,8 +144,13 @@ def merge(adapter: str, out: str, model: str | None = None, requantize: bool = F
         raise ConfigError(f"--requantize applies to QLoRA adapters; {adapter} was trained on a 16/32-bit base "
                           "(no lorakit_quant.json next to it). Drop --requantize.")
 
+    if dtype is not None and dtype not in MERGE_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(MERGE_DTYPES)}.")
     net, tokenizer, _ = load_for_inference(model, adapter)
     net = merge_and_unload(net)
+    if dtype is not None:
+        net = net.to(MERGE_DTYPES[dtype])
+        net.config.dtype = MERGE_DTYPES[dtype]  # written to config.json, read back by from_pretrained
     path = Path(out)
     with atomic_dir(path) as tmp:  # a kill mid-save leaves the previous --out (or none), never half a model
         net.save_pretrained(tmp, safe_serialization=True)
@@ -148,28 +159,20 @@ def merge(adapter: str, out: str, model: str | None = None, requantize: bool = F
 
 
 # -- generate -----------------------------------------------------------------------------------------
-@torch.inference_mode()
-def generate(prompt: str, adapter: str | None = None, model: str | None = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, chat: bool = False, seed: int = 0) -> str:
-    """The model's continuation of ``prompt`` (greedy unless ``temperature`` > 0)."""
+def generator(adapter: str | None = None, model: str | None = None, max_new_tokens: int = 64,
+              temperature: float = 0.0, chat: bool = False, system: str | None = None, seed: int = 0) -> Generator:
+    """A loaded model that continues prompts (``--file`` and ``--interactive`` load it once)."""
     net, tokenizer, task = load_for_inference(model, adapter)
     if task != "causal-lm":
         raise ConfigError("generate needs a causal LM; this adapter's model is a sequence classifier "
                           "(use lorakit eval).")
-    if chat:
-        if not tokenizer.chat_template:
-            raise ConfigError("--chat needs a tokenizer with a chat template; this model's has none.")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_dict=True, return_tensors="pt")
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")
-    torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
-                              "pad_token_id": tokenizer.pad_token_id}
-    if temperature > 0:
-        kwargs["temperature"] = temperature
-    output = net.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], **kwargs)
-    return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return Generator(net, tokenizer, max_new_tokens, temperature, chat, system, seed)
+
+
+def generate(prompt: str, adapter: str | None = None, model: str | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, chat: bool = False, seed: int = 0, system: str | None = None) -> str:
+    """The model's continuation of ``prompt`` (greedy unless ``temperature`` > 0); ``system`` implies chat."""
+    return generator(adapter, model, max_new_tokens, temperature, chat, system, seed)(prompt)
 
 
 # -- info ---------------------------------------------------------------------------------------------

@@ -4,14 +4,17 @@ Row formats (picked from the columns unless ``data_format`` says otherwise)::
 
     text            {"text": "..."}
     instruction     {"instruction": "...", "input": "..." (optional), "output": "..."}
-    chat            {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    chat            {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...]}
+    completion      {"prompt": "...", "completion": "..."}
     classification  {"text": "...", "text_pair": "..." (optional), "label": 3 | "positive"}
 
 GLUE files (``.tsv``, or ``.csv`` with GLUE's column names) become classification rows (``glue.py``).
 
 Every row is checked before anything trains: a missing or mistyped field is a ``DataError`` naming
 the file, the row (1-based, in file order; for CSV the header is not counted) and the field. Nothing
-is dropped here; what tokenization truncates or drops is counted in ``encode.py``.
+is dropped here; what tokenization truncates or drops is counted in ``encode.py``. Other tools'
+layouts (ShareGPT, conversational prompt/completion) and a column mapping are turned into these by
+``formats.normalize`` first.
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ from ..errors import ConfigError, DataError
 from . import glue
 from .args import BUILTIN_PREFIX
 from .data_guard import scan_file
+from .formats import normalize
 
-FORMATS = ("text", "instruction", "chat", "classification")
-ROLES = ("system", "user", "assistant")
+FORMATS = ("text", "instruction", "chat", "completion", "classification")
+INPUT_FORMATS = (*FORMATS, "sharegpt")  # sharegpt rows become chat rows (formats.py)
+ROLES = ("system", "user", "assistant", "tool")
 _LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
 _NEEDS = {
     "text": "text",
     "instruction": "instruction, output (and optionally input)",
     "chat": "messages (a list of {role, content})",
+    "completion": "prompt, completion",
     "classification": "text, label (and optionally text_pair)",
 }
 
@@ -46,8 +52,9 @@ class RawData:
 
 
 def read_data(spec: str, data_format: str = "auto", split: str = "train", builtin_rows: int = 2000,
-              seed: int = 0) -> RawData:
-    """Rows of ``spec`` (a file, or ``builtin:TASK``), checked against their format."""
+              seed: int = 0, columns: dict[str, str] | None = None) -> RawData:
+    """Rows of ``spec`` (a file, or ``builtin:TASK``), checked against their format. ``columns`` maps
+    lorakit's field names to the file's columns (``{"instruction": "question"}``)."""
     if spec.startswith(BUILTIN_PREFIX):
         return _read_builtin(spec[len(BUILTIN_PREFIX):], data_format, split, builtin_rows, seed)
     path = Path(spec)
@@ -57,12 +64,15 @@ def read_data(spec: str, data_format: str = "auto", split: str = "train", builti
     loader = _LOADERS.get(path.suffix.lower())
     if loader is None:
         raise DataError(f"{spec}: unknown extension {path.suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet.")
-    rows, columns = glue.read_tsv(path) if loader == "tsv" else _load(path, loader)
-    if loader in ("tsv", "csv") and glue.is_glue(columns):
-        rows, columns = glue.to_classification(rows, columns, spec)
+    rows, names = glue.read_tsv(path) if loader == "tsv" else _load(path, loader)
+    if loader in ("tsv", "csv") and glue.is_glue(names):
+        rows, names = glue.to_classification(rows, names, spec)
     if not rows:
         raise DataError(f"{spec} holds no rows; give it at least one training example.")
-    fmt = detect_format(columns, data_format, spec)
+    if data_format not in ("auto", *INPUT_FORMATS):
+        raise ConfigError(f"data_format={data_format!r}: use auto or one of {', '.join(INPUT_FORMATS)}.")
+    rows, names, data_format = normalize(rows, names, columns, data_format, spec)
+    fmt = detect_format(names, data_format, spec)
     for i, row in enumerate(rows):
         check_row(row, fmt, spec, i + 1)
     return RawData(rows, fmt, spec)
@@ -118,6 +128,8 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
     cols = set(columns)
     if "messages" in cols:
         return "chat"
+    if {"prompt", "completion"} <= cols:
+        return "completion"
     if cols & {"instruction", "output"}:
         return "instruction"
     if {"text", "label"} <= cols:
@@ -127,7 +139,8 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
     raise DataError(
         f"{source}: cannot tell the row format from the columns {sorted(cols)}. Rows need one of: "
         + "; ".join(f"{k}: {v}" for k, v in _NEEDS.items())
-        + ". Rename the columns, or set data_format."
+        + ". Map your columns onto these fields with columns.FIELD=COLUMN (e.g. columns.instruction=question "
+        "columns.output=answer), or use ShareGPT 'conversations' rows."
     )
 
 
@@ -152,6 +165,9 @@ def check_row(row: dict[str, Any], fmt: str, source: str, n: int) -> None:
         need_str("instruction")
         need_str("input", optional=True)
         need_str("output")
+    elif fmt == "completion":
+        need_str("prompt")
+        need_str("completion")
     elif fmt == "classification":
         need_str("text")
         need_str("text_pair", optional=True)
@@ -171,7 +187,10 @@ def check_row(row: dict[str, Any], fmt: str, source: str, n: int) -> None:
                 raise fail(f"messages[{j}]", f"expected an object, got {type(m).__name__}")
             if m.get("role") not in ROLES:
                 raise fail(f"messages[{j}].role", f"role {m.get('role')!r} is not one of {', '.join(ROLES)}")
-            if not isinstance(m.get("content"), str):
+            # An assistant turn that only calls tools may have no content (OpenAI's format).
+            if not isinstance(m.get("content"), str) and not (m.get("content") is None and m.get("tool_calls")):
                 raise fail(f"messages[{j}].content", "missing or not a string")
+            if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+                raise fail(f"messages[{j}].tool_calls", "expected a list of tool calls")
         if not any(m["role"] == "assistant" for m in messages):
             raise fail("messages", "no assistant turn, so there is nothing to learn")

@@ -5,8 +5,17 @@
   ``[user: "instruction input", assistant: output]``); only the assistant turns' tokens keep their
   labels, the rest is ``-100``. A tokenizer without a chat template renders instruction rows as
   ``format_prompt(row) + format_answer(row) + </s>`` (the format of ``lorakit.tasks``).
+* completion: ``prompt + completion + </s>`` as plain text (TRL's layout), the loss on the completion.
 * classification: the text's ids (a ``text_pair`` is encoded as the tokenizer's second segment)
   and one label id.
+
+``system_prompt`` (``TrainArgs.system_prompt``) decides the system turn of conversations rendered
+through a chat template that have none of their own: ``None`` leaves it to the template (many, like
+SmolLM2's or Qwen2.5's, then insert their own default system prompt — the same text
+``apply_chat_template`` gives at inference without a system message); ``""`` sends an empty system
+turn, which replaces such a default; any other text is sent as the system turn. Tool calls
+(``tool_calls``, ``tool_call_id``, ``name`` of a message) and a row's ``tools`` list are passed to the
+template as they are.
 
 Which tokens are the assistant's is read from character offsets: the template is rendered for the
 conversation up to each assistant turn (with the generation prompt) and through it, and the tokens
@@ -51,7 +60,7 @@ class Encoded:
 
 
 def encode(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int] | None = None,
-           packing: bool = False) -> Encoded:
+           packing: bool = False, system_prompt: str | None = None) -> Encoded:
     if raw.format == "classification":
         if label2id is None:
             raise ConfigError("classification data needs a label mapping (see label_mapping()).")
@@ -60,9 +69,17 @@ def encode(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int] | 
         texts = [r["text"] for r in raw.rows]
         spans = None  # every token predicted
         add_special = True
+    elif raw.format == "completion":
+        texts = [r["prompt"] + r["completion"] for r in raw.rows]
+        spans = [[(len(r["prompt"]), len(t))] for r, t in zip(raw.rows, texts)]
+        add_special = True
     elif raw.format == "chat" or tokenizer.chat_template:
         conversations = [r["messages"] if raw.format == "chat" else _instruction_messages(r) for r in raw.rows]
-        texts, spans = zip(*(_render_chat(tokenizer, c, raw.source, i + 1) for i, c in enumerate(conversations)))
+        if system_prompt is not None:
+            conversations = [c if c and c[0]["role"] == "system" else [{"role": "system", "content": system_prompt}, *c]
+                             for c in conversations]
+        texts, spans = zip(*(_render_chat(tokenizer, c, raw.source, i + 1, r.get("tools"))
+                             for i, (c, r) in enumerate(zip(conversations, raw.rows))))
         add_special = False  # the template writes the special tokens itself
     else:
         prompts = [format_prompt(r) for r in raw.rows]
@@ -162,15 +179,22 @@ def _instruction_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     return to_messages(row)
 
 
-def _render_chat(tokenizer, messages: list[dict], source: str, n: int) -> tuple[str, list[tuple[int, int]]]:
+_PASSED = ("tool_calls", "tool_call_id", "name")  # message keys a tool-aware template reads
+
+
+def _render_chat(tokenizer, messages: list[dict], source: str, n: int,
+                 tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns."""
     if not tokenizer.chat_template:
         raise ConfigError(f"{source}: chat rows need a tokenizer with a chat template, and this model's has "
                           "none. Use instruction rows, or a model whose tokenizer_config.json has one.")
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    # Keys a file's schema filled with None (datasets unifies the rows' keys) are left out.
+    messages = [{"role": m["role"], "content": m.get("content"),
+                 **{k: m[k] for k in _PASSED if m.get(k) is not None}} for m in messages]
+    extra = {"tools": tools} if tools else {}
 
     def render(msgs: list[dict], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **extra)
 
     try:
         full = render(messages, False)

@@ -42,7 +42,9 @@ from .hooks import HookContext, TrainHook
 from .lock import RunLock
 from .logs import StepLog
 from .metrics import evaluate_loss
+from .neftune import NEFTuneHook
 from .probe import ForgettingProbe
+from .progress import Progress, quiet_loading, warmup_warning
 from .report import plot_loss, summary_lines, write_metrics
 from .schedule import apply_lr, init_base_lr, lr_factor
 from .setup import (
@@ -106,13 +108,16 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
 
     # -- model, data, method, optimizer -----------------------------------------------------------
     set_seed(args.seed)  # the same initialization in every process
-    args, loaded, data = prepare_model_and_data(args)
+    with quiet_loading(main and args.progress):
+        args, loaded, data = prepare_model_and_data(args)
     setup = build_method(loaded.model, args)
     model, tokenizer = setup.model, loaded.tokenizer
     all_hooks: list[TrainHook] = [*setup.hooks, *hooks]
     if data.probe is not None:
         all_hooks.append(ForgettingProbe(data.probe.examples, tokenizer.pad_token_id, args.probe_every,
                                          args.probe_max_kl, args.probe_action, say))
+    if args.neftune_alpha:  # last, so checkpointed hook states keep their order with or without it
+        all_hooks.append(NEFTuneHook(args.neftune_alpha))
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     key_names = adapter_param_names(model)  # for saving a sharded (FSDP) adapter by name
     counts = trainable_parameters(model)
@@ -158,6 +163,9 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
 
     estimate = estimate_run(unwrapped, probe, args, data.train.max_tokens, total_steps - start_step)
     say(str(estimate))
+    warning = warmup_warning(args.warmup_steps, total_steps)
+    if warning:
+        say(warning)
 
     # -- score before training ------------------------------------------------------------------------
     t_eval = time.perf_counter()
@@ -174,11 +182,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     optimizer = ctx.optimizer
     last_ckpt: Path | None = None
     interrupted = False
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (main and args.progress), unit="step",
-               dynamic_ncols=True, desc="train")
-    t_train = time.perf_counter()
+    bar = Progress(total_steps, start_step, main and args.progress, args.log_every)
+    t_train, loop_eval_seconds = time.perf_counter(), 0.0
     steps_done = start_step
     model.train()
     with _stop_signals() as stop:
@@ -202,14 +207,15 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
                     accelerator.backward(loss)
                 loss_sum += float(task_sum.detach())
                 extra_sum += float(extra.detach()) if extra is not None else 0.0
-            step_loss = _sum_over_processes(loss_sum, accelerator) / max(n_step, 1) + extra_sum
+            # The logged loss is the task's; a hook's extra term (AdaLoRA's orthogonality) is its own column.
+            step_loss = _sum_over_processes(loss_sum, accelerator) / max(n_step, 1)
             grad_norm = float(accelerator.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], args.max_grad_norm or float("inf")))
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            if not (math.isfinite(step_loss + extra_sum) and math.isfinite(grad_norm)):
                 bar.close()
                 good = ckpt.list_checkpoints(out / "checkpoints")
                 raise TrainingError(
-                    f"step {step + 1}: the loss is {step_loss} and the gradient norm {grad_norm} — training "
+                    f"step {step + 1}: the loss is {step_loss + extra_sum} and the gradient norm {grad_norm} — training "
                     f"diverged, so it stopped before updating the weights. Last good checkpoint: "
                     f"{good[-1] if good else 'none (set save_every to keep one)'}. Lower lr, add warm-up "
                     "(warmup_steps) or keep max_grad_norm > 0, and check the data."
@@ -226,16 +232,18 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
 
             row = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "targets": n_step,
                    "seconds": time.perf_counter() - t0, **ctx.log}
+            if extra_sum:
+                row["extra_loss"] = extra_sum
             if args.eval_every and (step + 1) % args.eval_every == 0 and data.eval is not None:
+                t_ev = time.perf_counter()
                 ev = evaluate_loss(model, data.eval.examples, pad_id, args.batch_size, accelerator, autocast)
                 row.update(eval_loss=ev.loss, eval_accuracy=ev.accuracy)
+                loop_eval_seconds += time.perf_counter() - t_ev
             history.append(row)
             steps_done = step + 1
             if log is not None:
                 log.log(row)
-            bar.update(1)
-            if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            bar.update(step + 1, step_loss, lr, row["seconds"])
             if ctx.stop_reason:
                 say(f"\n{ctx.stop_reason}")
                 break
@@ -246,7 +254,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
                 last_ckpt = _save_checkpoint(out, step + 1, model, optimizer, all_hooks, history, before, fp,
                                              trainable_names, args, total_steps, plan, accelerator)
     bar.close()
-    train_seconds = time.perf_counter() - t_train
+    train_seconds = time.perf_counter() - t_train - loop_eval_seconds  # s/step excludes evaluation
+    eval_seconds += loop_eval_seconds
 
     # -- the end: checkpoint, artifact, score after, report ---------------------------------------------
     if not fsdp:

@@ -183,15 +183,17 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = 
         flag = "--" + f.name.replace("_", "-")
         tp = field_types(cls)[f.name]
         help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else "{}"
+        default = repr(f.default) if f.default is not dataclasses.MISSING else "{}"
+        # Each default is printed once: a help text that explains its default already keeps its own words.
+        shown = "" if "default" in help_.lower() else f" (default: {default})"
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=f"{help_} (default: {default})")
+                                default=argparse.SUPPRESS, help=f"{help_}{shown}")
         else:
             choices = _literal_choices(tp)
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
                                 metavar=None if choices else _metavar(tp), choices=choices,
-                                help=f"{help_} (default: {default})")
+                                help=f"{help_}{shown}")
 
 
 def _literal_choices(tp: Any) -> list[str] | None:

@@ -76,27 +76,60 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def plot_loss(history: list[dict[str, Any]], path: Path, title: str,
-              eval_points: list[tuple[int, float]] = ()) -> None:
-    """Training loss per step and eval loss (before/after, every ``eval_every``) as a PNG (Agg)."""
-    import matplotlib
+def smooth(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average, debiased as TensorBoard's smoothing slider does:
+    ``m_t = w·m_{t-1} + (1-w)·x_t`` from ``m_0 = 0``, shown as ``m_t / (1 - w^t)``."""
+    out, m = [], 0.0
+    for t, x in enumerate(values, 1):
+        m = weight * m + (1 - weight) * x
+        out.append(m / (1 - weight ** t) if weight > 0 else x)
+    return out
 
-    matplotlib.use("Agg", force=False)
+
+def smoothing_weight(n: int) -> float:
+    """About a 20th of the run in the average's window (1/(1-w) steps); no smoothing under 20 steps."""
+    return min(0.98, max(0.0, 1 - 20 / n)) if n else 0.0
+
+
+def loss_figure(history: list[dict[str, Any]], title: str, eval_points: list[tuple[int, float]] = ()):
+    """Raw training loss (thin, faint), its smoothed line over it, and eval losses as markers: eval is
+    measured at a few steps only, so no line is drawn between them."""
+    import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot()
-    steps = [r["step"] for r in history if r.get("loss") is not None]
-    ax.plot(steps, [r["loss"] for r in history if r.get("loss") is not None], lw=1, label="train loss")
+    rows = [r for r in history if r.get("loss") is not None]
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    weight = smoothing_weight(len(losses))
+    raw = ax.plot(steps, losses, lw=0.8, alpha=0.35 if weight else 1.0, label="train loss")[0]
+    if weight:
+        ax.plot(steps, smooth(losses, weight), lw=1.8, color=raw.get_color(),
+                label=f"train loss, smoothed (EMA {weight:.2f})")
     ev = sorted([(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None] + list(eval_points))
     if ev:
-        ax.plot(*zip(*ev), "o-", lw=1, label="eval loss")
+        ax.plot(*zip(*ev), "o", ms=6, color="C1", linestyle="none", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy")
-    if steps and min(r["loss"] for r in history if r.get("loss") is not None) > 0:
+    ax.set_ylabel("cross-entropy (task loss)")
+    values = losses + [v for _, v in ev]
+    if values and min(values) > 0 and max(values) / min(values) > 3:  # log only when it spans a range
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))  # 0.5, 1, 2 — not 10^-0.3
     ax.set_title(title)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="major")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_loss(history: list[dict[str, Any]], path: Path, title: str,
+              eval_points: list[tuple[int, float]] = ()) -> None:
+    """:func:`loss_figure` as a PNG (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    fig = loss_figure(history, title, eval_points)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

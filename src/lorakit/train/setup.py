@@ -20,6 +20,7 @@ from .args import BUILTIN_PREFIX, SELF, TrainArgs
 from .checkpoint import list_checkpoints
 from .data_files import RawData, read_data
 from .encode import Encoded, encode, label_mapping
+from .formats import split_eval
 from .gguf_model import check_gguf_task, is_gguf
 from .model import LoadedModel, load_model, model_dir
 from .outdir import clear_previous_run
@@ -71,13 +72,18 @@ def check_output_dir(args: TrainArgs) -> Path:
 
 
 def load_data(args: TrainArgs, model_config_label2id: dict[str, int] | None = None) -> tuple[RawData, RawData | None]:
-    train = read_data(args.data, args.data_format, "train", args.builtin_rows, args.seed)
+    train = read_data(args.data, args.data_format, "train", args.builtin_rows, args.seed, args.columns)
+    if args.eval_split and args.eval_data is None:  # a seeded validation split of the training file
+        rows, held = split_eval(train.rows, args.eval_split, args.seed, train.source)
+        train, held_out = RawData(rows, train.format, train.source), RawData(held, train.format,
+                                                                             f"{train.source} (eval_split)")
+        return (with_replay(train, args) if args.replay > 0 and args.replay_data != SELF else train), held_out
     if args.replay > 0 and args.replay_data != SELF:  # self-replay needs the model: see with_self_replay
         train = with_replay(train, args)
     evaluation = None
     if args.eval_data is not None:
         n = args.eval_rows if args.eval_builtin_task else args.builtin_rows
-        evaluation = read_data(args.eval_data, args.data_format, "eval", n, args.seed)
+        evaluation = read_data(args.eval_data, args.data_format, "eval", n, args.seed, args.columns)
         if evaluation.format != train.format:
             raise ConfigError(f"eval data {evaluation.source} has {evaluation.format} rows but the training data "
                               f"{train.source} has {train.format} rows; give both the same format.")
@@ -101,9 +107,10 @@ def prepare_model_and_data(args: TrainArgs) -> tuple[TrainArgs, LoadedModel, Run
     raw_train, raw_probe = with_self_replay(raw_train, loaded, args)
     if loaded.task == "seq-cls" and args.modules_to_save is None and args.method != "full":
         args = args.replace(modules_to_save=classifier_head(loaded.model))
-    train = encode(raw_train, loaded.tokenizer, args.max_length, label2id, args.packing)
-    evaluation = encode(raw_eval, loaded.tokenizer, args.max_length, label2id, False) if raw_eval else None
-    probe = encode(raw_probe, loaded.tokenizer, args.max_length, None, False) if raw_probe else None
+    system = None if args.system_prompt == "auto" else args.system_prompt
+    train = encode(raw_train, loaded.tokenizer, args.max_length, label2id, args.packing, system)
+    evaluation = encode(raw_eval, loaded.tokenizer, args.max_length, label2id, False, system) if raw_eval else None
+    probe = encode(raw_probe, loaded.tokenizer, args.max_length, None, False, system) if raw_probe else None
     return args, loaded, RunData(train, evaluation, label2id, probe)
 
 
@@ -218,4 +225,8 @@ def fingerprint(args: TrainArgs, world_size: int) -> dict[str, Any]:
     if args.quant != "none" or args.optim != "adamw":  # only then: older checkpoints keep resuming
         fp.update({k: getattr(args, k) for k in ("double_quant", "quant_skip", "quant_modules", "optim")})
     fp["world_size"] = world_size
+    # Settings that change which rows train, recorded only when set, so older checkpoints still resume.
+    for key, off in (("eval_split", 0.0), ("columns", {}), ("system_prompt", "auto")):
+        if getattr(args, key) != off:
+            fp[key] = getattr(args, key)
     return fp
