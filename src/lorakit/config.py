@@ -108,8 +108,9 @@ class LoraConfig:
         check_bool("fan_in_fan_out", self.fan_in_fan_out)
         check_bool("use_rslora", self.use_rslora)
         validate_shared_fields(self)
-        if self.init_lora_weights not in (True, False, "gaussian", "loftq") and not (
-                isinstance(self.init_lora_weights, str) and _WEIGHT_INIT.match(self.init_lora_weights)):
+        init = self.init_lora_weights  # a real bool or a known string: 1 or 1.0 is not True here
+        if not (isinstance(init, bool) or (isinstance(init, str) and (init in ("gaussian", "loftq")
+                                                                       or _WEIGHT_INIT.match(init)))):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r}: use True (B=0, Kaiming A), "
                 "'gaussian' (B=0, Gaussian A), False (random A and B, for tests), 'pissa', "

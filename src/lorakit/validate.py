@@ -163,16 +163,19 @@ def inside(base: str | os.PathLike, name: Any, what: str, error: type[LorakitErr
     return target
 
 
-def check_file_ranks(rank_for, tensors: Mapping[str, torch.Tensor], source: str, error: type[LorakitError]) -> None:
+def check_file_ranks(rank_for, tensors: Mapping[str, torch.Tensor], source: str, error: type[LorakitError],
+                     per_expert: bool = False) -> None:
     """Before injecting: the rank the config gives each module (``rank_for(path)``) equals the rank of
     the file's A factor (PEFT keys, normalised). A config that claims r = 60000 for a file of rank 8
-    is refused here, before 60000-row factors are allocated."""
+    is refused here, before 60000-row factors are allocated. With ``per_expert`` (target_parameters:
+    PEFT stacks one rank-r factor per expert) a whole multiple of the rank is accepted."""
     problems = []
     for key, t in tensors.items():
         for suffix in (".lora_A.weight", ".lora_embedding_A"):
             if key.endswith(suffix) and t.dim() >= 1:
                 path = key[: -len(suffix)].removeprefix("base_model.model.")
-                if rank_for(path) != t.shape[0]:
+                r = rank_for(path)
+                if r != t.shape[0] and not (per_expert and r and t.shape[0] % r == 0):
                     problems.append(f"{path}: config rank {rank_for(path)}, file rank {t.shape[0]}")
     if problems:
         raise error(f"{source}: adapter_config.json does not match its weights: {'; '.join(problems[:10])}"
