@@ -199,7 +199,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     weights = read_adapter_weights(path)
     if hasattr(config, "rank_for"):  # ranks checked against the file before anything is allocated
         check_file_ranks(config.rank_for, {normalize_key(k) or k: v for k, v in weights.items()}, str(path),
-                         AdapterFileError, per_expert=bool(getattr(config, "target_parameters", None)))
+                         AdapterFileError, per_expert=bool(getattr(config, "target_parameters", None)
+                                                        or getattr(config, "fused_slices", None)))
 
     def fill() -> None:
         kind.before_load(model, adapter_name, config, source)

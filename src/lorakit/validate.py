@@ -168,7 +168,8 @@ def check_file_ranks(rank_for, tensors: Mapping[str, torch.Tensor], source: str,
     """Before injecting: the rank the config gives each module (``rank_for(path)``) equals the rank of
     the file's A factor (PEFT keys, normalised). A config that claims r = 60000 for a file of rank 8
     is refused here, before 60000-row factors are allocated. With ``per_expert`` (target_parameters:
-    PEFT stacks one rank-r factor per expert) a whole multiple of the rank is accepted."""
+    PEFT stacks one rank-r factor per expert; fused_slices: one per adapted slice) a whole multiple of
+    the rank is accepted."""
     problems = []
     for key, t in tensors.items():
         for suffix in (".lora_A.weight", ".lora_embedding_A"):

@@ -136,7 +136,7 @@ def merge(adapter: str, out: str, model: str | None = None, requantize: bool = F
     if record is not None:
         from .merge_qlora import merge_qlora
 
-        path, report = merge_qlora(adapter, out, model, record, requantize, LABELS_FILE)
+        path, report = merge_qlora(adapter, out, base_of(adapter, model), record, requantize, LABELS_FILE)
         if report is not None:
             print(f"{report} (vs the dequantized merge; per layer in {path}/lorakit_requant_report.json)")
         return path

@@ -20,16 +20,16 @@ from .._fs import atomic_write_json
 REPORT_FILE = "lorakit_requant_report.json"
 
 
-def merge_qlora(adapter: str, out: str, model: str | None, record: dict[str, Any], requantize: bool = False,
+def merge_qlora(adapter: str, out: str, base: str, record: dict[str, Any], requantize: bool = False,
                 labels_file: str = "lorakit_labels.json") -> tuple[Path, Any]:
-    """Merge a QLoRA ``adapter`` into its quantized base; returns (output dir, requant report or None)."""
+    """Merge a QLoRA ``adapter`` into its quantized base (the directory ``base``, resolved by the caller);
+    returns (output dir, requant report or None)."""
     from ..io import load_adapter
     from ..quant.load_qlora import load_for_qlora
     from ..quant.merge import dequantize_and_merge, requantized_merge
-    from .commands import base_of
     from .model import load_tokenizer, model_dir
 
-    path, _ = model_dir(base_of(adapter, model))
+    path, _ = model_dir(base)
     dtype = record["compute_dtype"]
     kwargs: dict[str, Any] = {}
     labels = Path(adapter) / labels_file
