@@ -28,7 +28,7 @@ def run(ns: argparse.Namespace) -> int:
     from .train.options import build, load_yaml, parse_overrides
 
     recipe = load_yaml(ns.config) if ns.config else {}
-    flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "overrides", "run")}
+    flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "overrides", "run", "debug")}
     args = build(ImageTrainArgs, (f"recipe {ns.config}", recipe), ("the command-line flags", flags),
                  ("key=value arguments", parse_overrides(ns.overrides)))
     result = train_image(args)

@@ -224,7 +224,7 @@ def test_bad_flags(kw, match):
 def test_resume_refuses_a_different_quantization(tiny_lm, instr_file, tmp_path):
     train(quick_args(tiny_lm, instr_file, tmp_path / "r", quant="nf4", max_steps=2, eval_rows=0))
     with pytest.raises(CheckpointError, match="double_quant"):
-        train(quick_args(tiny_lm, instr_file, tmp_path / "r", quant="nf4", double_quant=False, max_steps=3,
+        train(quick_args(tiny_lm, instr_file, tmp_path / "r", quant="nf4", double_quant=False, max_steps=2,
                          eval_rows=0, resume="auto"))
 
 

@@ -59,7 +59,7 @@ def test_run_shows_loss_at_step_one_and_warns_about_warmup(tmp_path, tiny_lm, in
 
 
 def test_step_seconds_exclude_evaluation(tmp_path, tiny_lm, instr_file, monkeypatch):
-    import lorakit.eval.metrics as metrics_mod
+    import lorakit.train.loop as metrics_mod  # the loop's own reference to evaluate_loss
 
     real = metrics_mod.evaluate_loss
 

@@ -167,4 +167,4 @@ def test_resume_refuses_another_eval_split(tmp_path, tiny_lm, instr_file):
     out = tmp_path / "run"
     train(quick_args(tiny_lm, instr_file, out, max_steps=2, save_every=1, eval_split=0.25))
     with pytest.raises(CheckpointError, match="eval_split"):
-        train(quick_args(tiny_lm, instr_file, out, max_steps=3, resume="auto", eval_split=0.5))
+        train(quick_args(tiny_lm, instr_file, out, max_steps=2, resume="auto", eval_split=0.5))

@@ -59,6 +59,8 @@ class TrainArgs:
     modules_to_save: list[str] | None = _f(None, "modules trained in full next to the adapter "
                                                  "(default for seq-cls: the classification head)")
     use_rslora: bool = _f(False, "scale by alpha/sqrt(r) (rank-stabilized LoRA)")
+    use_dora: bool = _f(False, "DoRA (Liu et al. 2024): a trained magnitude per output row times the LoRA-"
+                               "updated direction (PEFT's use_dora)")
     fused_slices: dict[str, Any] = _f(None, "LoRA on chosen slices of fused projections, e.g. "
                                             "fused_slices.c_attn=[true,false,true] (docs/LORALIB.md)", factory=dict)
     loraplus_ratio: float = _f(16.0, "LoRA+: B's learning rate = ratio x A's (method=loraplus)")

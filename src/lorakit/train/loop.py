@@ -275,7 +275,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     if main and data.label2id:  # a classifier's labels, for `lorakit eval/merge` to rebuild its head
 
         atomic_write_json(artifact / LABELS_FILE, data.label2id)
-    if main and args.quant != "none":  # the base this adapter was trained on, for `lorakit merge`
+    # The quantized base this adapter was trained on, for `lorakit merge` (a GGUF base is the file itself).
+    if main and args.quant not in ("none", "gguf"):
         from .qlora_record import write_qlora_record
 
         write_qlora_record(artifact, args)

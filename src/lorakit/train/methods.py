@@ -78,6 +78,7 @@ def lora_config(args: TrainArgs, **overrides: Any) -> LoraConfig:
         exclude_modules=args.exclude_modules,
         modules_to_save=args.modules_to_save,
         use_rslora=args.use_rslora,
+        use_dora=args.use_dora,
         fused_slices=args.fused_slices,
         task_type="SEQ_CLS" if args.task == "seq-cls" else "CAUSAL_LM",
     )

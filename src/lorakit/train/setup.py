@@ -218,7 +218,7 @@ def with_replay(train: RawData, args: TrainArgs) -> RawData:
 def fingerprint(args: TrainArgs, world_size: int) -> dict[str, Any]:
     """Settings a checkpoint must agree with to resume (data order, shapes, method)."""
     keys = ("model", "data", "method", "method_options", "r", "lora_alpha", "target_modules", "exclude_modules",
-            "modules_to_save", "use_rslora", "seed", "batch_size", "grad_accum", "max_length", "packing",
+            "modules_to_save", "use_rslora", "use_dora", "seed", "batch_size", "grad_accum", "max_length", "packing",
             "builtin_rows", "task", "quant", "replay", "replay_data", "self_replay_prompts", "probe_every",
             "probe_rows")
     fp = {k: getattr(args, k) for k in keys}
