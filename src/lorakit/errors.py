@@ -70,3 +70,8 @@ class RankPatternError(AdapterFileError):
 class OutputError(LorakitError, OSError):
     """A file or directory lorakit must write cannot be written (disk full, read-only, no permission),
     or an output directory another run is using."""
+
+
+class ScorerError(ConfigError):
+    """An eval scorer spec (``scorer=...``) that cannot be used: unknown name, bad regex, a module or
+    file that does not load, a name that is not a function, a function that returns no score."""

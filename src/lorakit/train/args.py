@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from .early_stop import check_best_args
+from .scoring import check_scorer_spec
 
 BUILTIN_PREFIX = "builtin:"
 SELF = "self"  # replay_data=self: the base model's own prompts and answers
@@ -117,6 +119,24 @@ class TrainArgs:
     probe_action: Literal["warn", "stop"] = _f("warn", "forgetting probe: what a KL above probe_max_kl does")
     eval_tasks: list[str] | None = _f(None, "built-in tasks scored before/after (default: the data's task "
                                             "and the model's base tasks, when it has lorakit_tasks.json)")
+    # -- evaluation on the user's data, samples, early stopping (gen_eval.py, samples.py, early_stop.py) ----
+    eval_generate_rows: int = _f(32, "eval rows with a reference answer (instruction/chat/completion) answered by "
+                                     "greedy generation and scored with scorer (0 = off)")
+    eval_max_new_tokens: int | None = _f(None, "new tokens per generated eval answer (default: the longest "
+                                               "reference + 8, at most 512)")
+    scorer: str = _f("exact", "how an answer is compared with its reference: exact (whitespace-normalized, "
+                              "case-sensitive), exact_ci, contains, regex:PATTERN, module.path:function or "
+                              "path/to/file.py:function")
+    sample_every: int = _f(0, "generate answers to sample_prompts every N steps, into samples.jsonl, the log and "
+                              "TensorBoard (0 = off)")
+    sample_prompts: list[str] | str | None = _f(None, "prompts for sample_every: a list, or a text file with one "
+                                                      "prompt a line (default: 3 prompts of the eval/train data)")
+    sample_max_new_tokens: int = _f(48, "new tokens per sample generation")
+    early_stopping_patience: int = _f(0, "stop after this many evaluations (eval_every) without improvement of "
+                                         "metric_for_best (0 = off)")
+    metric_for_best: Literal["eval_loss", "eval_score"] = _f("eval_loss", "the metric early stopping and save_best "
+                                                                          "follow (lower loss / higher score is better)")
+    save_best: bool = _f(False, "keep the adapter of the best evaluation in output_dir/best")
     # -- checkpoints, logging -------------------------------------------------------------------------
     save_every: int = _f(0, "write a checkpoint every N optimizer steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "how many checkpoints to keep (oldest are deleted)")
@@ -134,12 +154,17 @@ class TrainArgs:
                      "log_every"):
             _positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "save_every", "eval_every", "eval_rows", "self_replay_prompts", "probe_every",
-                     "probe_rows"):
+                     "probe_rows", "eval_generate_rows", "sample_every", "early_stopping_patience"):
             _positive_int(name, getattr(self, name), minimum=0)
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
         if self.threads is not None:
             _positive_int("threads", self.threads)
+        _positive_int("sample_max_new_tokens", self.sample_max_new_tokens)
+        if self.eval_max_new_tokens is not None:
+            _positive_int("eval_max_new_tokens", self.eval_max_new_tokens)
+        check_scorer_spec(self.scorer)
+        check_best_args(self.early_stopping_patience, self.metric_for_best, self.save_best, self.eval_every)
         for name in ("lr", "lora_alpha", "loraplus_ratio", "epochs"):
             _positive_float(name, getattr(self, name))
         if self.loraplus_embedding_lr is not None:

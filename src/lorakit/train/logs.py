@@ -38,6 +38,11 @@ class StepLog:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text entry (e.g. sample generations) in TensorBoard's text tab; nothing without TensorBoard."""
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.flush()

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .._fs import atomic_write_json
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..losses import unsupported_reason
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
@@ -37,6 +37,8 @@ from .args import TrainArgs
 from .batches import BatchPlan, collate, model_loss_sum, target_count
 from .commands import LABELS_FILE
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
+from .early_stop import BEST_DIR, EarlyStopping, write_best
+from .gen_eval import GenerationEval, build_generation_eval, write_generations
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
 from .lock import RunLock
@@ -46,6 +48,7 @@ from .neftune import NEFTuneHook
 from .probe import ForgettingProbe
 from .progress import Progress, quiet_loading, warmup_warning
 from .report import plot_loss, summary_lines, write_metrics
+from .samples import build_sampler
 from .schedule import apply_lr, init_base_lr, lr_factor
 from .setup import (
     EvalTasks,
@@ -126,6 +129,11 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     plan = BatchPlan(len(data.train.examples), args.batch_size, args.grad_accum, world, args.seed)
     total_steps = plan.total_steps(args.epochs, args.max_steps)
     tasks = eval_tasks(args, loaded)
+    gen_eval = build_generation_eval(args, data.raw_eval, tokenizer, loaded.task)  # checks the scorer, before training
+    tracking_best = bool(args.early_stopping_patience or args.save_best)
+    if tracking_best and data.eval is None:
+        raise ConfigError(f"{'early_stopping_patience' if args.early_stopping_patience else 'save_best'} needs eval "
+                          "data; give eval_data or eval_split.")
     pad_id = tokenizer.pad_token_id
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -135,6 +143,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
                and unsupported_reason(unwrapped) is None)
     if fsdp:
         check_fsdp_args(args)
+        if args.save_best:
+            raise ConfigError("save_best is not supported under FSDP yet; drop it or use DDP.")
     set_seed(args.seed + rank)  # dropout differs between processes, reproducibly
 
     # -- resume ---------------------------------------------------------------------------------------
@@ -146,6 +156,10 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
                                           total_steps=total_steps, fingerprint=fp, args=args, rank=rank)
         start_step, history, before = state.step, state.state["history"], state.state.get("before", {})
         say(f"resuming from {path} at step {start_step}/{total_steps}")
+    stopper = EarlyStopping(args.metric_for_best, args.early_stopping_patience)
+    stopper.replay(history)  # its state is the logged evaluations
+    sampler = build_sampler(args, data.raw_train, data.raw_eval, tokenizer, loaded.task, out, start_step) \
+        if main else None
 
     # -- what this run is, and what it will cost ------------------------------------------------------
     say(f"lorakit train: {_model_name(loaded)} · {args.method} · {data.train.source} → {out}"
@@ -170,7 +184,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     # -- score before training ------------------------------------------------------------------------
     t_eval = time.perf_counter()
     if not before:
-        before = _evaluate(model, unwrapped, tokenizer, data.eval, tasks, args, accelerator, pad_id, autocast)
+        before = _evaluate(model, unwrapped, tokenizer, data.eval, tasks, gen_eval, args, accelerator, pad_id, autocast)
     eval_seconds = time.perf_counter() - t_eval
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -238,12 +252,22 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
                 t_ev = time.perf_counter()
                 ev = evaluate_loss(model, data.eval.examples, pad_id, args.batch_size, accelerator, autocast)
                 row.update(eval_loss=ev.loss, eval_accuracy=ev.accuracy)
+                if gen_eval is not None:  # generated on the main process, the score shared with all
+                    row["eval_score"] = _sum_over_processes(gen_eval.run(unwrapped, autocast).score if main else 0.0,
+                                                            accelerator)
+                if tracking_best and stopper.observe(step + 1, row.get(args.metric_for_best)) and args.save_best:
+                    _save_best(out, step + 1, stopper, setup, unwrapped, tokenizer, data, args, accelerator)
+                ctx.stop_reason = ctx.stop_reason or stopper.stop_reason
                 loop_eval_seconds += time.perf_counter() - t_ev
             history.append(row)
             steps_done = step + 1
             if log is not None:
                 log.log(row)
             bar.update(step + 1, step_loss, lr, row["seconds"])
+            if sampler is not None and sampler.due(step + 1):
+                t_ev = time.perf_counter()
+                sampler.write(sampler.run(unwrapped, step + 1, autocast), log, bar.write)
+                loop_eval_seconds += time.perf_counter() - t_ev
             if ctx.stop_reason:
                 say(f"\n{ctx.stop_reason}")
                 break
@@ -281,8 +305,15 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
 
         write_qlora_record(artifact, args)
     t_eval = time.perf_counter()
-    after = _evaluate(model, unwrapped, tokenizer, data.eval, tasks, args, accelerator, pad_id, autocast)
+    after = _evaluate(model, unwrapped, tokenizer, data.eval, tasks, gen_eval, args, accelerator, pad_id, autocast)
     eval_seconds += time.perf_counter() - t_eval
+    if tracking_best and (not args.eval_every or steps_done % args.eval_every):  # the last step was not evaluated
+        value = (after.get("eval") or {}).get("loss") if args.metric_for_best == "eval_loss" else \
+            _sum_over_processes((after.get("score") or {}).get("score", 0.0) if main else 0.0, accelerator)
+        if stopper.observe(steps_done, value, final=True) and args.save_best:
+            _save_best(out, steps_done, stopper, setup, unwrapped, tokenizer, data, args, accelerator)
+    if main and gen_eval is not None and gen_eval.last is not None:
+        write_generations(out / "generations.jsonl", gen_eval.last, steps_done)
 
     new_steps = [r for r in history if r["step"] > start_step]
     peak = peak_rss_mb()
@@ -307,6 +338,9 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
         "eval": {"before": before.get("eval"), "after": after.get("eval")},
         "tasks": {"before": before.get("tasks", {}), "after": after.get("tasks", {}), "new": tasks.new,
                   "base": tasks.base, "n": args.eval_rows},
+        "score": {"before": before.get("score"), "after": after.get("score"),
+                  "how": gen_eval.describe() if gen_eval is not None else None},
+        "best": stopper.summary(out / BEST_DIR if args.save_best else None) if tracking_best else None,
         "artifact": str(artifact),
         "checkpoint": str(last_ckpt) if last_ckpt else None,
     }
@@ -321,9 +355,10 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
 
 
 # -- pieces of the loop ----------------------------------------------------------------------------------
-def _evaluate(model, unwrapped, tokenizer, eval_data, tasks: EvalTasks, args: TrainArgs, accelerator,
-              pad_id: int, autocast) -> dict[str, Any]:
-    """Eval loss on the eval data (all processes), and built-in task accuracy (main process)."""
+def _evaluate(model, unwrapped, tokenizer, eval_data, tasks: EvalTasks, gen_eval: GenerationEval | None,
+              args: TrainArgs, accelerator, pad_id: int, autocast) -> dict[str, Any]:
+    """Eval loss on the eval data (all processes), built-in task accuracy and the generation score on the
+    user's eval rows (main process)."""
     result: dict[str, Any] = {}
     if eval_data is not None:
         result["eval"] = evaluate_loss(model, eval_data.examples, pad_id, args.batch_size, accelerator,
@@ -332,6 +367,8 @@ def _evaluate(model, unwrapped, tokenizer, eval_data, tasks: EvalTasks, args: Tr
         with autocast():
             scores = evaluate_tasks(unwrapped, tokenizer, tasks.all, n=args.eval_rows)
         result["tasks"] = {name: s.accuracy for name, s in scores.items()}
+    if gen_eval is not None and accelerator.is_main_process:
+        result["score"] = gen_eval.run(unwrapped, autocast).to_dict()
     accelerator.wait_for_everyone()
     return result
 
@@ -359,6 +396,23 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, hooks, history, bef
         )
     accelerator.wait_for_everyone()
     return path
+
+
+def _save_best(out: Path, step: int, stopper: EarlyStopping, setup, unwrapped, tokenizer, data, args: TrainArgs,
+               accelerator) -> None:
+    """The method's artifact as it is now, into ``out/best`` (atomically), with what the final artifact holds."""
+    if accelerator.is_main_process:
+        def fill(tmp: Path) -> None:
+            setup.save(unwrapped, tmp, tokenizer)
+            if data.label2id:
+                atomic_write_json(tmp / LABELS_FILE, data.label2id)
+            if args.quant not in ("none", "gguf"):
+                from .qlora_record import write_qlora_record
+
+                write_qlora_record(tmp, args)
+
+        write_best(out / BEST_DIR, fill, step, stopper.metric, stopper.best_value)
+    accelerator.wait_for_everyone()
 
 
 def _adopt_optimizer(optimizer, factor: float) -> None:

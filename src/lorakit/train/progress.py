@@ -46,6 +46,13 @@ class Progress:
             print(line(step, self.total, loss, lr, self.step_seconds / max(1, step - self.first)),
                   file=self.stream, flush=True)
 
+    def write(self, text: str) -> None:
+        """Print ``text`` to stdout without breaking the bar (tqdm clears and redraws it)."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

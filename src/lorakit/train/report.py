@@ -56,8 +56,31 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
             mb = sum(before.get(t, 0.0) for t in tasks["base"]) / len(tasks["base"])
             ma = sum(after[t] for t in tasks["base"]) / len(tasks["base"])
             lines.append(f"forgetting   {fmt(tasks['base'])} · mean {100 * mb:.1f}% → {100 * ma:.1f}%")
+    lines += _score_lines(m)
     lines.append(f"wrote        {m['artifact'] or '(no artifact)'} · metrics.json · loss.png · log.csv"
                  + (f" · checkpoint {m['checkpoint']}" if m.get("checkpoint") else ""))
+    return lines
+
+
+def _score_lines(m: dict[str, Any]) -> list[str]:
+    """The generation score on the user's eval rows, the best evaluation, and why the run stopped early."""
+    lines = []
+    score = m.get("score") or {}
+    if score.get("after"):
+        b, a = score.get("before"), score["after"]
+        first = f"{100 * b['score']:.1f}% → " if b else ""
+        lines.append(f"score        {a['scorer']} {first}{100 * a['score']:.1f}%   ({score['how']})")
+    best = m.get("best")
+    if best:
+        if best["step"] is None:
+            lines.append(f"best         no evaluation gave a finite {best['metric']}")
+        else:
+            where = f" · saved in {best['dir']}" if best.get("dir") else ""
+            lines.append(f"best         step {best['step']}: {best['metric']} {best['value']:.4f} "
+                         f"({'higher' if best['greater_is_better'] else 'lower'} is better){where}")
+    stopped = m["steps"].get("stopped")
+    if stopped:
+        lines.append(f"stopped      {stopped}")
     return lines
 
 

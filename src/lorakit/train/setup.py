@@ -32,6 +32,8 @@ class RunData:
     eval: Encoded | None
     label2id: dict[str, int] | None
     probe: Encoded | None = None  # the forgetting probe's rows (base model's own prompts and answers)
+    raw_train: RawData | None = None  # the rows as read: prompts and references for generation (gen_eval.py)
+    raw_eval: RawData | None = None
 
 
 @dataclass
@@ -111,7 +113,7 @@ def prepare_model_and_data(args: TrainArgs) -> tuple[TrainArgs, LoadedModel, Run
     train = encode(raw_train, loaded.tokenizer, args.max_length, label2id, args.packing, system)
     evaluation = encode(raw_eval, loaded.tokenizer, args.max_length, label2id, False, system) if raw_eval else None
     probe = encode(raw_probe, loaded.tokenizer, args.max_length, None, False, system) if raw_probe else None
-    return args, loaded, RunData(train, evaluation, label2id, probe)
+    return args, loaded, RunData(train, evaluation, label2id, probe, raw_train, raw_eval)
 
 
 def with_self_replay(train: RawData, loaded: LoadedModel, args: TrainArgs) -> tuple[RawData, RawData | None]:

@@ -53,15 +53,21 @@ def _stop_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
-@torch.inference_mode()
 def _generate(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int) -> list[str]:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop = _stop_ids(tokenizer)
-    device = next(model.parameters()).device
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    return generate_greedy(model, tokenizer, encoded, batch_size, max_new_tokens, _stop_ids(tokenizer))
+
+
+@torch.inference_mode()
+def generate_greedy(model, tokenizer, encoded: Sequence[Sequence[int]], batch_size: int, max_new_tokens: int,
+                    stop: Sequence[int]) -> list[str]:
+    """Greedy continuations of the token-id prompts ``encoded`` (decoded, special tokens skipped), in
+    batches of ``batch_size`` rows; generation stops at any id of ``stop`` or after ``max_new_tokens``."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
     # Batch rows of similar length together: less padding, fewer wasted positions.
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -78,7 +84,7 @@ def _generate(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
-            eos_token_id=stop,
+            eos_token_id=list(stop),
             pad_token_id=pad_id,
         )
         # (B, width + new) -> the new tokens only; rows that stopped early are padded after the stop.
