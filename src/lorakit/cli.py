@@ -47,11 +47,12 @@ def train_command(config: str | None, flags: dict[str, str], overrides: Sequence
 
 
 def eval_command(data: str, adapter: str | None, model: str | None, max_length: int, batch_size: int,
-                 eval_rows: int, as_json: bool) -> int:
+                 eval_rows: int, as_json: bool, scorer: str = "exact", generate_rows: int = 32,
+                 max_new_tokens: int | None = None) -> int:
     from .train.commands import evaluate, format_eval
 
     result = evaluate(data, adapter=adapter, model=model, max_length=max_length, batch_size=batch_size,
-                      eval_rows=eval_rows)
+                      eval_rows=eval_rows, scorer=scorer, generate_rows=generate_rows, max_new_tokens=max_new_tokens)
     print(json.dumps(result, indent=2) if as_json else "\n".join(format_eval(result)))
     return 0
 
@@ -135,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-rows", type=int, default=200, help="rows drawn from a builtin task")
+    p.add_argument("--scorer", default="exact", help="how generated answers are compared with the file's reference "
+                   "answers: exact (whitespace-normalized, case-sensitive), exact_ci, contains, regex:PATTERN, "
+                   "module.path:function or path/to/file.py:function")
+    p.add_argument("--generate-rows", type=int, default=32, help="rows with a reference answer that are answered by "
+                   "greedy generation and scored (0 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per answer (default: the longest "
+                   "reference + 8)")
     p.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
 
     p = sub.add_parser("merge", help="merge an adapter and save a dense transformers checkpoint")
@@ -231,7 +239,7 @@ def _dispatch(ns) -> int:
         return train_command(ns.config, flags, ns.overrides)
     if ns.command == "eval":
         return eval_command(ns.data, ns.adapter, ns.model, ns.max_length, ns.batch_size, ns.eval_rows,
-                            ns.as_json)
+                            ns.as_json, ns.scorer, ns.generate_rows, ns.max_new_tokens)
     if ns.command == "merge":
         return merge_command(ns.adapter, ns.out, ns.model, ns.requantize, ns.dtype)
     if ns.command == "generate":

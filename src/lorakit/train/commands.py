@@ -19,10 +19,12 @@ from ..tasks import embedded_model_dir
 from .args import BUILTIN_PREFIX
 from .data_files import read_data
 from .encode import encode, label_mapping
+from .gen_eval import GenerationEval, reference_prompts
 from .generation import Generator
 from .gguf_model import gguf_causal_lm, is_gguf
 from .metrics import evaluate_loss
 from .model import load_tokenizer, model_dir
+from .scoring import check_scorer_spec, load_scorer
 from .task_eval import evaluate_task
 
 LABELS_FILE = "lorakit_labels.json"  # label2id of a classifier's adapter, written next to it
@@ -79,9 +81,15 @@ def load_for_inference(model: str | None, adapter: str | None):
 
 # -- eval -------------------------------------------------------------------------------------------
 def evaluate(data: str, adapter: str | None = None, model: str | None = None, max_length: int = 512,
-             batch_size: int = 16, eval_rows: int = 200, seed: int = 0) -> dict[str, Any]:
-    """Loss / perplexity / accuracy of the base model and (with ``adapter``) the adapted one."""
-
+             batch_size: int = 16, eval_rows: int = 200, seed: int = 0, scorer: str = "exact",
+             generate_rows: int = 32, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Loss / perplexity / accuracy of the base model and (with ``adapter``) the adapted one; on a file whose
+    rows have reference answers, also the generation score (``scorer``, on ``generate_rows`` rows)."""
+    if generate_rows < 0 or (max_new_tokens is not None and max_new_tokens < 1):
+        raise ConfigError(f"generate_rows={generate_rows} / max_new_tokens={max_new_tokens}: need generate_rows ≥ 0 "
+                          "(0 = no generation) and max_new_tokens ≥ 1.")
+    check_scorer_spec(scorer)
+    loaded_scorer = load_scorer(scorer)  # a bad scorer fails before the model loads
     net, tokenizer, task = load_for_inference(model, adapter)
     raw = read_data(data, "auto", "eval", eval_rows, seed)
     label2id = None
@@ -89,14 +97,20 @@ def evaluate(data: str, adapter: str | None = None, model: str | None = None, ma
         label2id = {str(k): int(v) for k, v in (net.config.label2id or {}).items()} or label_mapping(raw.rows)
     encoded = encode(raw, tokenizer, max_length, label2id)
     builtin = data[len(BUILTIN_PREFIX):] if data.startswith(BUILTIN_PREFIX) else None
+    gen = None
+    if task == "causal-lm" and not builtin and generate_rows > 0:
+        prompts = reference_prompts(raw, tokenizer, None, max_length, generate_rows)
+        gen = GenerationEval(prompts, loaded_scorer, tokenizer, max_new_tokens, batch_size) if prompts else None
 
     def score() -> dict[str, Any]:
         result = {"loss": evaluate_loss(net, encoded.examples, tokenizer.pad_token_id, batch_size).to_dict()}
         if builtin and task == "causal-lm":
             result["exact_match"] = evaluate_task(net, tokenizer, builtin, n=eval_rows).accuracy
+        if gen is not None:
+            result["score"] = gen.run(net).to_dict()
         return result
 
-    out: dict[str, Any] = {"data": encoded.counts()}
+    out: dict[str, Any] = {"data": encoded.counts(), **({"score_how": gen.describe()} if gen is not None else {})}
     if adapter is not None:
         with disabled(net):
             out["base"] = score()
@@ -109,13 +123,16 @@ def evaluate(data: str, adapter: str | None = None, model: str | None = None, ma
 def format_eval(result: dict[str, Any]) -> list[str]:
     d = result["data"]
     lines = [f"data: {d['source']}: {d['rows']} rows, {d['truncated']} truncated, {sum(d['dropped'].values())} dropped",
-             f"{'':10}{'loss':>10}{'perplexity':>12}{'accuracy':>10}{'exact match':>13}"]
+             f"{'':10}{'loss':>10}{'perplexity':>12}{'accuracy':>10}{'score' if 'score_how' in result else 'exact match':>13}"]
     for name in ("base", "adapter"):
         if name in result:
             r, loss = result[name], result[name]["loss"]
             ppl = f"{loss['perplexity']:.3f}" if loss["perplexity"] is not None else "-"
-            em = f"{100 * r['exact_match']:.1f}%" if "exact_match" in r else "-"
+            em = f"{100 * r['exact_match']:.1f}%" if "exact_match" in r else \
+                f"{100 * r['score']['score']:.1f}%" if "score" in r else "-"
             lines.append(f"{name:10}{loss['loss']:>10.4f}{ppl:>12}{100 * loss['accuracy']:>9.1f}%{em:>13}")
+    if "score_how" in result:
+        lines.append(f"score: {result['score_how']}")
     return lines
 
 
