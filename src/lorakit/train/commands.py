@@ -107,10 +107,10 @@ def evaluate(data: str, adapter: str | None = None, model: str | None = None, ma
         if builtin and task == "causal-lm":
             result["exact_match"] = evaluate_task(net, tokenizer, builtin, n=eval_rows).accuracy
         if gen is not None:
-            result["score"] = gen.run(net).to_dict()
+            result["score"] = {**gen.run(net).to_dict(), "how": gen.describe()}
         return result
 
-    out: dict[str, Any] = {"data": encoded.counts(), **({"score_how": gen.describe()} if gen is not None else {})}
+    out: dict[str, Any] = {"data": encoded.counts()}
     if adapter is not None:
         with disabled(net):
             out["base"] = score()
@@ -122,8 +122,9 @@ def evaluate(data: str, adapter: str | None = None, model: str | None = None, ma
 
 def format_eval(result: dict[str, Any]) -> list[str]:
     d = result["data"]
+    how = next((result[k]["score"]["how"] for k in ("base", "adapter") if "score" in result.get(k, {})), None)
     lines = [f"data: {d['source']}: {d['rows']} rows, {d['truncated']} truncated, {sum(d['dropped'].values())} dropped",
-             f"{'':10}{'loss':>10}{'perplexity':>12}{'accuracy':>10}{'score' if 'score_how' in result else 'exact match':>13}"]
+             f"{'':10}{'loss':>10}{'perplexity':>12}{'accuracy':>10}{'score' if how else 'exact match':>13}"]
     for name in ("base", "adapter"):
         if name in result:
             r, loss = result[name], result[name]["loss"]
@@ -131,8 +132,8 @@ def format_eval(result: dict[str, Any]) -> list[str]:
             em = f"{100 * r['exact_match']:.1f}%" if "exact_match" in r else \
                 f"{100 * r['score']['score']:.1f}%" if "score" in r else "-"
             lines.append(f"{name:10}{loss['loss']:>10.4f}{ppl:>12}{100 * loss['accuracy']:>9.1f}%{em:>13}")
-    if "score_how" in result:
-        lines.append(f"score: {result['score_how']}")
+    if how:
+        lines.append(f"score: {how}")
     return lines
 
 
