@@ -222,3 +222,16 @@ def test_eval_split_rows_are_scored(tmp_path, tiny_lm, instr_file):
 def test_builtin_eval_data_keeps_its_task_score(tmp_path, tiny_lm):
     result = train(quick_args(tiny_lm, "builtin:rev", tmp_path / "run", max_steps=1))
     assert result.metrics["score"]["after"] is None and "rev" in result.metrics["tasks"]["after"]
+
+
+def test_cli_eval_prints_the_score_and_refuses_a_bad_scorer(tmp_path, tiny_lm, capsys):
+    from lorakit.cli import main
+
+    data = write_rows(tmp_path / "dev.jsonl", [{"instruction": "rev ab", "output": "ba"}] * 3)
+    assert main(["eval", "--model", str(tiny_lm), "--data", str(data), "--scorer", "exact_ci",
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "score: greedy generation on 3 eval rows, ≤ 3 new tokens; exact_ci" in out
+    assert out.splitlines()[2].rstrip().endswith("%")  # the base row has a score, not "-"
+    assert main(["eval", "--model", str(tiny_lm), "--data", str(data), "--scorer", "regex:("]) == 2
+    assert "scorer='regex:('" in capsys.readouterr().err

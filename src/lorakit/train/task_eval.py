@@ -84,7 +84,7 @@ def generate_greedy(model, tokenizer, encoded: Sequence[Sequence[int]], batch_si
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
-            eos_token_id=list(stop),
+            eos_token_id=list(stop) or None,
             pad_token_id=pad_id,
         )
         # (B, width + new) -> the new tokens only; rows that stopped early are padded after the stop.
