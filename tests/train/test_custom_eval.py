@@ -15,9 +15,9 @@ import torch
 from lorakit.errors import ConfigError, ScorerError
 from lorakit.tasks import get as get_task
 from lorakit.train import TrainArgs, train
-from lorakit.train.commands import evaluate, format_eval
-from lorakit.train.data_files import RawData, read_data
-from lorakit.train.encode import IGNORE, encode
+from lorakit.cli.commands import evaluate, format_eval
+from lorakit.data.encode import IGNORE, encode
+from lorakit.data.files import RawData, read_data
 from lorakit.train.gen_eval import reference_prompts
 from lorakit.train.scoring import load_scorer
 

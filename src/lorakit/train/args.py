@@ -12,11 +12,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..data.files import BUILTIN_PREFIX
 from ..errors import ConfigError
 from .early_stop import check_best_args
 from .scoring import check_scorer_spec
 
-BUILTIN_PREFIX = "builtin:"
 SELF = "self"  # replay_data=self: the base model's own prompts and answers
 
 

@@ -29,8 +29,7 @@ from typing import Any
 from .._fs import atomic_write_text
 from ..errors import ConfigError, DataError
 from ..tasks.format import format_prompt, to_messages, user_text
-from .args import BUILTIN_PREFIX
-from .data_files import RawData
+from ..data.files import BUILTIN_PREFIX, RawData
 from .scoring import Scorer, load_scorer
 from .task_eval import generate_greedy
 

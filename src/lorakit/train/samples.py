@@ -28,7 +28,7 @@ import torch
 
 from .._fs import atomic_write_text
 from ..errors import ConfigError
-from .data_files import RawData
+from ..data.files import RawData
 from .gen_eval import GenPrompt, reference_prompts, stop_ids, user_prompts
 from .task_eval import generate_greedy
 
