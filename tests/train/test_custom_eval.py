@@ -12,12 +12,12 @@ import textwrap
 import pytest
 import torch
 
-from lorakit.errors import ConfigError, ScorerError
-from lorakit.tasks import get as get_task
-from lorakit.train import TrainArgs, train
 from lorakit.cli.commands import evaluate, format_eval
 from lorakit.data.encode import IGNORE, encode
 from lorakit.data.files import RawData, read_data
+from lorakit.errors import ConfigError, ScorerError
+from lorakit.tasks import get as get_task
+from lorakit.train import TrainArgs, train
 from lorakit.train.gen_eval import reference_prompts
 from lorakit.train.scoring import load_scorer
 

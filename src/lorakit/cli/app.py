@@ -71,8 +71,8 @@ def generate_command(prompt: str | None, adapter: str | None, model: str | None,
                      temperature: float, chat: bool, system: str | None = None, file: str | None = None,
                      interactive: bool = False) -> int:
     from ..errors import ConfigError
-    from .commands import generator
     from ..train.generation import read_prompts
+    from .commands import generator
 
     if sum(x is not None and x is not False for x in (prompt, file, interactive or None)) != 1:
         raise ConfigError("generate takes one of: a PROMPT, --file FILE (one prompt per line) or --interactive.")

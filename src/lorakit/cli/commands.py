@@ -13,16 +13,17 @@ import torch
 
 from .._fs import atomic_dir
 from ..adapters import disabled, merge_and_unload
-from ..errors import AdapterFileError, ConfigError
-from ..io import read_adapter_config, read_adapter_weights
 from ..data.encode import encode, label_mapping
 from ..data.files import BUILTIN_PREFIX, read_data
+from ..errors import AdapterFileError, ConfigError
+from ..io import read_adapter_config, read_adapter_weights
 from ..train.gen_eval import GenerationEval, reference_prompts
 from ..train.generation import Generator
 from ..train.inference import LABELS_FILE, base_of, load_for_inference
 from ..train.metrics import evaluate_loss
 from ..train.scoring import check_scorer_spec, load_scorer
 from ..train.task_eval import evaluate_task
+
 
 # -- eval -------------------------------------------------------------------------------------------
 def evaluate(data: str, adapter: str | None = None, model: str | None = None, max_length: int = 512,

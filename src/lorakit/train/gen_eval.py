@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._fs import atomic_write_text
+from ..data.files import BUILTIN_PREFIX, RawData
 from ..errors import ConfigError, DataError
 from ..tasks.format import format_prompt, to_messages, user_text
-from ..data.files import BUILTIN_PREFIX, RawData
 from .scoring import Scorer, load_scorer
 from .task_eval import generate_greedy
 

@@ -28,19 +28,19 @@ from typing import Any
 import torch
 
 from .._fs import atomic_write_json
+from ..data.batches import BatchPlan, collate, model_loss_sum, target_count
 from ..errors import ConfigError, TrainingError
 from ..losses import unsupported_reason
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from . import resume_checks
 from .args import TrainArgs
-from ..data.batches import BatchPlan, collate, model_loss_sum, target_count
-from .inference import LABELS_FILE
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
 from .early_stop import BEST_DIR, EarlyStopping, write_best
-from .gen_eval import GenerationEval, build_generation_eval, write_generations
 from .estimate import estimate_run, peak_rss_mb
+from .gen_eval import GenerationEval, build_generation_eval, write_generations
 from .hooks import HookContext, TrainHook
+from .inference import LABELS_FILE
 from .lock import RunLock
 from .logs import StepLog
 from .metrics import evaluate_loss

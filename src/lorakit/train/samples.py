@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from .._fs import atomic_write_text
-from ..errors import ConfigError
 from ..data.files import RawData
+from ..errors import ConfigError
 from .gen_eval import GenPrompt, reference_prompts, stop_ids, user_prompts
 from .task_eval import generate_greedy
 

@@ -26,9 +26,9 @@ naming the spec and the fix.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
-import hashlib
 import math
 import numbers
 import re
