@@ -112,3 +112,11 @@ def test_resume_drops_samples_of_redone_steps(tmp_path, tiny_lm, instr_file):
     assert [r["step"] for r in _samples(out)] == [1, 2, 3, 4]
     train(quick_args(tiny_lm, instr_file, out, max_steps=4, resume=str(out / "checkpoints" / "step-000002"), **kw))
     assert [r["step"] for r in _samples(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("bad", [[], [""], [3], 5, "  "])
+def test_sample_prompts_are_checked_on_construction(bad):
+    from lorakit.train import TrainArgs
+
+    with pytest.raises(ConfigError, match="sample_prompts="):
+        TrainArgs(sample_prompts=bad)

@@ -164,6 +164,11 @@ class TrainArgs:
         if self.eval_max_new_tokens is not None:
             _positive_int("eval_max_new_tokens", self.eval_max_new_tokens)
         check_scorer_spec(self.scorer)
+        sp = self.sample_prompts
+        if sp is not None and not (isinstance(sp, str) and sp.strip()) and not (
+                isinstance(sp, list) and sp and all(isinstance(p, str) and p.strip() for p in sp)):
+            raise ConfigError(f"sample_prompts={sp!r}: give a non-empty list of prompts, or a text file with one "
+                              "prompt a line.")
         check_best_args(self.early_stopping_patience, self.metric_for_best, self.save_best, self.eval_every)
         for name in ("lr", "lora_alpha", "loraplus_ratio", "epochs"):
             _positive_float(name, getattr(self, name))
