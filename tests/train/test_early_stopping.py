@@ -136,3 +136,16 @@ def test_settings_are_checked_before_training(tmp_path, tiny_lm, instr_file):
         train(quick_args(tiny_lm, text, tmp_path / "b", eval_data=str(text), eval_every=1,
                          early_stopping_patience=1, metric_for_best="eval_score"))
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_a_resumed_run_stops_where_the_whole_run_did(tmp_path, tiny_lm, instr_file, monkeypatch):
+    kw = dict(eval_data=str(instr_file), max_steps=20, eval_every=2, early_stopping_patience=2, save_best=True,
+              save_every=2, keep_checkpoints=10, eval_generate_rows=0)
+    out = tmp_path / "run"
+    _script_loss(monkeypatch, [5.0, 4.0, 3.0, 3.5, 3.6, 3.7])
+    whole = train(quick_args(tiny_lm, instr_file, out, **kw))
+    # From step 4 the state comes from the logged history (best 3.0 at step 4); steps 6 and 8 are worse.
+    _script_loss(monkeypatch, [3.5, 3.6, 3.7])
+    resumed = train(quick_args(tiny_lm, instr_file, out, resume=str(out / "checkpoints" / "step-000004"), **kw))
+    assert resumed.steps_done == whole.steps_done == 8
+    assert resumed.metrics["best"]["step"] == 4 and resumed.metrics["best"]["value"] == 3.0
