@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,16 @@ from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_art
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
 from .lock import RunLock
+from .loggers_ext import (
+    check_report_to,
+    close_trackers,
+    eval_numbers,
+    log_all,
+    open_trackers,
+    step_numbers,
+    summary_numbers,
+    tensorboard_wanted,
+)
 from .logs import StepLog
 from .metrics import evaluate_loss
 from .neftune import NEFTuneHook
@@ -77,13 +87,14 @@ def train(args: TrainArgs, hooks: list[TrainHook] | tuple = ()) -> TrainResult:
     try:
         args = resolve_defaults(args)
         # One run per output directory, held until this call returns or raises (rank 0 of a launch).
-        with RunLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
-            return _train(args, list(hooks))
+        with RunLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext(), \
+                ExitStack() as closing:  # experiment trackers end as failed when the run raises
+            return _train(args, list(hooks), closing)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
+def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -98,6 +109,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
         return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     say = print if main else (lambda *a, **k: None)
+    check_report_to(args.report_to)  # a missing MLflow / W&B fails before anything is loaded or cleared
     out = check_output_dir(args) if main else Path(args.output_dir)
     accelerator.wait_for_everyone()
     resume_path = ckpt.resolve_resume(args.resume, out) if args.resume is not None else None
@@ -174,7 +186,11 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     eval_seconds = time.perf_counter() - t_eval
 
     # -- the loop -------------------------------------------------------------------------------------
-    log = StepLog(out, history) if main else None
+    log = StepLog(out, history, tensorboard_wanted(args.report_to)) if main else None
+    trackers = open_trackers(args.report_to, out, args.to_dict()) if main else []
+    closing.push(lambda exc_type, *_: close_trackers(trackers, "failed" if exc_type else "finished"))
+    if start_step == 0:
+        log_all(trackers, eval_numbers(before), 0)
     ctx = HookContext(model=unwrapped, optimizer=optimizer, step=start_step, total_steps=total_steps,
                       output_dir=out, extra={"accelerator": accelerator, "args": args, "tokenizer": tokenizer})
     for hook in all_hooks:
@@ -243,6 +259,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
             steps_done = step + 1
             if log is not None:
                 log.log(row)
+                log_all(trackers, step_numbers(row), step + 1)
             bar.update(step + 1, step_loss, lr, row["seconds"])
             if ctx.stop_reason:
                 say(f"\n{ctx.stop_reason}")
@@ -267,6 +284,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
         else:
             say(f"\ninterrupted at step {steps_done}/{total_steps}: checkpoint saved to {last_ckpt}. "
                 f"Continue with: lorakit train ... --output-dir {out} --resume auto")
+        close_trackers(trackers, "killed")
         return TrainResult(out, {}, True, steps_done, stop.signum)
     for hook in all_hooks:  # before the artifact: a hook may finalize the adapter (AdaLoRA's last cut)
         hook.on_train_end(ctx)
@@ -313,6 +331,10 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     if main:
         log.close()
         write_metrics(out / "metrics.json", metrics)
+        log_all(trackers, eval_numbers(after), steps_done)
+        for tracker in trackers:
+            tracker.summary(summary_numbers(metrics), steps_done, out / "metrics.json")
+        close_trackers(trackers, "finished")
         evals = [(0, before.get("eval")), (steps_done, after.get("eval"))]
         plot_loss(history, out / "loss.png", f"{_model_name(loaded)} · {args.method} · {data.train.source}",
                   [(s, e["loss"]) for s, e in evals if e])

@@ -17,7 +17,7 @@ from .lock import pid_alive
 
 #: Everything a run writes into its output directory (methods' artifacts, logs, plots, variants' reports).
 RUN_ARTIFACTS = ("checkpoints", "adapter", "model", "metrics.json", "log.csv", "loss.png", "tensorboard",
-                 "adalora_ranks.json", "adalora_ranks.png")
+                 "mlruns", "wandb", "adalora_ranks.json", "adalora_ranks.png")
 
 
 def clear_previous_run(out: Path) -> list[str]:
