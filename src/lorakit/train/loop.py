@@ -53,6 +53,8 @@ from .loggers_ext import (
 from .logs import StepLog
 from .metrics import evaluate_loss
 from .neftune import NEFTuneHook
+from .packing import collate_packed
+from .packing_check import mask_dtype_for, packing_mode
 from .probe import ForgettingProbe
 from .progress import Progress, quiet_loading, warmup_warning
 from .report import plot_loss, summary_lines, write_metrics
@@ -164,11 +166,21 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
         + (f" · {world} processes" if world > 1 else ""))
     say(f"parameters: {counts.trainable:,} trainable / {counts.total:,} total ({counts.percent:.2f}%)")
     device = accelerator.device
-    example = collate([data.train.examples[i] for i in plan.micro_batches(0, rank)[0]], pad_id)
+    # Packed sequences (packing=true) carry their row boundaries in the way the model was found to honour.
+    pack_mode = packing_mode(unwrapped, device, pad_id) if data.train.packed else None
+    if pack_mode:
+        say(f"packing: {data.train.rows:,} rows → {len(data.train.examples):,} sequences of ≤ {args.max_length} "
+            f"tokens; rows kept apart by {pack_mode.replace('_', ' ')}")
+
+    def batch_of(indices: list[int]) -> dict[str, Any]:
+        rows = [data.train.examples[i] for i in indices]
+        return collate_packed(rows, pad_id, pack_mode, mask_dtype_for(unwrapped)) if pack_mode else collate(rows, pad_id)
+
+    example = batch_of(plan.micro_batches(0, rank)[0])
 
     def probe() -> None:
         with accelerator.no_sync(model), autocast():
-            b = {k: v.to(device) for k, v in example.items()}
+            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in example.items()}
             labels = b.pop("labels")
             model_loss_sum(model, unwrapped, b, labels, chunked).backward()
         optimizer.zero_grad(set_to_none=True)
@@ -207,11 +219,11 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
             t0 = time.perf_counter()
             ctx.step, ctx.log = step, {}
             lr = apply_lr(optimizer, lr_factor(step, total_steps, args.warmup_steps, args.schedule))
-            micro = [collate([data.train.examples[i] for i in idx], pad_id) for idx in plan.micro_batches(step, rank)]
+            micro = [batch_of(idx) for idx in plan.micro_batches(step, rank)]
             n_step = _sum_over_processes(sum(target_count(b) for b in micro), accelerator)
             loss_sum, extra_sum = 0.0, 0.0
             for m, batch in enumerate(micro):
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 labels = batch.pop("labels")
                 last = m == len(micro) - 1
                 with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
