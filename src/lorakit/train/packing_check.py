@@ -5,7 +5,7 @@ implementation and its transformers version, so lorakit does not keep a list: be
 three short random rows once separately and once packed into one sequence (model in eval mode, no
 gradients, the global RNG untouched) and keeps the first mode whose logits match the separate runs. A
 row that could see its neighbour changes its logits by a large fraction of their size (on the tiny test
-models 40-80 %), far above the tolerance. A model where neither mode matches is refused.
+models 50-80 %), far above the tolerance. A model where neither mode matches is refused.
 """
 
 from __future__ import annotations
