@@ -43,8 +43,8 @@ def make_rows(n: int, max_length: int, seed: int) -> list[dict]:
 def batches(variant: str, rows: list[dict], args) -> list[dict]:
     from transformers import DataCollatorWithFlattening
 
-    from lorakit.train.batches import collate
-    from lorakit.train.packing import collate_packed, pack_rows
+    from lorakit.data.batches import collate
+    from lorakit.data.packing import collate_packed, pack_rows
 
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1)).tolist()
     shuffled = [rows[i] for i in order]
@@ -71,7 +71,7 @@ def padding_fraction(bs: list[dict], real: int) -> float:
 
 
 def run_pass(model, bs: list[dict]) -> tuple[float, float]:
-    from lorakit.train.batches import model_loss_sum
+    from lorakit.data.batches import model_loss_sum
 
     t = time.perf_counter()
     total = 0.0

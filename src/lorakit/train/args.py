@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..data.files import BUILTIN_PREFIX
 from ..errors import ConfigError
 from .loggers_ext import LOGGERS
 
-BUILTIN_PREFIX = "builtin:"
 SELF = "self"  # replay_data=self: the base model's own prompts and answers
 
 

@@ -34,8 +34,8 @@ from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from . import resume_checks
 from .args import TrainArgs
-from .batches import BatchPlan, collate, model_loss_sum, target_count
-from .commands import LABELS_FILE
+from ..data.batches import BatchPlan, collate, model_loss_sum, target_count
+from .inference import LABELS_FILE
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
@@ -53,7 +53,7 @@ from .loggers_ext import (
 from .logs import StepLog
 from .metrics import evaluate_loss
 from .neftune import NEFTuneHook
-from .packing import collate_packed
+from ..data.packing import collate_packed
 from .packing_check import mask_dtype_for, packing_mode
 from .probe import ForgettingProbe
 from .progress import Progress, quiet_loading, warmup_warning

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data.packing import MODES, collate_packed
 from ..errors import ConfigError
-from .packing import MODES, collate_packed
 
 _LENGTHS = (5, 7, 3)
 
