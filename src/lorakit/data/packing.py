@@ -7,7 +7,7 @@ sequences come out nearly full and a micro-batch of them needs almost no padding
 
 Inside a sequence each row keeps its own positions: ``position_ids`` restart at 0 for every row, the
 way transformers' ``DataCollatorWithFlattening`` marks packed rows. The model is told where rows
-end in one of two ways (``packing_check.py`` probes which one the model honours):
+end in one of two ways (``lorakit/train/packing_check.py`` probes which one the model honours):
 
 * ``position_ids`` — no attention mask at all: transformers' mask builder (``masking_utils.
   find_packed_sequence_indices``) reads the restarts and builds a block-diagonal causal mask for sdpa /

@@ -95,7 +95,8 @@ class TrainArgs:
     batch_size: int = _f(8, "rows per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     max_length: int = _f(512, "tokens per row; longer rows are truncated (and counted)")
-    packing: bool = _f(False, "concatenate rows into blocks of max_length tokens")
+    packing: bool = _f(False, "pack whole rows into sequences of max_length tokens, attention kept within each "
+                              "row (padding-free; rows are truncated to max_length first)")
     neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of scale alpha/sqrt(L*d) on the input embeddings "
                                    "while training (0 = off; the paper uses 5)")
     seed: int = _f(0, "seed for initialization, data order and dropout")
