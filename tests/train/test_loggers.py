@@ -172,3 +172,22 @@ def test_a_failed_run_is_closed_as_failed(tiny_lm, data, tmp_path):
     assert [r["_step"] for r in wb["history"] if "loss" in r] == [1]
     # TensorBoard was not asked for
     assert not (out / "tensorboard").exists()
+
+
+class _Term(BaseHook):
+    def after_step(self, ctx):
+        if ctx.step == 0:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop stops after this step, saves, and returns
+
+
+@needs_mlflow
+def test_an_interrupted_run_is_closed_as_killed(tiny_lm, data, tmp_path):
+    out = tmp_path / "run"
+    result = train(quick_args(tiny_lm, data[0], out, max_steps=4, report_to=["mlflow"]), hooks=[_Term()])
+    assert result.interrupted and result.steps_done == 1
+    client, run = _mlflow_run(out)
+    assert run.info.status == "KILLED"
+    assert [s for s, _ in _history(client, run.info.run_id, "loss")] == [1]
