@@ -108,7 +108,7 @@ def main() -> None:
                       num_key_value_heads=4, vocab_size=4000, max_position_embeddings=args.max_length)
     model = lorakit.inject(LlamaForCausalLM(cfg), lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     for module in model.modules():  # LoRA B starts at 0; make the adapter take part in the loss
-        if hasattr(module, "lora_B") and isinstance(getattr(module, "lora_B"), torch.nn.Module):
+        if hasattr(module, "lora_B") and isinstance(module.lora_B, torch.nn.Module):
             for q in module.lora_B.parameters():
                 torch.nn.init.normal_(q, std=0.02)
     print(f"packing mode the probe picks for this model: {packing_mode(model)}")

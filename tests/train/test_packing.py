@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.errors import ConfigError
-from lorakit.train import train
 from lorakit.data.batches import model_loss_sum, target_count
 from lorakit.data.packing import IGNORE, MODES, block_causal_mask, collate_packed, pack_rows
+from lorakit.errors import ConfigError
+from lorakit.train import train
 from lorakit.train.packing_check import mask_dtype_for, packing_mode
 
 from .train_helpers import quick_args, write_rows
@@ -21,7 +21,14 @@ V = 61
 
 
 def _models():
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     return {
@@ -195,8 +202,8 @@ def test_packed_training_step_matches_unpacked(tiny_lm, tmp_path):
     data = write_rows(tmp_path / "d.jsonl", rows)
     from transformers import AutoTokenizer
 
-    from lorakit.data.files import read_data
     from lorakit.data.encode import encode
+    from lorakit.data.files import read_data
 
     # a batch holds exactly every row (a larger one would wrap around and repeat some)
     n_seq = len(encode(read_data(str(data)), AutoTokenizer.from_pretrained(tiny_lm), 64, packing=True).examples)

@@ -28,17 +28,18 @@ from typing import Any
 import torch
 
 from .._fs import atomic_write_json
+from ..data.batches import BatchPlan, collate, model_loss_sum, target_count
+from ..data.packing import collate_packed
 from ..errors import TrainingError
 from ..losses import unsupported_reason
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from . import resume_checks
 from .args import TrainArgs
-from ..data.batches import BatchPlan, collate, model_loss_sum, target_count
-from .inference import LABELS_FILE
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
+from .inference import LABELS_FILE
 from .lock import RunLock
 from .loggers_ext import (
     check_report_to,
@@ -53,7 +54,6 @@ from .loggers_ext import (
 from .logs import StepLog
 from .metrics import evaluate_loss
 from .neftune import NEFTuneHook
-from ..data.packing import collate_packed
 from .packing_check import mask_dtype_for, packing_mode
 from .probe import ForgettingProbe
 from .progress import Progress, quiet_loading, warmup_warning
