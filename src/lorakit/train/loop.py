@@ -200,7 +200,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
     # -- the loop -------------------------------------------------------------------------------------
     log = StepLog(out, history, tensorboard_wanted(args.report_to)) if main else None
     trackers = open_trackers(args.report_to, out, args.to_dict()) if main else []
-    closing.push(lambda exc_type, *_: close_trackers(trackers, "failed" if exc_type else "finished"))
+    closing.push(lambda exc_type, *_: close_trackers(
+        trackers, "killed" if exc_type is KeyboardInterrupt else "failed" if exc_type else "finished"))
     if start_step == 0:
         log_all(trackers, eval_numbers(before), 0)
     ctx = HookContext(model=unwrapped, optimizer=optimizer, step=start_step, total_steps=total_steps,
