@@ -122,14 +122,14 @@ def test_truncation_and_drops_are_counted(tmp_path, tok):
     assert all(len(e["input_ids"]) <= 60 for e in enc.examples)
 
 
-def test_packing_keeps_every_token(tmp_path, tok):
-    rows = [{"text": "abcdefghij" * k} for k in range(1, 6)]
+def test_packing_keeps_every_kept_token(tmp_path, tok):
+    # Padding-free packing (tests/train/test_packing.py): rows are truncated as unpacked, then packed whole.
+    rows = [{"text": "abcdefghij"[:k]} for k in range(1, 11)] + [{"text": "x" * 30}]
     raw = read_data(str(write_rows(tmp_path / "t.jsonl", rows)))
     plain, packed = encode(raw, tok, 16), encode(raw, tok, 16, packing=True)
-    assert plain.truncated > 0 and packed.truncated == 0
-    n_tokens = sum(len(tok(r["text"])["input_ids"]) + 1 for r in rows)  # + eos each
-    assert sum(len(e["input_ids"]) for e in packed.examples) == n_tokens
-    assert all(len(e["input_ids"]) == 16 for e in packed.examples[:-1])
+    assert plain.truncated == packed.truncated == 1
+    assert sum(len(e["input_ids"]) for e in packed.examples) == sum(len(e["input_ids"]) for e in plain.examples)
+    assert all(len(e["input_ids"]) <= 16 for e in packed.examples) and len(packed.examples) < len(plain.examples)
 
 
 def test_label_mapping():

@@ -23,8 +23,8 @@ whose characters fall between the two belong to that turn. So any template works
 ``{% generation %}`` markers, as long as rendering a conversation's prefix gives a prefix of the text.
 
 Rows longer than ``max_length`` are cut (counted in ``truncated``); rows left with nothing to predict
-are dropped and counted by reason in ``dropped``. With ``packing`` all rows are concatenated (each
-ends with ``</s>``) and cut into blocks of ``max_length``; nothing is truncated then.
+are dropped and counted by reason in ``dropped``. With ``packing`` the rows (truncated the same way)
+are packed into sequences of ``max_length`` tokens without attention across rows (``packing.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from ..tasks.format import format_answer, format_prompt, to_messages
 from .files import RawData
+from .packing import pack_rows
 
 IGNORE = -100
 
@@ -103,7 +104,7 @@ def encode(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int] | 
         if add_special and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
             labels.append(eos)
-        cut = not packing and len(ids) > max_length
+        cut = len(ids) > max_length
         if cut:
             ids, labels = ids[:max_length], labels[:max_length]
         if len(ids) < 2 or all(lab == IGNORE for lab in labels[1:]):
@@ -113,7 +114,7 @@ def encode(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int] | 
         out.examples.append({"input_ids": ids, "labels": labels})
     out.dropped = dict(dropped)
     if packing:
-        out.examples = pack(out.examples, max_length)
+        out.examples = pack_rows(out.examples, max_length)
     if not out.examples:
         raise DataError(f"{raw.source}: no row is left to train on ({out.dropped}); raise max_length "
                         f"(now {max_length}) or check the rows.")
@@ -162,15 +163,6 @@ def label_mapping(rows: list[dict[str, Any]], config_label2id: dict[str, int] | 
     if config_label2id and all(str(lab) in config_label2id for lab in labels):
         return {str(k): int(v) for k, v in config_label2id.items()}
     return {str(lab): i for i, lab in enumerate(sorted(str(lab) for lab in labels))}
-
-
-def pack(examples: list[dict[str, Any]], block: int) -> list[dict[str, Any]]:
-    """Concatenate examples and cut into blocks of ``block`` tokens; the last, shorter block is kept.
-    Attention is causal over the whole block, so a row may attend to the end of the row before it."""
-    ids = [t for e in examples for t in e["input_ids"]]
-    labels = [t for e in examples for t in e["labels"]]
-    blocks = [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]} for i in range(0, len(ids), block)]
-    return [b for b in blocks if len(b["input_ids"]) >= 2]
 
 
 # -- chat rendering -----------------------------------------------------------------------------

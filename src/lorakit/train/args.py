@@ -16,6 +16,7 @@ from ..data.files import BUILTIN_PREFIX
 from ..errors import ConfigError
 from .early_stop import check_best_args
 from .scoring import check_scorer_spec
+from .loggers_ext import LOGGERS
 
 SELF = "self"  # replay_data=self: the base model's own prompts and answers
 
@@ -96,7 +97,8 @@ class TrainArgs:
     batch_size: int = _f(8, "rows per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     max_length: int = _f(512, "tokens per row; longer rows are truncated (and counted)")
-    packing: bool = _f(False, "concatenate rows into blocks of max_length tokens")
+    packing: bool = _f(False, "pack whole rows into sequences of max_length tokens, attention kept within each "
+                              "row (padding-free; rows are truncated to max_length first)")
     neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of scale alpha/sqrt(L*d) on the input embeddings "
                                    "while training (0 = off; the paper uses 5)")
     seed: int = _f(0, "seed for initialization, data order and dropout")
@@ -148,6 +150,8 @@ class TrainArgs:
     log_every: int = _f(10, "refresh the progress bar's loss every N steps (the CSV log gets every step)")
     eval_every: int = _f(0, "evaluate the eval data every N steps (0 = before and after only)")
     progress: bool = _f(True, "show a progress bar")
+    report_to: list[str] | None = _f(None, "loggers: csv, tensorboard, mlflow, wandb (comma-separated; log.csv is "
+                                           "always written; default: csv and tensorboard when installed)")
 
     def __post_init__(self) -> None:
         for name in ("r", "batch_size", "grad_accum", "max_length", "builtin_rows", "keep_checkpoints",
@@ -219,6 +223,13 @@ class TrainArgs:
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: resume continues the run that "
                               "overwrite would delete. Pass one of them.")
+        if self.report_to is not None:
+            if isinstance(self.report_to, str):
+                self.report_to = [n.strip() for n in self.report_to.split(",") if n.strip()]
+            unknown = [n for n in self.report_to if n not in LOGGERS]
+            if unknown:
+                raise ConfigError(f"report_to={unknown[0]!r}: unknown logger; choose from {', '.join(LOGGERS)} "
+                                  "(comma-separated, e.g. report_to=csv,mlflow).")
         if self.packing and self.task == "seq-cls":
             raise ConfigError("packing=true concatenates rows into token blocks, which makes no sense for "
                               "sequence classification; drop packing or use a causal LM.")

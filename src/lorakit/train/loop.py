@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import torch
 
 from .._fs import atomic_write_json
 from ..data.batches import BatchPlan, collate, model_loss_sum, target_count
+from ..data.packing import collate_packed
 from ..errors import ConfigError, TrainingError
 from ..losses import unsupported_reason
 from ..summary import trainable_parameters
@@ -42,9 +43,20 @@ from .gen_eval import GenerationEval, build_generation_eval, write_generations
 from .hooks import HookContext, TrainHook
 from .inference import LABELS_FILE
 from .lock import RunLock
+from .loggers_ext import (
+    check_report_to,
+    close_trackers,
+    eval_numbers,
+    log_all,
+    open_trackers,
+    step_numbers,
+    summary_numbers,
+    tensorboard_wanted,
+)
 from .logs import StepLog
 from .metrics import evaluate_loss
 from .neftune import NEFTuneHook
+from .packing_check import mask_dtype_for, packing_mode
 from .probe import ForgettingProbe
 from .progress import Progress, quiet_loading, warmup_warning
 from .report import plot_loss, summary_lines, write_metrics
@@ -80,13 +92,14 @@ def train(args: TrainArgs, hooks: list[TrainHook] | tuple = ()) -> TrainResult:
     try:
         args = resolve_defaults(args)
         # One run per output directory, held until this call returns or raises (rank 0 of a launch).
-        with RunLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
-            return _train(args, list(hooks))
+        with RunLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext(), \
+                ExitStack() as closing:  # experiment trackers end as failed when the run raises
+            return _train(args, list(hooks), closing)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
+def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -101,6 +114,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
         return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     say = print if main else (lambda *a, **k: None)
+    check_report_to(args.report_to)  # a missing MLflow / W&B fails before anything is loaded or cleared
     out = check_output_dir(args) if main else Path(args.output_dir)
     accelerator.wait_for_everyone()
     resume_path = ckpt.resolve_resume(args.resume, out) if args.resume is not None else None
@@ -166,11 +180,21 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
         + (f" · {world} processes" if world > 1 else ""))
     say(f"parameters: {counts.trainable:,} trainable / {counts.total:,} total ({counts.percent:.2f}%)")
     device = accelerator.device
-    example = collate([data.train.examples[i] for i in plan.micro_batches(0, rank)[0]], pad_id)
+    # Packed sequences (packing=true) carry their row boundaries in the way the model was found to honour.
+    pack_mode = packing_mode(unwrapped, device, pad_id) if data.train.packed else None
+    if pack_mode:
+        say(f"packing: {data.train.rows:,} rows → {len(data.train.examples):,} sequences of ≤ {args.max_length} "
+            f"tokens; rows kept apart by {pack_mode.replace('_', ' ')}")
+
+    def batch_of(indices: list[int]) -> dict[str, Any]:
+        rows = [data.train.examples[i] for i in indices]
+        return collate_packed(rows, pad_id, pack_mode, mask_dtype_for(unwrapped)) if pack_mode else collate(rows, pad_id)
+
+    example = batch_of(plan.micro_batches(0, rank)[0])
 
     def probe() -> None:
         with accelerator.no_sync(model), autocast():
-            b = {k: v.to(device) for k, v in example.items()}
+            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in example.items()}
             labels = b.pop("labels")
             model_loss_sum(model, unwrapped, b, labels, chunked).backward()
         optimizer.zero_grad(set_to_none=True)
@@ -188,7 +212,12 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     eval_seconds = time.perf_counter() - t_eval
 
     # -- the loop -------------------------------------------------------------------------------------
-    log = StepLog(out, history) if main else None
+    log = StepLog(out, history, tensorboard_wanted(args.report_to)) if main else None
+    trackers = open_trackers(args.report_to, out, args.to_dict()) if main else []
+    closing.push(lambda exc_type, *_: close_trackers(
+        trackers, "killed" if exc_type is KeyboardInterrupt else "failed" if exc_type else "finished"))
+    if start_step == 0:
+        log_all(trackers, eval_numbers(before), 0)
     ctx = HookContext(model=unwrapped, optimizer=optimizer, step=start_step, total_steps=total_steps,
                       output_dir=out, extra={"accelerator": accelerator, "args": args, "tokenizer": tokenizer})
     for hook in all_hooks:
@@ -205,11 +234,11 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
             t0 = time.perf_counter()
             ctx.step, ctx.log = step, {}
             lr = apply_lr(optimizer, lr_factor(step, total_steps, args.warmup_steps, args.schedule))
-            micro = [collate([data.train.examples[i] for i in idx], pad_id) for idx in plan.micro_batches(step, rank)]
+            micro = [batch_of(idx) for idx in plan.micro_batches(step, rank)]
             n_step = _sum_over_processes(sum(target_count(b) for b in micro), accelerator)
             loss_sum, extra_sum = 0.0, 0.0
             for m, batch in enumerate(micro):
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 labels = batch.pop("labels")
                 last = m == len(micro) - 1
                 with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
@@ -263,6 +292,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
             steps_done = step + 1
             if log is not None:
                 log.log(row)
+                log_all(trackers, step_numbers(row), step + 1)
             bar.update(step + 1, step_loss, lr, row["seconds"])
             if sampler is not None and sampler.due(step + 1):
                 t_ev = time.perf_counter()
@@ -291,6 +321,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
         else:
             say(f"\ninterrupted at step {steps_done}/{total_steps}: checkpoint saved to {last_ckpt}. "
                 f"Continue with: lorakit train ... --output-dir {out} --resume auto")
+        close_trackers(trackers, "killed")
         return TrainResult(out, {}, True, steps_done, stop.signum)
     for hook in all_hooks:  # before the artifact: a hook may finalize the adapter (AdaLoRA's last cut)
         hook.on_train_end(ctx)
@@ -347,6 +378,10 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
     if main:
         log.close()
         write_metrics(out / "metrics.json", metrics)
+        log_all(trackers, eval_numbers(after), steps_done)
+        for tracker in trackers:
+            tracker.summary(summary_numbers(metrics), steps_done, out / "metrics.json")
+        close_trackers(trackers, "finished")
         evals = [(0, before.get("eval")), (steps_done, after.get("eval"))]
         plot_loss(history, out / "loss.png", f"{_model_name(loaded)} · {args.method} · {data.train.source}",
                   [(s, e["loss"]) for s, e in evals if e])

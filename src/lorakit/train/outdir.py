@@ -17,7 +17,8 @@ from .lock import pid_alive
 
 #: Everything a run writes into its output directory (methods' artifacts, logs, plots, variants' reports).
 RUN_ARTIFACTS = ("checkpoints", "adapter", "model", "metrics.json", "log.csv", "loss.png", "tensorboard",
-                 "adalora_ranks.json", "adalora_ranks.png", "best", "samples.jsonl", "generations.jsonl")
+                 "mlruns", "wandb", "adalora_ranks.json", "adalora_ranks.png", "best", "samples.jsonl",
+                 "generations.jsonl")
 
 
 def clear_previous_run(out: Path) -> list[str]:

@@ -20,7 +20,7 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
             dropped = sum(d["dropped"].values())
             why = f" ({', '.join(f'{k}: {v}' for k, v in d['dropped'].items())})" if dropped else ""
             lines.append(f"{split + ' data':<12} {d['source']}: {d['rows']:,} rows → {d['examples']:,} "
-                         f"{'blocks' if d['packed'] else 'examples'}; {d['truncated']} truncated, "
+                         f"{'packed sequences' if d['packed'] else 'examples'}; {d['truncated']} truncated, "
                          f"{dropped} dropped{why}")
     interrupted = " (interrupted)" if steps["interrupted"] else ""
     resumed = f", resumed at {steps['start']}" if steps["start"] else ""
