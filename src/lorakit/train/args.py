@@ -15,8 +15,8 @@ from typing import Any, Literal
 from ..data.files import BUILTIN_PREFIX
 from ..errors import ConfigError
 from .early_stop import check_best_args
-from .scoring import check_scorer_spec
 from .loggers_ext import LOGGERS
+from .scoring import check_scorer_spec
 
 SELF = "self"  # replay_data=self: the base model's own prompts and answers
 
