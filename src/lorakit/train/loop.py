@@ -78,22 +78,22 @@ def train(args: TrainArgs, hooks: list[TrainHook] | tuple = ()) -> TrainResult:
         torch.set_num_threads(args.threads)
     try:
         args = resolve_defaults(args)
+        mode = fsdp_mod.resolve_mode(args)  # "single", "ddp" or "fsdp"; refuses fsdp without a launcher
+        if mode == "fsdp":
+            fsdp_mod.check_fsdp_args(args)  # before anything is written
         # One run per output directory, held until this call returns or raises (rank 0 of a launch).
         with RunLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
-            return _train(args, list(hooks))
+            return _train(args, list(hooks), mode)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
+def _train(args: TrainArgs, hooks: list[TrainHook], mode: str) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     t_start = time.perf_counter()
-    mode = fsdp_mod.resolve_mode(args)  # "single", "ddp" or "fsdp"; refuses fsdp without a launcher
     fsdp = mode == "fsdp"
-    if fsdp:
-        fsdp_mod.check_fsdp_args(args)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 or fsdp
     # Mixed precision is our own autocast, not accelerate's: its setting is process-global and
     # could not change between two train() calls in one process.
