@@ -86,7 +86,7 @@ def torchrun(out, *extra, nproc=2, signal_after_steps=None):
         stdout, stderr = proc.communicate(timeout=600)
         # Retry once only when the process group could not form (a port taken between torchrun's
         # choice and its bind); any other failure fails at once.
-        if proc.returncode in (0, 143) or not _RENDEZVOUS_FAILURE.search(stderr):
+        if proc.returncode == 0 or signal_after_steps is not None or not _RENDEZVOUS_FAILURE.search(stderr):
             break
     return proc.returncode, stdout, stderr
 
@@ -235,8 +235,10 @@ def test_qlora_nf4_under_fsdp_killed_by_sigterm_resumes_to_the_one_process_resul
          "batch_size=2", "distributed=fsdp", "eval_rows=8"]
     out = tmp_path / "q"
     code, stdout, stderr = torchrun(out, *data, *q, "max_steps=100000", signal_after_steps=1)
-    assert code == 143, stdout[-3000:] + stderr[-3000:]
-    assert "interrupted at step" in stdout and "Traceback" not in stderr
+    # Every process stopped after its step and the main one saved; torchrun itself then reports the
+    # signal it received (its own traceback, exit 1) — no worker raised.
+    assert "interrupted at step" in stdout and "--resume auto" in stdout, stdout[-3000:] + stderr[-3000:]
+    assert not re.search(r"\[rank\d\]:.*Traceback", stderr), stderr[-3000:]
     (saved,) = list_checkpoints(out / "checkpoints")
     stopped = load_checkpoint(saved).step
     assert 1 <= stopped < 12

@@ -28,19 +28,19 @@ from typing import Any
 import torch
 
 from .._fs import atomic_write_json
+from ..data.batches import BatchPlan, collate, model_loss_sum, target_count
 from ..errors import TrainingError
 from ..losses import unsupported_reason
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
-from . import resume_checks
-from .args import TrainArgs
-from .batches import BatchPlan, collate, model_loss_sum, target_count
-from .commands import LABELS_FILE
 from . import dist_checkpoint as dckpt
 from . import fsdp as fsdp_mod
+from . import resume_checks
+from .args import TrainArgs
 from .distributed import save_artifact
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook
+from .inference import LABELS_FILE
 from .lock import RunLock
 from .logs import StepLog
 from .metrics import evaluate_loss

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
+from ..data.guard import scan_file
 from ..errors import CheckpointError, ConfigError
 from .args import BUILTIN_PREFIX, TrainArgs
-from .data_guard import scan_file
 from .dist_checkpoint import shard_like, shard_optimizer_state
 
 #: Settings a resume takes from the checkpoint (those in the fingerprint must match exactly anyway).
