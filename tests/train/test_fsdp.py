@@ -152,8 +152,10 @@ def test_fsdp_checkpoint_and_adapter_are_the_files_of_a_plain_run(tiny_lm, instr
     assert c.state["epoch"] == d.state["epoch"] and c.state["step_in_epoch"] == d.state["step_in_epoch"]
 
 
-def test_fsdp_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_lm, instr_file, tmp_path, group_of_one):
-    kw = dict(max_steps=5, save_every=2, keep_checkpoints=5, lora_dropout=0.1, distributed="fsdp")
+@pytest.mark.parametrize("quant", ["none", "nf4"])  # nf4: the packed base stays in (unsharded) buffers
+def test_fsdp_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_lm, instr_file, tmp_path, group_of_one,
+                                                                    quant):
+    kw = dict(max_steps=5, save_every=2, keep_checkpoints=5, lora_dropout=0.1, distributed="fsdp", quant=quant)
     train(quick_args(tiny_lm, instr_file, tmp_path / "full", **kw))
     # Stopped after step 2: only that checkpoint survives; the resume recomputes steps 3-5.
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
