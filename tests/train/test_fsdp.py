@@ -130,8 +130,9 @@ def _leave_the_group(monkeypatch):
 def test_fsdp_checkpoint_and_adapter_are_the_files_of_a_plain_run(tiny_lm, instr_file, tmp_path, group_of_one,
                                                                   monkeypatch):
     """Gathered from DTensors, the checkpoint and adapter equal a run without FSDP: same names, whole
-    shapes, same values (one process: the same arithmetic, so to float rounding)."""
-    kw = dict(max_steps=4, save_every=2, keep_checkpoints=5)
+    shapes, same values (one process: the same arithmetic, so to float rounding). Two micro-batches per
+    step: FSDP accumulates into the sharded gradients."""
+    kw = dict(max_steps=4, save_every=2, keep_checkpoints=5, batch_size=2, grad_accum=2)
     sharded = train(quick_args(tiny_lm, instr_file, tmp_path / "fsdp", distributed="fsdp", **kw))
     assert sharded.metrics["run"]["model_name"].endswith("(LlamaForCausalLM)")  # not FSDP's class name
     _leave_the_group(monkeypatch)  # the reference: an ordinary process, no process group, no DTensor
