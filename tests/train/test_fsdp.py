@@ -254,3 +254,14 @@ def test_qlora_nf4_under_fsdp_killed_by_sigterm_resumes_to_the_one_process_resul
     assert losses(out) == pytest.approx(losses(one), rel=1e-5)
     a, b = adapter(out), adapter(one)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+
+
+def test_fsdp_full_fine_tuning_saves_the_whole_gathered_model(tiny_lm, instr_file, tmp_path, group_of_one,
+                                                              monkeypatch):
+    kw = dict(method="full", max_steps=2, lr=1e-3, chunked_ce=False)
+    train(quick_args(tiny_lm, instr_file, tmp_path / "fsdp", distributed="fsdp", **kw))
+    _leave_the_group(monkeypatch)
+    train(quick_args(tiny_lm, instr_file, tmp_path / "plain", **kw))
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("fsdp", "plain"))
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-6) for k in a)
