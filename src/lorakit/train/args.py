@@ -103,6 +103,10 @@ class TrainArgs:
                                    "while training (0 = off; the paper uses 5)")
     seed: int = _f(0, "seed for initialization, data order and dropout")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
+    distributed: Literal["auto", "ddp", "fsdp"] = _f(
+        "auto", "under torchrun / accelerate launch: ddp (every process holds the model) or fsdp (parameters, "
+                "gradients and optimizer state sharded, torch FSDP2); auto = ddp, or fsdp under accelerate "
+                "launch --use_fsdp (docs/TRAINING.md)")
     # -- data ---------------------------------------------------------------------------------------
     builtin_rows: int = _f(2000, "rows drawn from a builtin:TASK training split")
     eval_rows: int = _f(200, "rows drawn from a builtin task's eval split (accuracy and loss)")
@@ -239,6 +243,8 @@ class TrainArgs:
         if self.offload_optimizer and self.optim != "adamw8bit":
             raise ConfigError("offload_optimizer=true needs optim=adamw8bit (its 8-bit state is what moves to the "
                               "CPU); add optim=adamw8bit or drop offload_optimizer.")
+        if self.distributed not in ("auto", "ddp", "fsdp"):
+            raise ConfigError(f"distributed={self.distributed!r}: use auto, ddp or fsdp.")
         if self.quant == "none" and (self.quant_skip or self.quant_modules):
             raise ConfigError("quant_skip / quant_modules only apply with quant=nf4|fp4|int8; set quant or drop them.")
 

@@ -5,8 +5,8 @@
     checkpoint → artifact → score after → summary, metrics.json, loss.png
 
 Variants plug in through hooks (``hooks.py``) and methods (``methods.py``), never by editing this
-file. Distributed runs go through ``accelerate`` (DDP, FSDP): launch the same command with
-``accelerate launch`` or ``torchrun``.
+file. Distributed runs: launch the same command with ``torchrun`` or ``accelerate launch``;
+``accelerate`` holds the process group and DDP, ``fsdp.py`` shards the model (``distributed=fsdp``).
 
 The loss of a step is the mean over *all* its target tokens — across micro-batches and processes —
 not a mean of per-batch means: each micro-batch contributes ``Σ token losses × W / N_step`` (``N_step``
@@ -34,9 +34,11 @@ from ..errors import ConfigError, TrainingError
 from ..losses import unsupported_reason
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
+from . import dist_checkpoint as dckpt
+from . import fsdp as fsdp_mod
 from . import resume_checks
 from .args import TrainArgs
-from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
+from .distributed import save_artifact
 from .early_stop import BEST_DIR, EarlyStopping, write_best
 from .estimate import estimate_run, peak_rss_mb
 from .gen_eval import GenerationEval, build_generation_eval, write_generations
@@ -91,20 +93,24 @@ def train(args: TrainArgs, hooks: list[TrainHook] | tuple = ()) -> TrainResult:
         torch.set_num_threads(args.threads)
     try:
         args = resolve_defaults(args)
+        mode = fsdp_mod.resolve_mode(args)  # "single", "ddp" or "fsdp"; refuses fsdp without a launcher
+        if mode == "fsdp":
+            fsdp_mod.check_fsdp_args(args)  # before anything is written
         # One run per output directory, held until this call returns or raises (rank 0 of a launch).
         with RunLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext(), \
                 ExitStack() as closing:  # experiment trackers end as failed when the run raises
-            return _train(args, list(hooks), closing)
+            return _train(args, list(hooks), closing, mode)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> TrainResult:
+def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack, mode: str) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     t_start = time.perf_counter()
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    fsdp = mode == "fsdp"
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 or fsdp
     # Mixed precision is our own autocast, not accelerate's: its setting is process-global and
     # could not change between two train() calls in one process.
     accelerator = Accelerator(cpu=multi and not torch.cuda.is_available())
@@ -127,6 +133,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
     set_seed(args.seed)  # the same initialization in every process
     with quiet_loading(main and args.progress):
         args, loaded, data = prepare_model_and_data(args)
+    model_name = _model_name(loaded)  # before FSDP renames the class
     setup = build_method(loaded.model, args)
     model, tokenizer = setup.model, loaded.tokenizer
     all_hooks: list[TrainHook] = [*setup.hooks, *hooks]
@@ -136,8 +143,9 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
     if args.neftune_alpha:  # last, so checkpointed hook states keep their order with or without it
         all_hooks.append(NEFTuneHook(args.neftune_alpha))
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    key_names = adapter_param_names(model)  # for saving a sharded (FSDP) adapter by name
     counts = trainable_parameters(model)
+    if fsdp:  # before the optimizer exists: sharding replaces every parameter object
+        setup.param_groups = fsdp_mod.shard_model(model, accelerator.device, setup.param_groups)
     optimizer = build_optimizer(setup, args)
     init_base_lr(optimizer)
     plan = BatchPlan(len(data.train.examples), args.batch_size, args.grad_accum, world, args.seed)
@@ -149,16 +157,15 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
         raise ConfigError(f"{'early_stopping_patience' if args.early_stopping_patience else 'save_best'} needs eval "
                           "data; give eval_data or eval_split.")
     pad_id = tokenizer.pad_token_id
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fsdp:  # DDP (or nothing) through accelerate; an FSDP2 model is already in place
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     # The chunked loss needs the head's input; models that post-process logits keep the plain loss.
-    fsdp = is_fsdp(accelerator)
+    # Under FSDP the head's weight is a shard outside the root's forward, so the plain loss there too.
     chunked = (args.chunked_ce and loaded.task == "causal-lm" and not fsdp
                and unsupported_reason(unwrapped) is None)
-    if fsdp:
-        check_fsdp_args(args)
-        if args.save_best:
-            raise ConfigError("save_best is not supported under FSDP yet; drop it or use DDP.")
+    if fsdp and args.save_best:
+        raise ConfigError("save_best is not supported under FSDP yet; drop it or use distributed=ddp.")
     set_seed(args.seed + rank)  # dropout differs between processes, reproducibly
 
     # -- resume ---------------------------------------------------------------------------------------
@@ -176,7 +183,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
         if main else None
 
     # -- what this run is, and what it will cost ------------------------------------------------------
-    say(f"lorakit train: {_model_name(loaded)} · {args.method} · {data.train.source} → {out}"
+    say(f"lorakit train: {model_name} · {args.method} · {data.train.source} → {out}"
         + (f" · {world} processes" if world > 1 else ""))
     say(f"parameters: {counts.trainable:,} trainable / {counts.total:,} total ({counts.percent:.2f}%)")
     device = accelerator.device
@@ -192,8 +199,12 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
 
     example = batch_of(plan.micro_batches(0, rank)[0])
 
+    def no_sync():
+        # FSDP2 reduce-scatters every micro-batch (its unsynced gradients would outlive zero_grad).
+        return nullcontext() if fsdp else accelerator.no_sync(model)
+
     def probe() -> None:
-        with accelerator.no_sync(model), autocast():
+        with no_sync(), autocast():
             b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in example.items()}
             labels = b.pop("labels")
             model_loss_sum(model, unwrapped, b, labels, chunked).backward()
@@ -208,7 +219,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
     # -- score before training ------------------------------------------------------------------------
     t_eval = time.perf_counter()
     if not before:
-        before = _evaluate(model, unwrapped, tokenizer, data.eval, tasks, gen_eval, args, accelerator, pad_id, autocast)
+        before = _evaluate(model, unwrapped, tokenizer, data.eval, tasks, gen_eval, args, accelerator, pad_id,
+                           autocast, fsdp)
     eval_seconds = time.perf_counter() - t_eval
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -241,7 +253,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 labels = batch.pop("labels")
                 last = m == len(micro) - 1
-                with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
+                with nullcontext() if last else no_sync():  # all-reduce once per step
                     with autocast():
                         task_sum = model_loss_sum(model, unwrapped, batch, labels, chunked)
                         extras = [e for e in (h.extra_loss(ctx) for h in all_hooks) if e is not None]
@@ -252,8 +264,9 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
                 extra_sum += float(extra.detach()) if extra is not None else 0.0
             # The logged loss is the task's; a hook's extra term (AdaLoRA's orthogonality) is its own column.
             step_loss = _sum_over_processes(loss_sum, accelerator) / max(n_step, 1)
-            grad_norm = float(accelerator.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], args.max_grad_norm or float("inf")))
+            clip = fsdp_mod.clip_grad_norm if fsdp else accelerator.clip_grad_norm_
+            grad_norm = float(clip([p for p in model.parameters() if p.requires_grad],
+                                   args.max_grad_norm or float("inf")))
             if not (math.isfinite(step_loss + extra_sum) and math.isfinite(grad_norm)):
                 bar.close()
                 good = ckpt.list_checkpoints(out / "checkpoints")
@@ -306,27 +319,23 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
                 break
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
                 last_ckpt = _save_checkpoint(out, step + 1, model, optimizer, all_hooks, history, before, fp,
-                                             trainable_names, args, total_steps, plan, accelerator)
+                                             trainable_names, args, total_steps, plan, accelerator, fsdp)
     bar.close()
     train_seconds = time.perf_counter() - t_train - loop_eval_seconds  # s/step excludes evaluation
     eval_seconds += loop_eval_seconds
 
     # -- the end: checkpoint, artifact, score after, report ---------------------------------------------
-    if not fsdp:
-        last_ckpt = _save_checkpoint(out, steps_done, model, optimizer, all_hooks, history, before, fp,
-                                     trainable_names, args, total_steps, plan, accelerator)
+    last_ckpt = _save_checkpoint(out, steps_done, model, optimizer, all_hooks, history, before, fp,
+                                 trainable_names, args, total_steps, plan, accelerator, fsdp)
     if interrupted:
-        if fsdp:
-            say(f"\ninterrupted at step {steps_done}/{total_steps}; no checkpoint (not supported under FSDP).")
-        else:
-            say(f"\ninterrupted at step {steps_done}/{total_steps}: checkpoint saved to {last_ckpt}. "
-                f"Continue with: lorakit train ... --output-dir {out} --resume auto")
+        say(f"\ninterrupted at step {steps_done}/{total_steps}: checkpoint saved to {last_ckpt}. "
+            f"Continue with: lorakit train ... --output-dir {out} --resume auto")
         close_trackers(trackers, "killed")
         return TrainResult(out, {}, True, steps_done, stop.signum)
     for hook in all_hooks:  # before the artifact: a hook may finalize the adapter (AdaLoRA's last cut)
         hook.on_train_end(ctx)
     artifact = out / setup.artifact
-    save_artifact(accelerator, model, unwrapped, setup, artifact, tokenizer, key_names)
+    save_artifact(accelerator, unwrapped, setup, artifact, tokenizer, trainable_names, fsdp)
     if main and data.label2id:  # a classifier's labels, for `lorakit eval/merge` to rebuild its head
 
         atomic_write_json(artifact / LABELS_FILE, data.label2id)
@@ -336,7 +345,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
 
         write_qlora_record(artifact, args)
     t_eval = time.perf_counter()
-    after = _evaluate(model, unwrapped, tokenizer, data.eval, tasks, gen_eval, args, accelerator, pad_id, autocast)
+    after = _evaluate(model, unwrapped, tokenizer, data.eval, tasks, gen_eval, args, accelerator, pad_id, autocast,
+                      fsdp)
     eval_seconds += time.perf_counter() - t_eval
     if tracking_best and (not args.eval_every or steps_done % args.eval_every):  # the last step was not evaluated
         value = (after.get("eval") or {}).get("loss") if args.metric_for_best == "eval_loss" else \
@@ -349,7 +359,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
     new_steps = [r for r in history if r["step"] > start_step]
     peak = peak_rss_mb()
     metrics = {
-        "run": {"model": str(loaded.path), "model_name": _model_name(loaded), "embedded": loaded.embedded,
+        "run": {"model": str(loaded.path), "model_name": model_name, "embedded": loaded.embedded,
                 "task": loaded.task, "method": args.method, "output_dir": str(out), "world_size": world},
         "args": args.to_dict(),
         "parameters": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent},
@@ -383,7 +393,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
             tracker.summary(summary_numbers(metrics), steps_done, out / "metrics.json")
         close_trackers(trackers, "finished")
         evals = [(0, before.get("eval")), (steps_done, after.get("eval"))]
-        plot_loss(history, out / "loss.png", f"{_model_name(loaded)} · {args.method} · {data.train.source}",
+        plot_loss(history, out / "loss.png", f"{model_name} · {args.method} · {data.train.source}",
                   [(s, e["loss"]) for s, e in evals if e])
         say("\n".join(["", "── summary " + "─" * 60, *summary_lines(metrics)]))
     return TrainResult(out, metrics, False, steps_done)
@@ -391,17 +401,19 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack) -> Train
 
 # -- pieces of the loop ----------------------------------------------------------------------------------
 def _evaluate(model, unwrapped, tokenizer, eval_data, tasks: EvalTasks, gen_eval: GenerationEval | None,
-              args: TrainArgs, accelerator, pad_id: int, autocast) -> dict[str, Any]:
-    """Eval loss on the eval data (all processes), built-in task accuracy and the generation score on the
-    user's eval rows (main process)."""
+              args: TrainArgs, accelerator, pad_id: int, autocast, sharded: bool = False) -> dict[str, Any]:
+    """Eval loss on the eval data (all processes), built-in task accuracy (main process; every process
+    under FSDP, whose forward passes are collective — they all score the same rows) and the generation
+    score on the user's eval rows (main process)."""
     result: dict[str, Any] = {}
     if eval_data is not None:
         result["eval"] = evaluate_loss(model, eval_data.examples, pad_id, args.batch_size, accelerator,
                                        autocast).to_dict()
-    if tasks.all and accelerator.is_main_process:
+    if tasks.all and (accelerator.is_main_process or sharded):
         with autocast():
             scores = evaluate_tasks(unwrapped, tokenizer, tasks.all, n=args.eval_rows)
-        result["tasks"] = {name: s.accuracy for name, s in scores.items()}
+        if accelerator.is_main_process:
+            result["tasks"] = {name: s.accuracy for name, s in scores.items()}
     if gen_eval is not None and accelerator.is_main_process:
         result["score"] = gen_eval.run(unwrapped, autocast).to_dict()
     accelerator.wait_for_everyone()
@@ -409,19 +421,26 @@ def _evaluate(model, unwrapped, tokenizer, eval_data, tasks: EvalTasks, gen_eval
 
 
 def _save_checkpoint(out: Path, step: int, model, optimizer, hooks, history, before, fp, trainable_names,
-                     args: TrainArgs, total_steps: int, plan: BatchPlan, accelerator) -> Path | None:
+                     args: TrainArgs, total_steps: int, plan: BatchPlan, accelerator, sharded: bool) -> Path | None:
     from accelerate.utils import gather_object
 
     rng = ckpt.rng_state()
     rngs = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
-    full_state = accelerator.get_state_dict(model)  # gathers shards under FSDP
+    main = accelerator.is_main_process
+    if sharded:  # whole tensors gathered on the main process: the files of a one-process run
+        trainable = dckpt.gather_trainable(accelerator.unwrap_model(model), trainable_names, main)
+        optim_state = dckpt.gather_optimizer_state(optimizer, main)
+    else:
+        full_state = accelerator.get_state_dict(model)
+        trainable = {n: full_state[n] for n in trainable_names}
+        optim_state = optimizer.state_dict() if main else {}
     path = None
-    if accelerator.is_main_process:
+    if main:
         epoch, in_epoch = plan.position(step)
         path = ckpt.save_checkpoint(
             out / "checkpoints", step,
-            trainable={n: full_state[n] for n in trainable_names},
-            optimizer=optimizer.state_dict(),
+            trainable=trainable,
+            optimizer=optim_state,
             schedule={"schedule": args.schedule, "warmup_steps": args.warmup_steps, "total_steps": total_steps},
             hooks=[h.state_dict() for h in hooks],
             rng=rngs,

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import disabled
-from ..errors import ConfigError
 from ..data.batches import collate
 from ..data.encode import IGNORE
+from ..errors import ConfigError
 from .hooks import BaseHook, HookContext
 
 

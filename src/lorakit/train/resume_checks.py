@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
+from ..data.guard import scan_file
 from ..errors import CheckpointError, ConfigError
 from .args import BUILTIN_PREFIX, TrainArgs
-from ..data.guard import scan_file
+from .dist_checkpoint import shard_like, shard_optimizer_state
 
 #: Settings a resume takes from the checkpoint (those in the fingerprint must match exactly anyway).
 RESUMED = ("lr", "lora_dropout", "max_steps", "epochs", "warmup_steps", "schedule", "weight_decay",
@@ -185,7 +186,8 @@ def resume_from(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Op
             guarded("hooks.pt", path, hook.load_state_dict, hook_state)  # first: a hook may reshape (AdaLoRA)
         check_optimizer_state(optimizer, state.optimizer, path)
         load_trainable(model, state.trainable, path)
-        guarded("optimizer.pt", path, optimizer.load_state_dict, state.optimizer)
+        # Whole moments from the file, laid out like the parameters (this process's shard under FSDP).
+        guarded("optimizer.pt", path, optimizer.load_state_dict, shard_optimizer_state(optimizer, state.optimizer))
     except BaseException:
         ckpt.set_rng_state(rng_now)
         with torch.no_grad():
@@ -208,7 +210,7 @@ def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], pat
         raise CheckpointError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:20]))
     with torch.no_grad():
         for k, v in tensors.items():
-            params[k].copy_(v.to(params[k].dtype))
+            params[k].copy_(shard_like(v.to(params[k].dtype), params[k]))  # a shard under FSDP
 
 
 def guarded(what: str, where: Path, fn, *args) -> Any:
