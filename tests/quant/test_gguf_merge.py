@@ -248,3 +248,23 @@ def test_unsupported_architecture(tmp_path, base):
 def test_bad_out_type(tmp_path, base):
     with pytest.raises(ConfigError, match="out_type='q3'"):
         merge_gguf(tmp_path, tmp_path / "m.gguf", base, out_type="q3")
+
+
+# -- the command line ----------------------------------------------------------------------------------
+def test_cli_merge_format_gguf(tmp_path, base, capsys):
+    from lorakit.cli import main
+
+    _, adapter = make_adapter(tmp_path, base, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
+    out_dir = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--format", "gguf", "--out", str(out_dir),
+                 "--model", str(base), "--quant", "keep"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 tensors written as Q4_1" in printed and "relative output error" in printed
+    _, got = read_gguf(out_dir / "model.gguf")
+    assert got["blk.1.attn_output.weight"][0] == "Q4_1"
+    # the adapter records its base GGUF: --model may be left out; an error exits 2 with one line
+    assert main(["merge", "--adapter", str(adapter), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert read_gguf(tmp_path / "m.gguf")[1]["blk.0.attn_output.weight"][0] == "F16"
+    assert main(["merge", "--adapter", str(adapter), "--format", "gguf", "--out", str(tmp_path / "x.gguf"),
+                 "--dtype", "bf16"]) == 2
+    assert "--quant" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
