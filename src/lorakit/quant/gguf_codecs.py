@@ -62,12 +62,12 @@ def _halves(b: torch.Tensor, *index: int) -> list[torch.Tensor]:
 def _unpack_nibbles(b: torch.Tensor, start: int, k: int, out: torch.Tensor) -> torch.Tensor:
     """Bytes ``b[:, start:]`` of each block ((n, type_size) contiguous), as k runs of m bytes -> out
     (n, k, 2, m) fp32 codes: per run the low nibbles, then the high nibbles. The nibble ops run on the
-    contiguous blocks (strided uint8 ops are an order of magnitude slower); ``copy_`` converts to fp32
-    while writing."""
+    contiguous blocks and the codes are gathered as uint8 (strided ops are several times slower), so
+    the one uint8 → fp32 conversion is a contiguous ``copy_`` into ``out``."""
     n = b.shape[0]
-    out[:, :, 0].copy_((b & 0x0F)[:, start:].view(n, k, -1))
-    out[:, :, 1].copy_((b >> 4)[:, start:].view(n, k, -1))
-    return out
+    lo = (b & 0x0F)[:, start:].view(n, k, 1, -1)
+    hi = (b >> 4)[:, start:].view(n, k, 1, -1)
+    return out.copy_(torch.cat([lo, hi], dim=2))
 
 
 def _q4_0(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
