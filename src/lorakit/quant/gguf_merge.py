@@ -118,6 +118,8 @@ def merge_gguf(adapter: str | os.PathLike, out: str | os.PathLike, base: str | o
     if result.report is not None and result.report.per_layer:
         atomic_write_json(report_path(result.path), {"out_type": out_type, "mean": result.report.mean,
                                                      "max": result.report.max, "per_tensor": result.report.per_layer})
+    else:  # an exact merge: a report left by an earlier lossy merge to the same path would mislead
+        report_path(result.path).unlink(missing_ok=True)
     return result
 
 
