@@ -36,5 +36,7 @@ def merge_gguf_command(adapter: str, out: str, model: str | None, quant: str | N
     print(f"merged {adapter} into its base GGUF: {len(result.written)} tensors written as {', '.join(kinds)}, "
           f"the rest copied; saved {result.path} (use: llama-cli -m {result.path})")
     if result.report is not None and result.report.per_layer:
-        print(f"{result.report} (relative output error vs the fp32 merge; per tensor in {report_path(result.path)})")
+        rep = result.report
+        print(f"{'requantized' if quant == 'keep' else 'F16'} merge of {len(rep.per_layer)} tensors: relative output "
+              f"error vs the fp32 merge mean {rep.mean:.4g}, max {rep.max:.4g} (per tensor in {report_path(result.path)})")
     return 0
