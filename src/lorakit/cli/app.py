@@ -5,6 +5,7 @@ typed function (``lorakit.train.train``, ``lorakit.cli.commands.*``).
     lorakit train --model DIR --data train.jsonl [--config recipe.yaml] [key=value ...]
     lorakit eval    --adapter runs/default/adapter --data builtin:shift
     lorakit merge   --adapter runs/default/adapter --out merged/
+    lorakit merge   --adapter runs/default/adapter --format gguf --out merged.gguf   # base GGUF + adapter
     lorakit generate --adapter runs/default/adapter "shift abc="
     lorakit info    runs/default/adapter
     lorakit export  runs/default/adapter --format gguf --base model.gguf   # a llama.cpp LoRA
@@ -25,7 +26,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from ..errors import LorakitError
+from ..errors import ConfigError, LorakitError
 
 
 def train_command(config: str | None, flags: dict[str, str], overrides: Sequence[str]) -> int:
@@ -70,7 +71,6 @@ def merge_command(adapter: str, out: str, model: str | None, requantize: bool = 
 def generate_command(prompt: str | None, adapter: str | None, model: str | None, max_new_tokens: int,
                      temperature: float, chat: bool, system: str | None = None, file: str | None = None,
                      interactive: bool = False) -> int:
-    from ..errors import ConfigError
     from ..train.generation import read_prompts
     from .commands import generator
 
@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "again in the base's format and report the error it adds (default: 16/32-bit merge)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="precision of the saved weights (default: as loaded, fp32); the merge itself runs in fp32")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"], dest="out_format",
+                   help="hf: a transformers checkpoint (default); gguf: a GGUF model from a .gguf base (--out FILE.gguf)")
+    p.add_argument("--quant", choices=["f16", "f32", "keep"],
+                   help="--format gguf: type of the merged tensors (default f16; keep = the base's type, requantized)")
 
     p = sub.add_parser("generate", help="continue a prompt with an adapter",
                        description="Continue prompts as raw text; --chat (or --system) wraps them in the "
@@ -240,7 +244,13 @@ def _dispatch(ns) -> int:
     if ns.command == "eval":
         return eval_command(ns.data, ns.adapter, ns.model, ns.max_length, ns.batch_size, ns.eval_rows,
                             ns.as_json, ns.scorer, ns.generate_rows, ns.max_new_tokens)
+    if ns.command == "merge" and ns.out_format == "gguf":
+        from .merge_gguf import merge_gguf_command
+
+        return merge_gguf_command(ns.adapter, ns.out, ns.model, ns.quant, ns.requantize, ns.dtype)
     if ns.command == "merge":
+        if ns.quant is not None:
+            raise ConfigError("--quant applies to --format gguf; for a transformers checkpoint use --dtype.")
         return merge_command(ns.adapter, ns.out, ns.model, ns.requantize, ns.dtype)
     if ns.command == "generate":
         return generate_command(ns.prompt, ns.adapter, ns.model, ns.max_new_tokens, ns.temperature, ns.chat,

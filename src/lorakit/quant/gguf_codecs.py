@@ -52,30 +52,41 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).to(torch.float32)
 
 
-def _nibbles(qs: torch.Tensor, run: int) -> torch.Tensor:
-    """(n, k·run/2) bytes -> (n, k·run) codes: each run/2 bytes give `run` codes, low nibbles first."""
-    n = qs.shape[0]
-    qs = qs.reshape(n, -1, 1, run // 2)
-    lo_hi = torch.cat([qs & 0x0F, qs >> 4], dim=2)  # (n, k, 2, run/2)
-    return lo_hi.reshape(n, -1)
+def _halves(b: torch.Tensor, *index: int) -> list[torch.Tensor]:
+    """The f16 fields at half-word ``index`` of each block (b: (n, type_size) contiguous, type_size
+    even) as (n, 1) fp32 — a view of the bytes, no copy of the codes."""
+    h = b.view(torch.float16)  # (n, type_size / 2)
+    return [h[:, i:i + 1].to(torch.float32) for i in index]
 
 
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
-    q = _nibbles(b[:, 2:], 32).to(torch.int8) - 8
-    return d * q.to(torch.float32)
+def _unpack_nibbles(b: torch.Tensor, start: int, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Bytes ``b[:, start:]`` of each block ((n, type_size) contiguous), as k runs of m bytes -> out
+    (n, k, 2, m) fp32 codes: per run the low nibbles, then the high nibbles. The nibble ops run on the
+    contiguous blocks and the codes are gathered as uint8 (strided ops are several times slower), so
+    the one uint8 → fp32 conversion is a contiguous ``copy_`` into ``out``."""
+    n = b.shape[0]
+    lo = (b & 0x0F)[:, start:].view(n, k, 1, -1)
+    hi = (b >> 4)[:, start:].view(n, k, 1, -1)
+    return out.copy_(torch.cat([lo, hi], dim=2))
 
 
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = _nibbles(b[:, 4:], 32).to(torch.float32)
-    return d * q + m
+def _q4_0(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    (d,) = _halves(b, 0)
+    n = b.shape[0]
+    q = _unpack_nibbles(b, 2, 1, out.view(n, 1, 2, 16)).view(n, 32)
+    return q.sub_(8.0).mul_(d)  # d · (q − 8); q − 8 is exact in fp32
 
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
-    q = b[:, 2:].contiguous().view(torch.int8).to(torch.float32)
-    return q * d
+def _q4_1(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    d, m = _halves(b, 0, 1)
+    n = b.shape[0]
+    q = _unpack_nibbles(b, 4, 1, out.view(n, 1, 2, 16)).view(n, 32)
+    return q.mul_(d).add_(m)  # (d·q) + m: two roundings, as numpy does (no fused multiply-add)
+
+
+def _q8_0(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    (d,) = _halves(b, 0)
+    return out.copy_(b[:, 2:].view(torch.int8)).mul_(d)
 
 
 def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,25 +99,26 @@ def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn  # (n, 8) each
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q4_k(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    d, dmin = _halves(b, 0, 1)
     sc, mn = _k_scale_min(b[:, 4:16])
     d = (d * sc.to(torch.float32)).reshape(n, 8, 1)
     dm = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
-    q = _nibbles(b[:, 16:], 64).to(torch.float32).reshape(n, 8, 32)
-    return (d * q - dm).reshape(n, 256)
+    q = _unpack_nibbles(b, 16, 4, out.view(n, 4, 2, 32)).view(n, 8, 32)
+    return q.mul_(d).sub_(dm).view(n, 256)  # (d·sc)·q − dmin·m
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], b[:, 208:210]
-    d = (_f16(d) * scales.contiguous().view(torch.int8).to(torch.float32)).reshape(n, 16, 1)
-    lo = _nibbles(ql, 128).reshape(n, -1, 32)  # (n, 8, 32)
+    ql, qh, scales = b[:, :128], b[:, 128:192], b[:, 192:208]
+    (d,) = _halves(b, 104)
+    d = (d * scales.view(torch.int8).to(torch.float32)).reshape(n, 16, 1)
+    lo = torch.cat([ql.reshape(n, 2, 1, 64) & 0x0F, ql.reshape(n, 2, 1, 64) >> 4], dim=2).reshape(n, 8, 32)
     qh = qh.reshape(n, -1, 1, 32)
-    hi = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2).reshape(n, -1, 32)  # (n, 8, 32)
-    q = (lo | (hi << 4)).to(torch.int8) - 32
-    return (d * q.reshape(n, 16, 16).to(torch.float32)).reshape(n, 256)
+    hi = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2).reshape(n, 8, 32)
+    q = out.view(n, 8, 32).copy_(lo | (hi << 4)).sub_(32.0)  # q − 32 is exact in fp32
+    return q.view(n, 16, 16).mul_(d).view(n, 256)  # (d·sc)·(q − 32)
 
 
 _DEQUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
@@ -125,9 +137,10 @@ def check_format(qtype: str, what: str = "tensor") -> BlockFormat:
 
 
 def dequantize(qtype: str, packed: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32,
-               chunk_rows: int = 4096) -> torch.Tensor:
+               chunk_rows: int = 4096, out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed rows (rows, row_bytes) uint8 -> weights (rows, cols) in ``dtype`` (computed in fp32, one
-    cast at the end). Works in chunks of rows so the fp32 temporaries stay small for a bf16 result."""
+    cast at the end). Works in chunks of rows so the fp32 temporaries stay small for a bf16 result.
+    ``out``: a contiguous (rows, cols) tensor of ``dtype`` to write into (a reused buffer)."""
     fmt = check_format(qtype)
     rows, cols = shape
     if packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, fmt.row_bytes(cols)):
@@ -135,10 +148,20 @@ def dequantize(qtype: str, packed: torch.Tensor, shape: tuple[int, int], dtype: 
             f"{qtype} data of shape {tuple(packed.shape)} {packed.dtype} does not hold a ({rows}, {cols}) tensor "
             f"(expected ({rows}, {fmt.row_bytes(cols)}) uint8)."
         )
-    out = torch.empty(rows, cols, dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(rows, cols, dtype=dtype, device=packed.device)
     fn = _DEQUANT[qtype]
+    packed = packed.contiguous()  # the f16 fields are read as a view of whole blocks
+    tmp = None
     for r0 in range(0, rows, chunk_rows):
         part = packed[r0:r0 + chunk_rows]
-        blocks = part.reshape(-1, fmt.type_size)
-        out[r0:r0 + chunk_rows] = fn(blocks).reshape(part.shape[0], cols).to(dtype)
+        blocks = part.reshape(-1, fmt.type_size)  # (n blocks, type_size)
+        dst = out[r0:r0 + chunk_rows]
+        if dtype == torch.float32:  # decode straight into the result
+            fn(blocks, dst.view(-1, fmt.block_size))
+        else:  # decode in fp32, then one cast
+            if tmp is None:
+                tmp = torch.empty(min(rows, chunk_rows) * cols, dtype=torch.float32, device=packed.device)
+            n = blocks.shape[0] * fmt.block_size
+            dst.copy_(fn(blocks, tmp[:n].view(-1, fmt.block_size)).view(dst.shape))
     return out

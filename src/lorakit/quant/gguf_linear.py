@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import QuantizationError
 from .gguf_codecs import FORMATS, check_format, dequantize
+from .gguf_matmul import GGUFDequantLinear
 from .linear import QuantLinear, check_compute_dtype
 
 
@@ -32,6 +33,9 @@ class GGUFLayout:
     dtype: torch.dtype = torch.float32
     tensor_names: tuple[str, ...] = ("packed",)
     double_quant: bool = False  # QuantLinear's repr / requantized merge read it
+    # QuantLinear's matmul for this format (a class attribute, not a field): slab-wise dequantization,
+    # so no whole dense W exists in forward or backward (gguf_matmul.py).
+    linear_fn = GGUFDequantLinear
 
     def build(self, tensors: dict[str, torch.Tensor]) -> GGUFWeight:
         return GGUFWeight(tensors["packed"], self)

@@ -206,6 +206,11 @@ class GGUFFile:
         g = gguf_module_of(module)
         return None if g is None else f"{g}.{attr}"
 
+    def raw(self, name: str):
+        """The reader's tensor record (``gguf.ReaderTensor``: type, ggml shape, memory-mapped ``data`` in
+        the file's own layout), e.g. to copy a tensor's bytes unchanged into another file."""
+        return self._get(name)
+
     def _get(self, name: str):
         t = self._tensors.get(name)
         if t is None:

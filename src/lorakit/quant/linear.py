@@ -135,8 +135,10 @@ class QuantLinear(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self._tensors()
-        out = _DequantLinear.apply(x.to(self.compute_dtype), self.layout, self.compute_dtype,
-                                   *(tensors[n] for n in self.layout.tensor_names))
+        # A format may bring its own function with the same contract (GGUF: dequantizes by slabs of rows).
+        fn = getattr(self.layout, "linear_fn", _DequantLinear)
+        out = fn.apply(x.to(self.compute_dtype), self.layout, self.compute_dtype,
+                       *(tensors[n] for n in self.layout.tensor_names))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype)
