@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--optim", default="adamw8bit")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 compute (the recipe's); off by default: CPUs without AVX512-BF16/AMX emulate it, ~50x slower")
     ap.add_argument("--delete", action="store_true", help="delete the checkpoint afterwards")
     args = ap.parse_args()
     ckpt = Path(args.dir or f"/tmp/qlora-cli-{args.size}")
@@ -60,7 +62,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "lorakit.cli", "train", "--config", "recipes/qlora.yaml", "--model", str(ckpt),
            "--data", str(data), "--output-dir", str(out), "--overwrite", f"max_steps={args.steps}", "batch_size=1",
            "grad_accum=1", f"max_length={args.seq}", "r=16", "lora_alpha=32", "lora_dropout=0", "eval_rows=0",
-           f"threads={args.threads}", f"optim={args.optim}", "progress=false", "save_every=0", "warmup_steps=0"]
+           f"threads={args.threads}", f"optim={args.optim}", f"bf16={str(args.bf16).lower()}", "progress=false", "save_every=0", "warmup_steps=0"]
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantizationError
-from . import int8, nf4
+from . import autograd4, int8, nf4
+from .autograd4 import TiledDequantLinear4
 from .lora_kind import QuantLinearKind
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -135,8 +136,10 @@ class QuantLinear(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self._tensors()
-        out = _DequantLinear.apply(x.to(self.compute_dtype), self.layout, self.compute_dtype,
-                                   *(tensors[n] for n in self.layout.tensor_names))
+        # NF4/FP4 on the CPU: dequantize and multiply tile by tile in cache (autograd4); else whole W.
+        fn = TiledDequantLinear4 if autograd4.applies(self.layout, x.device) else _DequantLinear
+        out = fn.apply(x.to(self.compute_dtype), self.layout, self.compute_dtype,
+                       *(tensors[n] for n in self.layout.tensor_names))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype)
