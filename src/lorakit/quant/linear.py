@@ -129,6 +129,15 @@ class QuantLinear(nn.Module):
         """W as a dense (out_features, in_features) tensor in ``compute_dtype``."""
         return self.qweight.dequantize(self.compute_dtype)
 
+    def matmul_scratch_bytes(self, device: torch.device | str = "cpu") -> int:
+        """Bytes of dequantized weight alive during one matmul: a tile (values, int64 indices, fp32
+        staging) on the tiled CPU path (``autograd4``), else the whole W in fp32 plus its cast."""
+        elem = torch.empty(0, dtype=self.compute_dtype).element_size()
+        if autograd4.applies(self.layout, torch.device(device)):
+            n = autograd4.tile_rows(self.out_features, self.in_features, self.layout.blocksize, 0) * self.in_features
+            return n * (elem + 4 + (0 if self.compute_dtype == torch.float32 else 4))
+        return self.in_features * self.out_features * (4 + elem)
+
     @property
     def bits_per_param(self) -> float:
         return self.qweight.bits_per_param
