@@ -70,7 +70,7 @@ def write_checkpoint_fast(size: str, out: str) -> None:
         head += b" " * (-len(head) % 8)
         with open(out_dir / file, "wb") as f:
             f.write(len(head).to_bytes(8, "little") + head)
-            for name, shape in shard:
+            for _name, shape in shard:
                 n = 2 * int(np.prod(shape))
                 if len(shape) == 1:
                     f.write(one * (n // 2))
