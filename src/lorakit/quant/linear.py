@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantizationError
-from . import int8, nf4
+from . import autograd4, int8, nf4
+from .autograd4 import TiledDequantLinear4
 from .lora_kind import QuantLinearKind
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -128,6 +129,15 @@ class QuantLinear(nn.Module):
         """W as a dense (out_features, in_features) tensor in ``compute_dtype``."""
         return self.qweight.dequantize(self.compute_dtype)
 
+    def matmul_scratch_bytes(self, device: torch.device | str = "cpu") -> int:
+        """Bytes of dequantized weight alive during one matmul: a tile (values, int64 indices, fp32
+        staging) on the tiled CPU path (``autograd4``), else the whole W in fp32 plus its cast."""
+        elem = torch.empty(0, dtype=self.compute_dtype).element_size()
+        if autograd4.applies(self.layout, torch.device(device)):
+            n = autograd4.tile_rows(self.out_features, self.in_features, self.layout.blocksize, 0) * self.in_features
+            return n * (elem + 4 + (0 if self.compute_dtype == torch.float32 else 4))
+        return self.in_features * self.out_features * (4 + elem)
+
     @property
     def bits_per_param(self) -> float:
         return self.qweight.bits_per_param
@@ -135,8 +145,10 @@ class QuantLinear(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self._tensors()
-        # A format may bring its own function with the same contract (GGUF: dequantizes by slabs of rows).
-        fn = getattr(self.layout, "linear_fn", _DequantLinear)
+        # A format may bring its own function with the same contract (GGUF: dequantizes by slabs of rows);
+        # NF4/FP4 on the CPU dequantize and multiply tile by tile in cache (autograd4); else the whole W.
+        fn = getattr(self.layout, "linear_fn", None) or (
+            TiledDequantLinear4 if autograd4.applies(self.layout, x.device) else _DequantLinear)
         out = fn.apply(x.to(self.compute_dtype), self.layout, self.compute_dtype,
                        *(tensors[n] for n in self.layout.tensor_names))
         if self.bias is not None:

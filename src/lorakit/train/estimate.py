@@ -81,10 +81,13 @@ def optimizer_state_mb(model: nn.Module, optim: str = "adamw") -> float:
 
 def dequantized_weight_bytes(model: nn.Module) -> float:
     """A quantized linear layer (``QuantLinear``) rebuilds its weight for each matmul: the largest one's
-    fp32 dequantization plus its cast to the compute dtype is alive at the peak of a step."""
+    dequantized copy (a tile of it on the CPU's 4-bit path, ``matmul_scratch_bytes``) is alive at the
+    peak of a step; else its fp32 dequantization plus its cast to the compute dtype."""
     biggest = 0.0
     for m in model.modules():
-        if hasattr(m, "dequantize_weight") and hasattr(m, "compute_dtype"):
+        if hasattr(m, "matmul_scratch_bytes"):
+            biggest = max(biggest, m.matmul_scratch_bytes(next(iter(m.buffers())).device))
+        elif hasattr(m, "dequantize_weight") and hasattr(m, "compute_dtype"):
             n = m.in_features * m.out_features
             biggest = max(biggest, n * (4 + torch.empty(0, dtype=m.compute_dtype).element_size()))
     return biggest
