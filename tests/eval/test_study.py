@@ -19,7 +19,7 @@ from lorakit.eval.study.data import split_rows, text_blocks, unicode_name_rows
 from lorakit.eval.study.report import pareto_front, plot, write_page
 from lorakit.eval.study.run import Sizes, run_study
 from lorakit.eval.study.runs import Method, Schedule, mix, parse_methods
-from lorakit.eval.study.scores import agreement, answer_nll, base_reference, exact_match, perplexity
+from lorakit.eval.study.scores import agreement, answer_exact, answer_nll, base_reference, exact_match, perplexity
 from lorakit.tasks import build_tokenizer
 
 IGNORE = -100
@@ -66,6 +66,25 @@ def test_answer_nll_is_the_mean_over_answer_tokens_of_a_per_row_computation(mode
                 total -= float(lp[t, e["labels"][t + 1]])
                 n += 1
     assert answer_nll(model, ex, pad_id=0, batch_size=2) == pytest.approx(total / n, rel=1e-5)
+
+
+def test_answer_exact_counts_rows_whose_greedy_tokens_are_all_the_reference(model):
+    ex = _examples(seed=5, n=6)
+    for i, e in enumerate(ex):  # rows 0, 2, 4: the answer is the model's own greedy continuation
+        if i % 2 == 0:
+            lp = _naive_logprobs(model, e["input_ids"])
+            start = next(t for t, lab in enumerate(e["labels"]) if lab != IGNORE)
+            ids = list(e["input_ids"])
+            for t in range(start, len(ids)):  # greedy decoding, token by token
+                ids[t] = int(_naive_logprobs(model, ids[:t])[-1].argmax())
+            e["input_ids"], e["labels"] = ids, [IGNORE] * start + ids[start:]
+    hits = 0
+    for e in ex:
+        lp = _naive_logprobs(model, e["input_ids"])
+        hits += all(int(lp[t].argmax()) == e["labels"][t + 1] for t in range(len(e["labels"]) - 1)
+                    if e["labels"][t + 1] != IGNORE)
+    assert hits >= 3
+    assert answer_exact(model, ex, pad_id=0, batch_size=4) == pytest.approx(hits / len(ex))
 
 
 def test_perplexity_is_exp_of_the_mean_next_token_nll(model):

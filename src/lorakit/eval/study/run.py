@@ -19,7 +19,7 @@ from ...train.encode import encode
 from ...variants.self_replay import chat_frame, self_replay_rows
 from .data import CHAT_PROMPTS, docstring_text, split_rows, text_blocks, unicode_name_rows
 from .runs import Method, Schedule, fine_tune, mix, prepare
-from .scores import agreement, answer_nll, base_reference, exact_match, greedy_answers, perplexity
+from .scores import agreement, answer_exact, answer_nll, base_reference, greedy_answers, perplexity
 
 
 @dataclass(frozen=True)
@@ -67,16 +67,19 @@ class Study:
                                for p, a in zip(CHAT_PROMPTS, self.chat_answers)], "chat", "chat prompts"),
                       tokenizer, 10**6)
         self.ref = base_reference(model, chat.examples, self.pad)
+        say(f"evaluation sets ready: {len(self.train.examples)} training rows, {len(held)} held out, "
+            f"{len(self.blocks)} text blocks, {len(CHAT_PROMPTS)} chat prompts")
         self._replay: dict[int, Any] = {}
 
     def score(self, model) -> dict[str, Any]:
-        answers = greedy_answers(model, self.tok, self.held_prompts, self.sizes.answer_tokens, self.end_ids)
+        # Greedy answers for show (one row); the score is the teacher-forced equivalent (one forward pass).
+        answer = greedy_answers(model, self.tok, self.held_prompts[:1], self.sizes.answer_tokens, self.end_ids)[0]
         agree, kl = agreement(model, self.ref)
         sample = greedy_answers(model, self.tok, self.chat_prompts[:1], self.sizes.chat_tokens, self.end_ids)[0]
-        return {"target_em": exact_match(answers, self.held_refs),
+        return {"target_em": answer_exact(model, self.held.examples, self.pad),
                 "target_nll": answer_nll(model, self.held.examples, self.pad),
                 "text_ppl": perplexity(model, self.blocks), "chat_agree": agree, "chat_kl": kl,
-                "target_sample": f"{self.held_refs[0]} → {answers[0]}", "chat_sample": sample}
+                "target_sample": f"{self.held_refs[0]} → {answer}", "chat_sample": sample}
 
     def replay_rows(self, seed: int):
         """Self-replay rows (Magpie prompts + the base's answers), encoded; written once per seed."""

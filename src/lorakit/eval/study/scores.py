@@ -3,7 +3,10 @@
 All scores are teacher-forced or greedy, on rows the fine-tune never saw:
 
 * ``answer_nll``     mean negative log-likelihood per *answer* token (nats), e.g. of held-out target rows
-* ``exact_match``    fraction of greedy answers equal to the reference (case and spacing ignored)
+* ``answer_exact``   fraction of rows whose every answer token (end-of-turn included) is the model's
+                     argmax given the reference prefix — exactly the rows that greedy decoding answers
+                     token for token with the reference, at the cost of one forward pass
+* ``exact_match``    fraction of generated answers equal to the reference (case and spacing ignored)
 * ``perplexity``     exp(mean next-token NLL) over blocks of real text (every token after the first)
 * ``agreement``      with the base's own greedy answers to general prompts, teacher-forced: the
                      fraction of answer positions where the model's argmax is the base's argmax, and
@@ -51,6 +54,20 @@ def answer_nll(model, examples: list[dict], pad_id: int, batch_size: int = 16) -
         total += float(F.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum"))
         count += int(keep.sum())
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def answer_exact(model, examples: list[dict], pad_id: int, batch_size: int = 16) -> float:
+    """Fraction of ``examples`` whose labelled tokens are all the argmax at the position before them."""
+    hits = 0
+    for b in _batches(examples, pad_id, batch_size):
+        targets = b["labels"][:, 1:]
+        keep = targets != IGNORE
+        pred = selected_logits(model, b, keep).argmax(-1).cpu()  # (n,) in row-major order of keep
+        wrong = torch.zeros_like(targets, dtype=torch.bool)
+        wrong[keep] = pred != targets[keep]
+        hits += int((~wrong.any(1)).sum())
+    return hits / len(examples)
 
 
 @torch.no_grad()
