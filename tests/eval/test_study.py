@@ -185,3 +185,33 @@ def test_the_study_runs_end_to_end_on_a_tiny_chat_model(model, tok, tmp_path):
     page = (tmp_path / "page.md").read_text()
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert "| lora-r2+replay |" in page and "lora-r2 vs full" in page
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "lora-r0"], "study method 'lora-r0'"),
+    (["--held-out", "0"], "--held-out 0"),
+    (["--seeds", ","], "--seeds is empty"),
+    (["--replay", "1.0"], "--replay 1.0"),
+])
+def test_the_command_refuses_bad_settings_naming_them(argv, message, tmp_path, capsys):
+    from lorakit.eval.study.__main__ import main
+
+    assert main([*argv, "--model", str(tmp_path), "--page", str(tmp_path / "p.md")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.md").exists()
+
+
+def test_the_command_refuses_a_model_directory_without_config(tmp_path, capsys):
+    from lorakit.eval.study.__main__ import main
+
+    assert main(["--model", str(tmp_path / "nope"), "--page", str(tmp_path / "p.md")]) == 2
+    assert "not a transformers model directory" in capsys.readouterr().err
+
+
+def test_write_data_writes_the_split_the_study_scores(tmp_path):
+    from lorakit.eval.study.__main__ import main
+
+    assert main(["--write-data", str(tmp_path)]) == 0
+    train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    held = [json.loads(x) for x in (tmp_path / "held_out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert (train, held) == split_rows(unicode_name_rows(), 48)

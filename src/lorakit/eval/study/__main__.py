@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import platform
 import shlex
 import sys
 from pathlib import Path
 
+from ..._fs import atomic_write_text
 from ...errors import ConfigError, LorakitError
+from .data import split_rows, unicode_name_rows
 from .report import plot, write_page
 from .run import Sizes, run_study
 from .runs import Schedule, parse_methods
@@ -58,6 +61,16 @@ def smollm2_dir(cache: Path, say=print) -> Path:
     return cache
 
 
+def write_data(directory: Path, held_out: int) -> int:
+    """The study's target rows as instruction-format JSONL files ``lorakit train`` reads."""
+    train, held = split_rows(unicode_name_rows(), held_out, seed=0)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("held_out.jsonl", held)):
+        atomic_write_text(directory / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {directory / 'train.jsonl'} ({len(train)} rows) and {directory / 'held_out.jsonl'} ({len(held)} rows)")
+    return 0
+
+
 def machine() -> str:
     import torch
 
@@ -87,8 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output-dir", default="runs/study", help="results.json goes here")
     p.add_argument("--page", default="docs/results/STUDY_SMOLLM2.md", help="the results page to write")
+    p.add_argument("--write-data", metavar="DIR", help="only write the target rows (train.jsonl, held_out.jsonl) "
+                                                       "to DIR, for `lorakit train --data`, and exit")
     a = p.parse_args(argv)
     try:
+        n_rows = len(unicode_name_rows())
+        if not 0 < a.held_out < n_rows:
+            raise ConfigError(f"--held-out {a.held_out}: hold out between 1 and {n_rows - 1} of the {n_rows} rows")
+        if a.write_data:
+            return write_data(Path(a.write_data), a.held_out)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= a.replay < 1:
             raise ConfigError(f"--replay {a.replay}: a fraction of the rows in [0, 1), e.g. 0.25")
         sched = Schedule(a.steps, a.batch_size, a.lr, a.full_lr, a.replay)
+        if a.model and not (Path(a.model) / "config.json").is_file():
+            raise ConfigError(f"--model {a.model}: not a transformers model directory (no config.json); give a "
+                              "local chat model's directory, or leave --model out for SmolLM2.")
         model_dir = Path(a.model) if a.model else smollm2_dir(Path(a.cache))
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
