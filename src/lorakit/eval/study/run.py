@@ -19,16 +19,16 @@ from ...train.encode import encode
 from ...variants.self_replay import chat_frame, self_replay_rows
 from .data import CHAT_PROMPTS, docstring_text, split_rows, text_blocks, unicode_name_rows
 from .runs import Method, Schedule, fine_tune, mix, prepare
-from .scores import agreement, answer_exact, answer_nll, base_reference, greedy_answers, perplexity
+from .scores import agreement, answer_scores, base_reference, greedy_answers, perplexity
 
 
 @dataclass(frozen=True)
 class Sizes:
     held_out: int = 48  # target rows never trained on
     max_length: int = 64  # tokens per training row (target rows are ~34, replay rows are cut here)
-    text_blocks: int = 24  # blocks of real text for perplexity
+    text_blocks: int = 12  # blocks of real text for perplexity
     text_block: int = 64  # tokens per block
-    chat_tokens: int = 40  # length of the base's reference answers to the chat prompts
+    chat_tokens: int = 32  # length of the base's reference answers to the chat prompts
     replay_prompts: int = 32  # prompts the base writes for self-replay
     replay_tokens: int = 32  # length of its answers to them
     answer_tokens: int = 16  # greedy tokens for a target answer (the longest name is 12 tokens)
@@ -76,8 +76,8 @@ class Study:
         answer = greedy_answers(model, self.tok, self.held_prompts[:1], self.sizes.answer_tokens, self.end_ids)[0]
         agree, kl = agreement(model, self.ref)
         sample = greedy_answers(model, self.tok, self.chat_prompts[:1], self.sizes.chat_tokens, self.end_ids)[0]
-        return {"target_em": answer_exact(model, self.held.examples, self.pad),
-                "target_nll": answer_nll(model, self.held.examples, self.pad),
+        nll, exact = answer_scores(model, self.held.examples, self.pad)
+        return {"target_em": exact, "target_nll": nll,
                 "text_ppl": perplexity(model, self.blocks), "chat_agree": agree, "chat_kl": kl,
                 "target_sample": f"{self.held_refs[0]} → {answer}", "chat_sample": sample}
 

@@ -44,30 +44,30 @@ def selected_logits(model, batch: dict[str, torch.Tensor], keep: torch.Tensor) -
 
 
 @torch.no_grad()
-def answer_nll(model, examples: list[dict], pad_id: int, batch_size: int = 16) -> float:
-    """Mean NLL per labelled token of encoded ``examples`` ({"input_ids", "labels"}; IGNORE = unscored)."""
-    total, count = 0.0, 0
+def answer_scores(model, examples: list[dict], pad_id: int, batch_size: int = 16) -> tuple[float, float]:
+    """(mean NLL per labelled token, fraction of rows whose labelled tokens are all the argmax) of encoded
+    ``examples`` ({"input_ids", "labels"}; IGNORE = unscored), from one forward pass per batch."""
+    total, count, hits = 0.0, 0, 0
     for b in _batches(examples, pad_id, batch_size):
         targets = b["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
         keep = targets != IGNORE
-        logits = selected_logits(model, b, keep)
-        total += float(F.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum"))
+        logits = selected_logits(model, b, keep).cpu()  # (n, V), rows in row-major order of keep
+        total += float(F.cross_entropy(logits, targets[keep], reduction="sum"))
         count += int(keep.sum())
-    return total / max(count, 1)
+        wrong = torch.zeros_like(keep)
+        wrong[keep] = logits.argmax(-1) != targets[keep]
+        hits += int((~wrong.any(1)).sum())
+    return total / max(count, 1), hits / len(examples)
 
 
-@torch.no_grad()
+def answer_nll(model, examples: list[dict], pad_id: int, batch_size: int = 16) -> float:
+    """Mean NLL per labelled token of encoded ``examples``."""
+    return answer_scores(model, examples, pad_id, batch_size)[0]
+
+
 def answer_exact(model, examples: list[dict], pad_id: int, batch_size: int = 16) -> float:
     """Fraction of ``examples`` whose labelled tokens are all the argmax at the position before them."""
-    hits = 0
-    for b in _batches(examples, pad_id, batch_size):
-        targets = b["labels"][:, 1:]
-        keep = targets != IGNORE
-        pred = selected_logits(model, b, keep).argmax(-1).cpu()  # (n,) in row-major order of keep
-        wrong = torch.zeros_like(targets, dtype=torch.bool)
-        wrong[keep] = pred != targets[keep]
-        hits += int((~wrong.any(1)).sum())
-    return hits / len(examples)
+    return answer_scores(model, examples, pad_id, batch_size)[1]
 
 
 @torch.no_grad()
