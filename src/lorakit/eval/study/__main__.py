@@ -25,7 +25,7 @@ from .run import Sizes, run_study
 from .runs import Schedule, parse_methods
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_METHODS = "full,lora-r8,lora-r64,lora-r256,dora-r8,lora-r8+replay,lora-r64+replay"
+DEFAULT_METHODS = "full,lora-r8,lora-r64,lora-r256,dora-r8,lora-r8+replay"
 
 NOTES = """**O-LoRA is not in the table.** Its orthogonality loss (Wang et al. 2023, Eq. 4) acts between a new
 task's LoRA factors and those of *earlier tasks*; in one causal-LM SFT run there is no earlier task, the

@@ -57,7 +57,7 @@ def parse_methods(spec: str) -> list[Method]:
 
 @dataclass(frozen=True)
 class Schedule:
-    steps: int = 30
+    steps: int = 16
     batch_size: int = 8
     lr: float = 1e-3  # adapters
     full_lr: float = 1e-4  # full fine-tuning: one rate for both would make one of them look bad
