@@ -186,6 +186,26 @@ def test_the_study_runs_end_to_end_on_a_tiny_chat_model(model, tok, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert "| lora-r2+replay |" in page and "lora-r2 vs full" in page
 
+    # --report-from merges saved results (e.g. of parallel processes) into one page
+    from lorakit.eval.study.__main__ import main
+
+    other = {**saved, "runs": [{**r, "method": r["method"] + "+x"} for r in saved["runs"][:2]]}
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    argv = ["--report-from", f"{tmp_path / 'results.json'},{tmp_path / 'b.json'}", "--page", str(tmp_path / "m.md")]
+    assert main(argv) == 0
+    merged = (tmp_path / "m.md").read_text()
+    assert "| full+x |" in merged and "| dora-r2 |" in merged and (tmp_path / "m.png").is_file()
+
+
+def test_report_from_refuses_a_file_that_is_not_results(tmp_path, capsys):
+    from lorakit.eval.study.__main__ import main
+
+    (tmp_path / "x.json").write_text("{}")
+    assert main(["--report-from", str(tmp_path / "x.json"), "--page", str(tmp_path / "p.md")]) == 2
+    assert "not a study's results.json" in capsys.readouterr().err
+    assert main(["--report-from", str(tmp_path / "nope.json"), "--page", str(tmp_path / "p.md")]) == 2
+    assert "--report-from" in capsys.readouterr().err and not (tmp_path / "p.md").exists()
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "lora-r0"], "study method 'lora-r0'"),

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..._fs import atomic_write_text
 from ...errors import ConfigError, LorakitError
 from .data import split_rows, unicode_name_rows
-from .report import plot, write_page
+from .report import aggregate, plot, write_page
 from .run import Sizes, run_study
 from .runs import Schedule, parse_methods
 
@@ -71,6 +71,33 @@ def write_data(directory: Path, held_out: int) -> int:
     return 0
 
 
+def report_from(files: list[Path], page: Path) -> int:
+    """The page and plot from saved results: the first file's base and settings, every file's runs."""
+    results = []
+    for f in files:
+        try:
+            results.append(json.loads(f.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--report-from {f}: cannot read it as a study's results.json ({exc}).") from None
+        if "base" not in results[-1] or "runs" not in results[-1]:
+            raise ConfigError(f"--report-from {f}: not a study's results.json (no 'base'/'runs').")
+    merged = {**results[0], "runs": [r for res in results for r in res["runs"]],
+              "wall_seconds": max(res.get("wall_seconds", 0.0) for res in results)}
+    merged["settings"] = {**merged["settings"], "seeds": sorted({r["seed"] for r in merged["runs"]}),
+                          "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    commands = [res["settings"].get("command") or f"python -m lorakit.eval.study --methods {res['settings']['methods']}"
+                for res in results]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    png = page.with_name(page.stem.lower() + ".png")
+    plot(merged["base"], aggregate(merged["runs"]), png, "learning vs forgetting")
+    note = (f"\n\nThe {len(files)} commands ran at the same time (separate processes, the runs split between "
+            "them to fit the time budget); the page was merged from their results.json files with "
+            "`--report-from`. The wall time above is the longest of them." if len(files) > 1 else "")
+    write_page(page, merged, "\n".join(commands), machine(), NOTES + note, png.name)
+    print(f"wrote {page} and {png} from {len(files)} results file(s), {len(merged['runs'])} runs")
+    return 0
+
+
 def machine() -> str:
     import torch
 
@@ -102,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--page", default="docs/results/STUDY_SMOLLM2.md", help="the results page to write")
     p.add_argument("--write-data", metavar="DIR", help="only write the target rows (train.jsonl, held_out.jsonl) "
                                                        "to DIR, for `lorakit train --data`, and exit")
+    p.add_argument("--report-from", metavar="JSON[,JSON...]",
+                   help="only write the page and plot from results.json files of earlier (e.g. parallel) runs of "
+                        "this command, merged in the order given, and exit")
     a = p.parse_args(argv)
     try:
+        if a.report_from:
+            return report_from([Path(x) for x in a.report_from.split(",") if x.strip()], Path(a.page))
         n_rows = len(unicode_name_rows())
         if not 0 < a.held_out < n_rows:
             raise ConfigError(f"--held-out {a.held_out}: hold out between 1 and {n_rows - 1} of the {n_rows} rows")
@@ -129,16 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         out, page = Path(a.output_dir), Path(a.page)
         out.mkdir(parents=True, exist_ok=True)
         sizes = Sizes(held_out=a.held_out)
-        settings = {"model": str(model_dir), "seeds": seeds, "methods": a.methods}
+        command = "python -m lorakit.eval.study " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+        settings = {"model": str(model_dir), "seeds": seeds, "methods": a.methods, "command": command.strip()}
         result = run_study(model, tok, methods, seeds, sched, sizes, out, settings)
         result["settings"].update(finished=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
         page.parent.mkdir(parents=True, exist_ok=True)
-        from .report import aggregate
-
         png = page.with_name(page.stem.lower() + ".png")
         plot(result["base"], aggregate(result["runs"]), png, f"{model_dir.name}: learning vs forgetting, "
              f"{sched.steps} steps")
-        command = "python -m lorakit.eval.study " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
         write_page(page, result, command.strip(), machine(), NOTES, png.name)
         print(f"wrote {page} and {png} "
               f"({result['wall_seconds'] / 60:.1f} min)")
