@@ -19,7 +19,14 @@ from lorakit.eval.study.data import split_rows, text_blocks, unicode_name_rows
 from lorakit.eval.study.report import pareto_front, plot, write_page
 from lorakit.eval.study.run import Sizes, run_study
 from lorakit.eval.study.runs import Method, Schedule, mix, parse_methods
-from lorakit.eval.study.scores import agreement, answer_exact, answer_nll, base_reference, exact_match, perplexity
+from lorakit.eval.study.scores import (
+    agreement,
+    answer_exact,
+    answer_nll,
+    base_reference,
+    exact_match,
+    perplexity,
+)
 from lorakit.tasks import build_tokenizer
 
 IGNORE = -100

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ..._fs import atomic_write_json
-from ...train.data_files import RawData
-from ...train.encode import encode
+from ...data.encode import encode
+from ...data.files import RawData
 from ...variants.self_replay import chat_frame, self_replay_rows
 from .data import CHAT_PROMPTS, docstring_text, split_rows, text_blocks, unicode_name_rows
 from .runs import Method, Schedule, fine_tune, mix, prepare

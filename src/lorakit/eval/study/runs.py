@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ...config import LoraConfig
+from ...data.batches import collate
+from ...data.encode import IGNORE
 from ...errors import ConfigError
 from ...inject import inject
-from ...train.batches import collate
-from ...train.encode import IGNORE
 from .scores import selected_logits
 
 _LABEL = re.compile(r"^(full|lora-r(\d+)|dora-r(\d+))(\+replay)?$")

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...data.batches import collate
+from ...data.encode import IGNORE
 from ...losses import hidden_states_instead_of_logits
-from ...train.batches import collate
-from ...train.encode import IGNORE
 
 
 def _batches(examples: list[dict], pad_id: int, batch_size: int):
