@@ -33,7 +33,7 @@ loss is zero and O-LoRA is exactly LoRA (a duplicate row). It belongs in a task 
 `lorakit.eval.continual` runs (docs/FORGETTING.md).
 
 **Caveats.** One learning rate per family (LoRA 10× full), not tuned per method as Biderman et al. did;
-a few dozen steps, so this is the early, small-data regime; 135M parameters; exact match on 48 held-out
+16 steps, so this is the early, small-data regime; 135M parameters; exact match on 48 held-out
 rows moves in steps of 2.1 points."""
 
 
@@ -92,7 +92,8 @@ def report_from(files: list[Path], page: Path) -> int:
     plot(merged["base"], aggregate(merged["runs"]), png, "learning vs forgetting")
     note = (f"\n\nThe {len(files)} commands ran at the same time (separate processes, the runs split between "
             "them to fit the time budget); the page was merged from their results.json files with "
-            "`--report-from`. The wall time above is the longest of them." if len(files) > 1 else "")
+            "`--report-from`. The wall time above is the longest of them. A method a command lists but its "
+            "results lack was stopped there and run by another of the commands." if len(files) > 1 else "")
     write_page(page, merged, "\n".join(commands), machine(), NOTES + note, png.name)
     print(f"wrote {page} and {png} from {len(files)} results file(s), {len(merged['runs'])} runs")
     return 0

@@ -79,7 +79,8 @@ def plot(base: dict[str, Any], agg: dict[str, dict[str, Any]], path: Path, title
             ax.annotate(lab, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
         fx = sorted(pts[lab] for lab in front)
         ax.plot([p[0] for p in fx], [p[1] for p in fx], color="tab:red", alpha=0.5, zorder=2)
-        ax.set_xlabel(xlabel)
+        ax.set_xscale("symlog", linthresh=1.0 if ref else 0.1)  # rank 256 is orders of magnitude off
+        ax.set_xlabel(xlabel + ", symlog")
         ax.set_ylabel("learning: held-out answer NLL drop from the base (nats/token)")
         ax.grid(alpha=0.3)
     fig.suptitle(title + "  (red: Pareto-optimal)")
