@@ -296,6 +296,10 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "schedule": "cosine",
     "builtin_rows": 4000,
     "save_every": 100,
+    # Rehearse the base tasks (a quarter of the rows): without it the run forgets 99 % of what the base
+    # could do (docs/TRAINING.md, Replay); the study on SmolLM2 (docs/results/STUDY_SMOLLM2.md) measures
+    # the same guard, with the chat model's own answers, on a real model.
+    "replay": 0.25,
     # A 0.8 M-parameter model gains nothing from a second thread, and on a busy machine OpenMP's
     # spinning threads make each step 10-20x slower; one thread keeps the demo's time predictable.
     "threads": 1,

@@ -385,6 +385,10 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack, mode: st
         "artifact": str(artifact),
         "checkpoint": str(last_ckpt) if last_ckpt else None,
     }
+    probed = [r for r in history if "probe_kl" in r]
+    if probed:  # the forgetting probe's last measurement (lorakit.train.probe)
+        metrics["probe"] = {"step": probed[-1]["step"], "probe_kl": probed[-1]["probe_kl"],
+                            "probe_agree": probed[-1]["probe_agree"], "rows": len(data.probe.examples)}
     if main:
         log.close()
         write_metrics(out / "metrics.json", metrics)

@@ -56,6 +56,11 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
             mb = sum(before.get(t, 0.0) for t in tasks["base"]) / len(tasks["base"])
             ma = sum(after[t] for t in tasks["base"]) / len(tasks["base"])
             lines.append(f"forgetting   {fmt(tasks['base'])} · mean {100 * mb:.1f}% → {100 * ma:.1f}%")
+    probe = m.get("probe")
+    if probe:  # the forgetting probe (chat models): drift from the base on self-written prompts it never trained on
+        lines.append(f"forgetting   probe at step {probe['step']}: KL to the base {probe['probe_kl']:.4f} nats/token · "
+                     f"token agreement {100 * probe['probe_agree']:.1f}%   ({probe['rows']} held-out self-written "
+                     "prompts; base: 0 and 100%)")
     lines += _score_lines(m)
     lines.append(f"wrote        {m['artifact'] or '(no artifact)'} · metrics.json · loss.png · log.csv"
                  + (f" · checkpoint {m['checkpoint']}" if m.get("checkpoint") else ""))
