@@ -60,7 +60,7 @@ def test_loha_matches_peft_and_the_formula():
         w1a, w1b, w2a, w2b = (t.detach() for t in ad.peft_tensors().values())
         naive = torch.einsum("ip,pj->ij", w1a, w1b) * torch.einsum("iq,qj->ij", w2a, w2b) * (5 / 3)
         assert torch.allclose(ad.delta_2d(), naive, atol=1e-6)
-        got = ad.apply(kind_of(base), base, base(x if name == "lin" else img), x if name == "lin" else img)
+        got = ad.forward_into(kind_of(base), base, base(x if name == "lin" else img), x if name == "lin" else img)
         want = want_lin if name == "lin" else want_conv
         assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(want_lin, base_lin)
@@ -97,7 +97,7 @@ def test_lokr_matches_peft_and_the_formula(r, decompose_both, factor):
         naive = torch.einsum("ac,bds->abcds", w1, w2r).reshape(L * K, M * w2r.shape[1] * w2r.shape[2]) * (3 / r)
         assert torch.allclose(ad.delta_2d(), naive, atol=1e-6)
         inp = x if name == "lin" else img
-        got = ad.apply(kind_of(base), base, base(inp), inp)
+        got = ad.forward_into(kind_of(base), base, base(inp), inp)
         assert torch.allclose(got, want_lin if name == "lin" else want_conv, atol=1e-5)
 
 
@@ -111,4 +111,4 @@ def test_lokr_lycoris_scale_rule_both_full():
     ad.reset()
     assert torch.count_nonzero(ad.delta_2d()) == 0
     x = torch.randn(2, 12)
-    assert torch.equal(ad.apply(kind_of(lin), lin, lin(x), x), lin(x))
+    assert torch.equal(ad.forward_into(kind_of(lin), lin, lin(x), x), lin(x))

@@ -32,7 +32,7 @@ class HadamardAdapter(Adapter):
     def delta_2d(self, base_weight=None):
         return self.s * (self.w1_b @ self.w1_a) * (self.w2_b @ self.w2_a)
 
-    def apply(self, kind, base, base_out, x, mask):
+    def forward_into(self, kind, base, base_out, x, mask):
         xd = x if mask is None else x * mask
         return base_out + kind.apply_weight(base, xd, self.delta_2d()).to(base_out.dtype)
 
@@ -67,7 +67,7 @@ class SliceAdapter(Adapter):
         d[self.lo:self.hi] = self.b @ self.a
         return d
 
-    def apply(self, kind, base, base_out, x, mask):
+    def forward_into(self, kind, base, base_out, x, mask):
         out = base_out.clone()
         out[..., self.lo:self.hi] += (x @ self.a.T) @ self.b.T
         return out
@@ -226,7 +226,7 @@ class RescaleAdapter(Adapter):
         w0 = merged_weight / (self.m / self._norm)[:, None] - self.s * self.b @ self.a
         return merged_weight - w0
 
-    def apply(self, kind, base, base_out, x, mask):
+    def forward_into(self, kind, base, base_out, x, mask):
         w0 = kind.weight_2d(base)
         bias = kind.bias(base)
         _, scale = self._scale(w0)

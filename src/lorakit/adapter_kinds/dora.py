@@ -115,7 +115,7 @@ class DoraAdapter(LoraAdapter):
         return w_merged - w
 
     # -- forward -----------------------------------------------------------------------------------
-    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
+    def forward_into(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
         """y = g ⊙ (base(x) − bias + s·B A x̃) + bias; g broadcasts along the output channel dim
         (last dim for linear/embedding outputs, dim 1 for convolutions — the magnitude's shape)."""

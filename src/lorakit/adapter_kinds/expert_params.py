@@ -110,7 +110,7 @@ class ExpertLoraAdapter(Adapter):
         delta = torch.einsum(spec, b, a) * self.scaling
         return delta[0] if self.two_d else delta
 
-    def apply(self, kind, base, base_out, x, mask):  # pragma: no cover - ParamHost never calls it
+    def forward_into(self, kind, base, base_out, x, mask):  # pragma: no cover - ParamHost never calls it
         raise AdapterStateError("an expert-parameter adapter acts inside its module's weight (ParamHost).")
 
     def peft_tensors(self, kind: BaseKind) -> dict[str, torch.Tensor]:

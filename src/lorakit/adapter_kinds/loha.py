@@ -49,7 +49,7 @@ class LoHaAdapter(Adapter):
         """ΔW = s · (W1a·W1b) ⊙ (W2a·W2b) as an (out, in·k·k) matrix."""
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
 
-    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
+    def forward_into(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
               mask: torch.Tensor | None = None) -> torch.Tensor:
         return apply_dense(kind, base, base_out, x, self.delta_2d(), mask)
 

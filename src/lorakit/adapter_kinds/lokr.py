@@ -105,7 +105,7 @@ class LoKrAdapter(Adapter):
         Kronecker product lays columns out as (in_m, in_n, k, k) — the conv weight's own order."""
         return torch.kron(self.w1(), self.w2()) * self.scaling
 
-    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
+    def forward_into(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
               mask: torch.Tensor | None = None) -> torch.Tensor:
         return apply_dense(kind, base, base_out, x, self.delta_2d(), mask)
 

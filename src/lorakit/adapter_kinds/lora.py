@@ -7,7 +7,7 @@ This file holds the *one* delta formula of plain LoRA (§4.1):
 
 Merges, exports, combinations and tests all go through :meth:`LoraAdapter.delta_2d`; the forward
 pass never builds ΔW (it runs x → A → B through the base kind's fused branch, the protocol's
-default ``apply``). File tensors: ``lora_A.weight`` / ``lora_B.weight``, or ``lora_embedding_A`` /
+default ``forward_into``). File tensors: ``lora_A.weight`` / ``lora_B.weight``, or ``lora_embedding_A`` /
 ``lora_embedding_B`` on an embedding (PEFT's names).
 """
 

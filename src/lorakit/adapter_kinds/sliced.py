@@ -108,7 +108,7 @@ class SlicedAdapter(Adapter):
         per_slice = torch.bmm(b, a).reshape(-1, a.shape[-1]) * self.scaling  # (k·d, in)
         return per_slice.new_zeros(self.fan_out, a.shape[-1]).index_copy(0, self.rows, per_slice)
 
-    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
+    def forward_into(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
         dt = base_out.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)

@@ -45,7 +45,7 @@ class TrainableTokensAdapter(Adapter):
         slots[idx] = torch.arange(len(token_indices), device=weight.device)
         self.register_buffer("slots", slots, persistent=False)  # token id -> row of values, or -1
 
-    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
+    def forward_into(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
         slot = self.slots[x]  # (...,)
         rows = self.trainable_tokens_delta.to(base_out.dtype)[slot.clamp(min=0)]  # (..., dim)
@@ -87,7 +87,7 @@ class TiedTokensAdapter(Adapter):
         super().__init__()
         self.__dict__["source"] = source  # not a submodule: its parameter is saved and trained once
 
-    def apply(self, kind, base, base_out, x, mask):
+    def forward_into(self, kind, base, base_out, x, mask):
         src = self.source
         new = x.to(base_out.dtype) @ src.trainable_tokens_delta.to(base_out.dtype).T  # (..., n)
         return base_out.index_copy(-1, src.token_indices, new)

@@ -7,7 +7,7 @@
 The base module is kept as it is (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Embedding``, ``nn.Conv*d``,
 a quantized linear, ...); its *kind* (``kinds.py``) knows its layout. Adapters are a name → module
 map of :class:`~lorakit.layers.protocol.Adapter` objects of any kind (LoRA, AdaLoRA, O-LoRA, DoRA …);
-the layer asks each the same questions (``apply``, ``delta_2d``, ``dropout``) and never tests which
+the layer asks each the same questions (``forward_into``, ``delta_2d``, ``dropout``) and never tests which
 kind it is. Merging adds ΔW into the base weight and is explicit and idempotent (never a side effect
 of ``.eval()``).
 """
@@ -103,7 +103,7 @@ class LoraLayer(nn.Module):
         mask = None
         if self.training and p > 0.0 and not self.kind.embedding and torch.is_floating_point(x):
             mask = self.masks.mask(x, p) if self.masks is not None else dropout_mask(x, p)
-        return adapter.apply(self.kind, self.base_layer, out, x, mask)
+        return adapter.forward_into(self.kind, self.base_layer, out, x, mask)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row i of the batch uses adapter ``row_adapters[i]`` (None = base only)."""

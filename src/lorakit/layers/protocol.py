@@ -18,7 +18,7 @@ What the host (``LoraLayer``) asks an :class:`Adapter`
 ``unmerge_delta_2d(merged_weight) -> Tensor``
     what ``unmerge`` subtracts; default ``delta_2d()``. DoRA overrides it (W0 is recovered from the
     merged weight with the norm cached at merge time, as PEFT does).
-``apply(kind, base, base_out, x, mask) -> Tensor``
+``forward_into(kind, base, base_out, x, mask) -> Tensor``
     the layer output with this adapter's contribution, given the base kind object (``kind``), the
     wrapped base module, the base output ``base(x)`` (which it may reuse in place), the input ``x``
     and the dropout mask for ``x`` (``None``: no dropout). The default is the fused factor branch
@@ -45,7 +45,7 @@ What the host (``LoraLayer``) asks an :class:`Adapter`
     copies into the tensors :meth:`peft_tensors` returned, so a kind whose file tensors are its
     parameters needs nothing more.
 ``factors() -> (A, B, scaling)``
-    only for the default :meth:`apply`: the rank-r factors of the fused branch.
+    only for the default :meth:`forward_into`: the rank-r factors of the fused branch.
 
 What the core asks an :class:`AdapterKind`
 ------------------------------------------
@@ -93,9 +93,9 @@ class Adapter(nn.Module):
         place where an initialisation changes the base (PiSSA/OLoRA leave the residual W − s·B0A0)."""
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:  # pragma: no cover
-        raise NotImplementedError(f"{type(self).__name__} uses the default apply() but defines no factors()")
+        raise NotImplementedError(f"{type(self).__name__} uses the default forward_into() but defines no factors()")
 
-    def apply(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
+    def forward_into(self, kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
         """``base_out`` + this adapter's update of ``x`` (default: the fused factor branch)."""
         a, b, s = self.factors()
