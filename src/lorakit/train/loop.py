@@ -61,7 +61,7 @@ from .neftune import NEFTuneHook
 from .packing_check import mask_dtype_for, packing_mode
 from .probe import ForgettingProbe
 from .progress import Progress, quiet_loading, warmup_warning
-from .report import plot_loss, summary_lines, write_metrics
+from .report import RunTiming, plot_loss, run_metrics, summary_lines, write_metrics
 from .samples import build_sampler
 from .schedule import apply_lr, init_base_lr, lr_factor
 from .setup import (
@@ -356,39 +356,14 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack, mode: st
     if main and gen_eval is not None and gen_eval.last is not None:
         write_generations(out / "generations.jsonl", gen_eval.last, steps_done)
 
-    new_steps = [r for r in history if r["step"] > start_step]
-    peak = peak_rss_mb()
-    metrics = {
-        "run": {"model": str(loaded.path), "model_name": model_name, "embedded": loaded.embedded,
-                "task": loaded.task, "method": args.method, "output_dir": str(out), "world_size": world},
-        "args": args.to_dict(),
-        "parameters": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent},
-        "data": {"train": data.train.counts(), "eval": data.eval.counts() if data.eval else None},
-        "steps": {"done": steps_done, "total": total_steps, "start": start_step, "interrupted": False,
-                  **({"stopped": ctx.stop_reason} if ctx.stop_reason else {})},
-        "time": {
-            "train_seconds": train_seconds,
-            "step_seconds": train_seconds / max(1, len(new_steps)),
-            "tokens_per_second": sum(r["targets"] for r in new_steps) / max(train_seconds, 1e-9),
-            "eval_seconds": eval_seconds,
-            "total_seconds": time.perf_counter() - t_start,
-        },
-        "memory": {"estimate": estimate.to_dict(), "peak_rss_mb": peak,
-                   "estimate_error": (estimate.total_mb - peak) / peak if peak else None},
-        "loss": _loss_summary(history),
-        "eval": {"before": before.get("eval"), "after": after.get("eval")},
-        "tasks": {"before": before.get("tasks", {}), "after": after.get("tasks", {}), "new": tasks.new,
-                  "base": tasks.base, "n": args.eval_rows},
-        "score": {"before": before.get("score"), "after": after.get("score"),
-                  "how": gen_eval.describe() if gen_eval is not None else None},
-        "best": stopper.summary(out / BEST_DIR if args.save_best else None) if tracking_best else None,
-        "artifact": str(artifact),
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
-    }
-    probed = [r for r in history if "probe_kl" in r]
-    if probed:  # the forgetting probe's last measurement (lorakit.train.probe)
-        metrics["probe"] = {"step": probed[-1]["step"], "probe_kl": probed[-1]["probe_kl"],
-                            "probe_agree": probed[-1]["probe_agree"], "rows": len(data.probe.examples)}
+    timing = RunTiming(train_seconds, eval_seconds, time.perf_counter() - t_start)
+    metrics = run_metrics(
+        args=args, loaded=loaded, model_name=model_name, out=out, world=world, counts=counts, data=data,
+        steps=(start_step, steps_done, total_steps, ctx.stop_reason), history=history, timing=timing,
+        estimate=estimate, peak_mb=peak_rss_mb(), before=before, after=after, tasks=tasks,
+        score_how=gen_eval.describe() if gen_eval is not None else None,
+        best=stopper.summary(out / BEST_DIR if args.save_best else None) if tracking_best else None,
+        artifact=artifact, checkpoint=last_ckpt)
     if main:
         log.close()
         write_metrics(out / "metrics.json", metrics)
@@ -489,14 +464,6 @@ def _sum_over_processes(value: float, accelerator) -> float:
 
 def _any_process(flag: bool, accelerator) -> bool:
     return _sum_over_processes(1.0 if flag else 0.0, accelerator) > 0
-
-
-def _loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    losses = [r["loss"] for r in history]
-    if not losses:
-        return {"first": None, "last": None, "min": None}
-    tail = losses[-10:]
-    return {"first": losses[0], "last": losses[-1], "min": min(losses), "last10_mean": sum(tail) / len(tail)}
 
 
 def _model_name(loaded) -> str:

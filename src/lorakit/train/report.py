@@ -1,12 +1,73 @@
-"""The end of a run: the printed summary, ``metrics.json`` and the loss-curve PNG."""
+"""The end of a run: the ``metrics.json`` record, the printed summary and the loss-curve PNG."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._fs import atomic_write, atomic_write_json
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    train_seconds: float  # the steps alone (evaluation and sampling inside the loop excluded)
+    eval_seconds: float
+    total_seconds: float
+
+
+def run_metrics(*, args, loaded, model_name: str, out: Path, world: int, counts, data,
+                steps: tuple[int, int, int, str | None], history: list[dict[str, Any]], timing: RunTiming,
+                estimate, peak_mb: float | None, before: dict[str, Any], after: dict[str, Any], tasks,
+                score_how: str | None, best: dict[str, Any] | None, artifact: Path,
+                checkpoint: Path | None) -> dict[str, Any]:
+    """What ``metrics.json`` records of a finished run (``train()`` returns it too).
+
+    ``steps`` is (start, done, total, stop reason); ``before`` / ``after`` are the evaluations around
+    training; s/step and tokens/s count only the steps this call ran (not those before a resume).
+    """
+    start, done, total, stopped = steps
+    new_steps = [r for r in history if r["step"] > start]
+    metrics = {
+        "run": {"model": str(loaded.path), "model_name": model_name, "embedded": loaded.embedded,
+                "task": loaded.task, "method": args.method, "output_dir": str(out), "world_size": world},
+        "args": args.to_dict(),
+        "parameters": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent},
+        "data": {"train": data.train.counts(), "eval": data.eval.counts() if data.eval else None},
+        "steps": {"done": done, "total": total, "start": start, "interrupted": False,
+                  **({"stopped": stopped} if stopped else {})},
+        "time": {
+            "train_seconds": timing.train_seconds,
+            "step_seconds": timing.train_seconds / max(1, len(new_steps)),
+            "tokens_per_second": sum(r["targets"] for r in new_steps) / max(timing.train_seconds, 1e-9),
+            "eval_seconds": timing.eval_seconds,
+            "total_seconds": timing.total_seconds,
+        },
+        "memory": {"estimate": estimate.to_dict(), "peak_rss_mb": peak_mb,
+                   "estimate_error": (estimate.total_mb - peak_mb) / peak_mb if peak_mb else None},
+        "loss": loss_summary(history),
+        "eval": {"before": before.get("eval"), "after": after.get("eval")},
+        "tasks": {"before": before.get("tasks", {}), "after": after.get("tasks", {}), "new": tasks.new,
+                  "base": tasks.base, "n": args.eval_rows},
+        "score": {"before": before.get("score"), "after": after.get("score"), "how": score_how},
+        "best": best,
+        "artifact": str(artifact),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+    probed = [r for r in history if "probe_kl" in r]
+    if probed:  # the forgetting probe's last measurement (lorakit.train.probe)
+        metrics["probe"] = {"step": probed[-1]["step"], "probe_kl": probed[-1]["probe_kl"],
+                            "probe_agree": probed[-1]["probe_agree"], "rows": len(data.probe.examples)}
+    return metrics
+
+
+def loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    losses = [r["loss"] for r in history]
+    if not losses:
+        return {"first": None, "last": None, "min": None}
+    tail = losses[-10:]
+    return {"first": losses[0], "last": losses[-1], "min": min(losses), "last10_mean": sum(tail) / len(tail)}
 
 
 def summary_lines(m: dict[str, Any]) -> list[str]:
