@@ -100,21 +100,22 @@ def run_mode(mode: str, args) -> dict:
     else:
         model.eval()
 
-    times = []
+    times, cpu = [], []
     if mode.startswith("infer"):
         model.eval()
         with torch.no_grad():
             for i in range(args.steps + 1):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 model(input_ids=ids)
                 if i:
                     times.append(time.perf_counter() - t)
+                    cpu.append(time.process_time() - c)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4) if params else None
         embed = model.get_input_embeddings()
         for i in range(args.steps + 1):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             if mode == "floor":
                 # Make the embeddings' output require grad so backward runs through every layer while
                 # no weight gets a gradient: the cost any LoRA step must pay at least.
@@ -134,8 +135,10 @@ def run_mode(mode: str, args) -> dict:
                 opt.zero_grad(set_to_none=True)
             if i:
                 times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
-    return {"mode": mode, "median_s": statistics.median(times), "peak_rss_mib": rss}
+    return {"mode": mode, "median_s": statistics.median(times), "cpu_s": statistics.median(cpu), "peak_rss_mib": rss,
+            "load": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -149,6 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--compare-dropout", action="store_true", help=f"modes {','.join(DROPOUT_MODES)}")
+    ap.add_argument("--alt-src", help="A/B: modes named MODE@alt run MODE with this src dir first on "
+                    "PYTHONPATH (e.g. an exported older lorakit: git archive HEAD~1 src | tar -x -C /tmp/old)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -164,39 +169,61 @@ def main() -> None:
             # Every mode runs with OpenMP threads that sleep rather than spin (what the lorakit command
             # sets; see bench/bench_threads.py): on a shared box spinning slows every mode several-fold.
             env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-            out = subprocess.run(base_cmd + ["--child", mode], capture_output=True, text=True, check=True, env=env)
+            child = mode
+            if mode.endswith("@alt"):
+                child = mode[:-4]
+                env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(args.alt_src), env.get("PYTHONPATH", "")])
+            out = subprocess.run(base_cmd + ["--child", child], capture_output=True, text=True, check=True, env=env)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[mode].append(res)
-            print(f"round {rnd + 1} {mode:14s} {res['median_s']:.3f} s/step  peak RSS {res['peak_rss_mib']:.0f} MiB",
-                  flush=True)
+            print(f"round {rnd + 1} {mode:14s} {res['median_s']:.3f} s/step wall  {res['cpu_s']:.3f} s/step CPU  "
+                  f"peak RSS {res['peak_rss_mib']:.0f} MiB  load {res['load']:.1f}", flush=True)
+    summarize(modes, results)
 
-    med = {m: statistics.median(r["median_s"] for r in rs) for m, rs in results.items()}
+
+def summarize(modes: list[str], results: dict[str, list[dict]]) -> None:
+    """Medians over rounds, spread, ratios; for wall time and for CPU time (process time: on a shared
+    box it counts this process's work only, so with --threads 1 it is the robust figure)."""
     rss = {m: statistics.median(r["peak_rss_mib"] for r in rs) for m, rs in results.items()}
-    print("\nmode            median s/step   spread (min-max over rounds)   peak RSS MiB")
-    for m in modes:
-        lo, hi = min(r["median_s"] for r in results[m]), max(r["median_s"] for r in results[m])
-        print(f"{m:15s} {med[m]:13.3f}   {lo:7.3f} - {hi:7.3f}                 {rss[m]:12.0f}")
+    loads = [r["load"] for rs in results.values() for r in rs]
+    print(f"\nload average (1 min) during the runs: median {statistics.median(loads):.1f}, "
+          f"{min(loads):.1f} - {max(loads):.1f}")
+    for key, label in (("median_s", "wall"), ("cpu_s", "CPU")):
+        med = {m: statistics.median(r[key] for r in rs) for m, rs in results.items()}
+        print(f"\n[{label} time] mode      median s/step   spread (min-max over rounds)   peak RSS MiB")
+        for m in modes:
+            lo, hi = min(r[key] for r in results[m]), max(r[key] for r in results[m])
+            print(f"{m:15s} {med[m]:13.3f}   {lo:7.3f} - {hi:7.3f}                 {rss[m]:12.0f}")
 
-    def ratio(a, b, goal, cmp="<="):
-        if a in med and b in med:
-            r = med[a] / med[b]
-            ok = r <= goal
-            print(f"{a} / {b:13s} = {r:5.2f}   (goal {cmp} {goal:.2f})  {'OK' if ok else 'MISSED'}")
+        def ratio(a, b, goal, med=med):
+            if a in med and b in med:
+                r = med[a] / med[b]
+                per_round = [x[key] / y[key] for x, y in zip(results[a], results[b])]
+                print(f"{a} / {b:13s} = {r:5.2f}   per round {min(per_round):.2f} - {max(per_round):.2f}"
+                      f"   (goal <= {goal:.2f})  {'OK' if r <= goal else 'MISSED'}")
 
+        print()
+        ratio("lorakit", "floor", 1.10)
+        ratio("lorakit", "full", 0.75)
+        ratio("lorakit-ce", "floor", 1.10)
+        ratio("lorakit-ce", "full", 0.75)
+        ratio("lorakit-ce", "peft", 1.00)
+        ratio("lorakit-bf16", "lorakit", 99)
+        ratio("peft", "full", 99)
+        ratio("qlora", "lorakit", 1.30)
+        ratio("infer-lorakit", "infer-base", 1.10)
+        ratio("infer-merged", "infer-base", 1.05)
+        ratio("lorakit-shared", "lorakit", 99)
+        for m in modes:
+            if m.endswith("@alt"):
+                ratio(m[:-4], m, 99)
     print()
-    ratio("lorakit", "floor", 1.10)
-    ratio("lorakit", "full", 0.75)
-    ratio("lorakit-ce", "floor", 1.10)
-    ratio("lorakit-ce", "peft", 1.00)
-    ratio("peft", "full", 99)
-    ratio("qlora", "lorakit", 1.30)
-    ratio("infer-lorakit", "infer-base", 1.10)
-    ratio("infer-merged", "infer-base", 1.05)
-    ratio("lorakit-shared", "lorakit", 99)
     if "lorakit" in rss and "peft" in rss:
         print(f"peak RSS lorakit / peft = {rss['lorakit'] / rss['peft']:.3f}   (goal <= 1.00)")
     if "lorakit-ce" in rss and "peft" in rss:
         print(f"peak RSS lorakit-ce / peft = {rss['lorakit-ce'] / rss['peft']:.3f}   (goal <= 0.60, issue 15)")
+    if "lorakit-bf16" in rss and "lorakit" in rss:
+        print(f"peak RSS lorakit-bf16 / lorakit = {rss['lorakit-bf16'] / rss['lorakit']:.3f}")
     if "lorakit" in rss and "lorakit-shared" in rss:
         print(f"peak RSS lorakit-shared / lorakit = {rss['lorakit-shared'] / rss['lorakit']:.3f}")
 
