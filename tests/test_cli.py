@@ -7,7 +7,7 @@ import pytest
 from lorakit.cli import build_parser, main
 from lorakit.errors import ConfigError
 from lorakit.train.args import EMBEDDED_DEFAULTS, TrainArgs
-from lorakit.train.options import build, coerce, load_yaml, parse_overrides
+from lorakit.cli.options import build, coerce, load_yaml, parse_overrides
 
 
 def test_every_trainargs_field_is_a_flag():
@@ -95,7 +95,7 @@ def test_unknown_method_is_reported(tmp_path, capsys):
 
 
 def test_flags_and_key_values_interleave(monkeypatch):
-    import lorakit.cli as cli
+    import lorakit.cli.app as cli
 
     seen = {}
     monkeypatch.setattr(cli, "train_command", lambda config, flags, overrides: seen.update(

@@ -34,7 +34,7 @@ LAYERS = {
     "data": 3, "tasks": 3,
     "train": 4, "diffusion": 4,  # image LoRAs: uses core, train's checkpoints; nothing imports it below cli
     "eval": 5,
-    "cli": 6, "cli_forgetting": 6, "cli_export": 6, "cli_image": 6,
+    "cli": 6,
 }
 LAYER_NAMES = ["core", "quant", "variants", "data", "train", "eval", "cli"]
 

@@ -64,6 +64,17 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield path, module
 
 
+def layer_adapters(model: nn.Module, name: str, adapter_type: type) -> list[tuple[str, LoraLayer, nn.Module]]:
+    """(path, layer, adapter) for each LoRA layer whose adapter ``name`` is an ``adapter_type`` — a
+    list, so the caller may remove adapters while walking it."""
+    out = []
+    for path, host in lora_layers(model):
+        adapter = host.lora[name] if name in host.lora else None
+        if isinstance(adapter, adapter_type):
+            out.append((path, host, adapter))
+    return out
+
+
 def trainable_copies(model: nn.Module) -> Iterator[tuple[str, TrainableCopies]]:
     for path, module in model.named_modules():
         if isinstance(module, TrainableCopies):

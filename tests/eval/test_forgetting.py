@@ -148,7 +148,7 @@ def test_harness_bad_input(model_dir, tmp_path):
 
 
 def _parser():
-    from lorakit.cli_forgetting import add_subcommands
+    from lorakit.cli.forgetting import add_subcommands
 
     parser = argparse.ArgumentParser(prog="lorakit")
     add_subcommands(parser.add_subparsers(dest="command"))

@@ -280,7 +280,7 @@ ROWS = st.dictionaries(st.sampled_from(["text", "label", "instruction", "output"
 @settings(FAST, max_examples=20 * SCALE)
 @given(data=st.data())
 def test_fuzz_data_files(data):
-    from lorakit.train.data_files import read_data
+    from lorakit.data.files import read_data
 
     suffix = data.draw(st.sampled_from([".jsonl", ".jsonl", ".csv", ".json"]))
     kind = data.draw(st.sampled_from(["rows", "encoding", "bytes"]))
@@ -306,7 +306,7 @@ def test_fuzz_data_files(data):
 
 def test_utf16_jsonl_is_refused_by_name(tmp_path):
     from lorakit.errors import DataError
-    from lorakit.train.data_files import read_data
+    from lorakit.data.files import read_data
 
     f = tmp_path / "train.jsonl"
     f.write_bytes('{"text": "hello"}\n'.encode("utf-16"))

@@ -219,7 +219,7 @@ def test_checkpoint_step_out_of_bounds_is_refused(lm, data, tmp_path):
 
 
 def test_sigterm_outside_the_loop_exits_143_with_a_message(monkeypatch, capsys):
-    from lorakit import cli
+    from lorakit.cli import app as cli
 
     def startup(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)

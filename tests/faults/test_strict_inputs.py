@@ -64,7 +64,7 @@ def test_safe_merge_checks_in_the_base_dtype():
 
 
 def test_label_ids_are_bounded_before_allocation():
-    from lorakit.train.encode import label_mapping
+    from lorakit.data.encode import label_mapping
 
     rows = [{"text": "a", "label": 0}, {"text": "b", "label": 10**9}]
     with pytest.raises(DataError, match=r"row 2: label 1000000000"):

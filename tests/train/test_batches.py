@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.train.batches import IGNORE, BatchPlan, batch_loss_sum, collate, target_count
+from lorakit.data.batches import IGNORE, BatchPlan, batch_loss_sum, collate, target_count
 from lorakit.train.schedule import lr_factor
 
 

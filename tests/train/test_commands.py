@@ -56,7 +56,7 @@ def test_eval_compares_base_and_adapter(trained, capsys):
 def test_merge_saves_a_checkpoint_from_pretrained_loads(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.train.commands import load_for_inference
+    from lorakit.train.inference import load_for_inference
 
     tiny_lm, adapter, _ = trained
     assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lorakit.errors import ConfigError, DataError
-from lorakit.train.data_files import read_data
-from lorakit.train.encode import IGNORE, encode, label_mapping
+from lorakit.data.files import read_data
+from lorakit.data.encode import IGNORE, encode, label_mapping
 
 from .train_helpers import write_rows
 

@@ -19,7 +19,7 @@ def test_gpt2_q_v_slices_train_and_reload(tmp_path):
     from lorakit.tasks import build_tokenizer, write_jsonl
     from lorakit.train import train
     from lorakit.train.args import TrainArgs
-    from lorakit.train.options import build
+    from lorakit.cli.options import build
 
     tok = build_tokenizer()
     torch.manual_seed(0)

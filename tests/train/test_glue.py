@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lorakit.errors import DataError
-from lorakit.train.data_files import read_data
+from lorakit.data.files import read_data
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "glue_roberta_lora.py"
 
@@ -76,7 +76,7 @@ def test_mrpc_pairs_train_roberta_with_lora_on_query_and_value(glue_demo, tmp_pa
     from transformers import AutoTokenizer
 
     from lorakit.train import train
-    from lorakit.train.encode import encode
+    from lorakit.data.encode import encode
 
     from .train_helpers import quick_args
 

@@ -215,7 +215,7 @@ def test_model_without_linear_projections(tmp_path):
     (dict(quant="nf3"), "must be one of"),
 ])
 def test_bad_flags(kw, match):
-    from lorakit.train.options import build
+    from lorakit.cli.options import build
 
     with pytest.raises(LorakitError, match=match):
         build(TrainArgs, ("key=value arguments", kw))

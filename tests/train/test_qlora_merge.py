@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lorakit.errors import ConfigError
 from lorakit.train import train
-from lorakit.train.commands import merge
+from lorakit.cli.commands import merge
 
 from .train_helpers import quick_args
 

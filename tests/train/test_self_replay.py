@@ -14,7 +14,7 @@ import lorakit
 from lorakit.errors import ConfigError
 from lorakit.tasks import build_tokenizer
 from lorakit.train import train
-from lorakit.train.batches import collate
+from lorakit.data.batches import collate
 from lorakit.train.probe import ForgettingProbe
 from lorakit.variants.self_replay import chat_frame, magpie_prompts, self_replay_rows
 

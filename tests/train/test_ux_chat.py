@@ -26,7 +26,7 @@ def adapter(tiny_lm, tmp_path_factory):
 
 
 def test_system_implies_chat_and_is_rendered_first(tiny_lm):
-    from lorakit.train.commands import load_for_inference
+    from lorakit.train.inference import load_for_inference
 
     net, tok, _ = load_for_inference(str(tiny_lm), None)
     gen = Generator(net, tok, system="be brief")
@@ -92,7 +92,7 @@ def test_merge_dtype(adapter, tmp_path, dtype, torch_dtype):
 
 
 def test_merge_dtype_is_checked(adapter, tmp_path):
-    from lorakit.train.commands import merge
+    from lorakit.cli.commands import merge
 
     with pytest.raises(ConfigError, match="--dtype 'int4'"):
         merge(str(adapter), str(tmp_path / "x"), dtype="int4")

@@ -7,9 +7,9 @@ import pytest
 
 from lorakit.errors import ConfigError, DataError
 from lorakit.train import TrainArgs
-from lorakit.train.data_files import read_data
-from lorakit.train.encode import IGNORE, encode
-from lorakit.train.formats import split_eval
+from lorakit.data.files import read_data
+from lorakit.data.encode import IGNORE, encode
+from lorakit.data.formats import split_eval
 
 from .train_helpers import quick_args, write_rows
 
@@ -104,7 +104,7 @@ def test_column_mapping(tmp_path, tok):
 
 
 def test_column_mapping_from_the_command_line_syntax(tmp_path):
-    from lorakit.train.options import build
+    from lorakit.cli.options import build
 
     args = build(TrainArgs, ("key=value arguments", {"columns.instruction": "question", "columns.output": "answer"}))
     assert args.columns == {"instruction": "question", "output": "answer"}
@@ -152,7 +152,7 @@ def test_system_prompt(tmp_path, tok, system, expected):
 
 
 def test_system_prompt_word_and_validation(tmp_path, tiny_lm, instr_file):
-    from lorakit.train.options import build
+    from lorakit.cli.options import build
 
     assert build(TrainArgs, ("x", {"system_prompt": ""})).system_prompt == ""
     assert TrainArgs().system_prompt == "auto"

@@ -38,7 +38,7 @@ from ..errors import RankPatternError
 from ..layers.host import LoraLayer
 from ..layers.kinds import BaseKind, Geometry, kind_of
 from ..layers.protocol import Adapter, AdapterKind, base_device
-from ..state import lora_layers, model_state, set_submodule
+from ..state import layer_adapters, lora_layers, model_state, set_submodule
 from .adalora_config import AdaLoraConfig
 
 #: (old parameter, new parameter, dim, kept index, shape before) — one per factor of a cut.
@@ -237,9 +237,8 @@ class AdaLoraKind(AdapterKind):
 
     def after_load(self, model, adapter_name) -> None:
         """Remove the adapters allocated rank 0 (the pattern keeps them listed for the file)."""
-        for path, host in list(lora_layers(model)):
-            ad = host.lora[adapter_name] if adapter_name in host.lora else None
-            if isinstance(ad, SVDAdapter) and ad.r == 0:
+        for path, host, ad in layer_adapters(model, adapter_name, SVDAdapter):
+            if ad.r == 0:
                 host.remove_adapter(adapter_name)
                 if len(host.lora) == 0:
                     set_submodule(model, path, host.base_layer)

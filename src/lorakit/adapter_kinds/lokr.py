@@ -24,7 +24,7 @@ from torch import nn
 
 from ..layers.kinds import BaseKind
 from ..layers.protocol import Adapter, AdapterKind, base_device
-from ..state import lora_layers
+from ..state import layer_adapters
 from ._dense import apply_dense, base_shape, refuses
 from .lycoris_config import LoKrConfig
 
@@ -137,9 +137,8 @@ class LoKrKind(AdapterKind):
     def file_config(self, model, adapter_name, config: LoKrConfig) -> LoKrConfig:
         """PEFT scales by α/r everywhere: give each module whose scale differs (LyCORIS' rule) α = s·r."""
         extra = {}
-        for path, host in lora_layers(model):
-            ad = host.lora[adapter_name] if adapter_name in host.lora else None
-            if isinstance(ad, LoKrAdapter) and abs(_own_scaling(ad) - config.alpha_for(path) / ad.r) > 1e-12:
+        for path, _, ad in layer_adapters(model, adapter_name, LoKrAdapter):
+            if abs(_own_scaling(ad) - config.alpha_for(path) / ad.r) > 1e-12:
                 extra[re.escape(path)] = _own_scaling(ad) * ad.r
         if not extra:
             return config

@@ -25,7 +25,7 @@ from ..config import LoraConfig
 from ..errors import AdapterNotFoundError
 from ..layers.kinds import BaseKind, Geometry, init_factors
 from ..layers.protocol import Adapter, AdapterKind, base_device
-from ..state import lora_layers
+from ..state import layer_adapters
 
 
 class OLoraAdapter(Adapter):
@@ -110,12 +110,10 @@ class OLoraKind(AdapterKind):
     def file_config(self, model, adapter_name, config: LoraConfig) -> LoraConfig:
         """The flat LoRA config of rank R + r per layer with α/(R + r) = s (α/√(R + r) under rsLoRA)."""
         ranks, alphas = {}, {}
-        for path, host in lora_layers(model):
-            ad = host.lora[adapter_name] if adapter_name in host.lora else None
-            if isinstance(ad, OLoraAdapter):
-                rank = ad.past_rank + ad.r
-                ranks[path] = rank
-                alphas[path] = ad.scaling * (math.sqrt(rank) if config.use_rslora else rank)
+        for path, _, ad in layer_adapters(model, adapter_name, OLoraAdapter):
+            rank = ad.past_rank + ad.r
+            ranks[path] = rank
+            alphas[path] = ad.scaling * (math.sqrt(rank) if config.use_rslora else rank)
         if not ranks:
             raise AdapterNotFoundError(f"adapter {adapter_name!r} has no O-LoRA layers to save.")
         r0, a0 = next(iter(ranks.values())), next(iter(alphas.values()))

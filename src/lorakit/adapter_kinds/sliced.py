@@ -43,7 +43,7 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError
 from ..layers.kinds import BaseKind
 from ..layers.protocol import Adapter, AdapterKind, base_device
-from ..state import lora_layers
+from ..state import layer_adapters
 from .lora import LORA
 
 
@@ -193,11 +193,9 @@ class SlicedKind(AdapterKind):
     def file_config(self, model, adapter_name, config: LoraConfig) -> LoraConfig:
         """PEFT's view: each sliced layer is plain LoRA of rank k·r with α·k (√k under rsLoRA)."""
         ranks, alphas = {}, {}
-        for path, host in lora_layers(model):
-            ad = host.lora[adapter_name] if adapter_name in host.lora else None
-            if isinstance(ad, SlicedAdapter):
-                ranks[re.escape(path)] = ad.groups * ad.r
-                alphas[re.escape(path)] = ad.alpha * (math.sqrt(ad.groups) if config.use_rslora else ad.groups)
+        for path, _, ad in layer_adapters(model, adapter_name, SlicedAdapter):
+            ranks[re.escape(path)] = ad.groups * ad.r
+            alphas[re.escape(path)] = ad.alpha * (math.sqrt(ad.groups) if config.use_rslora else ad.groups)
         # the exact paths come first: _pattern_value (and PEFT) take the first matching key
         return dataclasses.replace(config, rank_pattern={**ranks, **config.rank_pattern},
                                    alpha_pattern={**alphas, **config.alpha_pattern})

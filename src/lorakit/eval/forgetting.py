@@ -40,7 +40,7 @@ from .._fs import atomic_write, atomic_write_json, atomic_write_text
 from ..errors import ConfigError
 from ..tasks import embedded_manifest
 from ..train.args import TrainArgs
-from ..train.commands import load_for_inference
+from ..train.inference import load_for_inference
 from ..train.loop import train as run_training
 from ..train.model import model_dir
 from ..variants.sdft import counts_path, distill_rows, hf_generator, write_rows

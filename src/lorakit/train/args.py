@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..data.files import BUILTIN_PREFIX
 from ..errors import ConfigError
 
-BUILTIN_PREFIX = "builtin:"
 SELF = "self"  # replay_data=self: the base model's own prompts and answers
 
 

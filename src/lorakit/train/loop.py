@@ -34,8 +34,8 @@ from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from . import resume_checks
 from .args import TrainArgs
-from .batches import BatchPlan, collate, model_loss_sum, target_count
-from .commands import LABELS_FILE
+from ..data.batches import BatchPlan, collate, model_loss_sum, target_count
+from .inference import LABELS_FILE
 from .distributed import adapter_param_names, check_fsdp_args, is_fsdp, save_artifact
 from .estimate import estimate_run, peak_rss_mb
 from .hooks import HookContext, TrainHook

@@ -1,4 +1,4 @@
-"""Loss, perplexity and accuracy of a model on encoded examples (``lorakit.train.encode``).
+"""Loss, perplexity and accuracy of a model on encoded examples (``lorakit.data.encode``).
 
 * causal LM: mean cross-entropy over target tokens (labels ≠ -100), perplexity = exp(loss), and
   next-token accuracy (argmax = label) over the same tokens;
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .batches import IGNORE, batch_loss_sum, collate
+from ..data.batches import IGNORE, batch_loss_sum, collate
 
 
 @dataclass(frozen=True)

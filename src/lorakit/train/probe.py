@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..adapters import disabled
 from ..errors import ConfigError
-from .batches import collate
-from .encode import IGNORE
+from ..data.batches import collate
+from ..data.encode import IGNORE
 from .hooks import BaseHook, HookContext
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from .args import BUILTIN_PREFIX, TrainArgs
-from .data_guard import scan_file
+from ..data.guard import scan_file
 
 #: Settings a resume takes from the checkpoint (those in the fingerprint must match exactly anyway).
 RESUMED = ("lr", "lora_dropout", "max_steps", "epochs", "warmup_steps", "schedule", "weight_decay",

@@ -13,14 +13,14 @@ from typing import Any
 import torch
 
 from .. import tasks
+from ..data.encode import Encoded, encode, label_mapping
+from ..data.files import RawData, read_data
+from ..data.formats import split_eval
 from ..errors import ConfigError, LorakitError
 from ..tasks import DEFAULT_TASK, embedded_manifest
 from . import methods
 from .args import BUILTIN_PREFIX, SELF, TrainArgs
 from .checkpoint import list_checkpoints
-from .data_files import RawData, read_data
-from .encode import Encoded, encode, label_mapping
-from .formats import split_eval
 from .gguf_model import check_gguf_task, is_gguf
 from .model import LoadedModel, load_model, model_dir
 from .outdir import clear_previous_run

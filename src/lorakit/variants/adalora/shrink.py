@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...state import lora_layers, require_adapter, set_submodule
+from ...state import layer_adapters, require_adapter, set_submodule
 from .layer import Cut, SVDAdapter, svd_adapters
 
 
@@ -35,10 +35,7 @@ def shrink(model: nn.Module, adapter_name: str = "default", optimizer: torch.opt
     cuts: list[Cut] = []
     removed: list[nn.Parameter] = []
     ranks: dict[str, int] = {}
-    for path, host in list(lora_layers(model)):
-        adapter = host.lora[adapter_name] if adapter_name in host.lora else None
-        if not isinstance(adapter, SVDAdapter):
-            continue
+    for path, host, adapter in layer_adapters(model, adapter_name, SVDAdapter):
         pattern[f"{path}.lora_E"] = adapter.pattern()
         ranks[path] = adapter.rank
         if adapter.rank < adapter.r:

@@ -1,5 +1,5 @@
 """``lorakit``: the command line. Thin on purpose — each command parses its arguments and calls one
-typed function (``lorakit.train.train``, ``lorakit.train.commands.*``).
+typed function (``lorakit.train.train``, ``lorakit.cli.commands.*``).
 
     lorakit train                                   # the embedded demo: tiny-base learns a new task
     lorakit train --model DIR --data train.jsonl [--config recipe.yaml] [key=value ...]
@@ -25,13 +25,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .errors import LorakitError
+from ..errors import LorakitError
 
 
 def train_command(config: str | None, flags: dict[str, str], overrides: Sequence[str]) -> int:
-    from .train.args import EMBEDDED_DEFAULTS, TrainArgs
-    from .train.loop import train
-    from .train.options import build, load_yaml, parse_overrides
+    from ..train.args import EMBEDDED_DEFAULTS, TrainArgs
+    from ..train.loop import train
+    from .options import build, load_yaml, parse_overrides
 
     recipe = load_yaml(config) if config else {}
     extra = parse_overrides(overrides)
@@ -48,7 +48,7 @@ def train_command(config: str | None, flags: dict[str, str], overrides: Sequence
 
 def eval_command(data: str, adapter: str | None, model: str | None, max_length: int, batch_size: int,
                  eval_rows: int, as_json: bool) -> int:
-    from .train.commands import evaluate, format_eval
+    from .commands import evaluate, format_eval
 
     result = evaluate(data, adapter=adapter, model=model, max_length=max_length, batch_size=batch_size,
                       eval_rows=eval_rows)
@@ -58,7 +58,7 @@ def eval_command(data: str, adapter: str | None, model: str | None, max_length: 
 
 def merge_command(adapter: str, out: str, model: str | None, requantize: bool = False,
                   dtype: str | None = None) -> int:
-    from .train.commands import merge
+    from .commands import merge
 
     path = merge(adapter, out, model=model, requantize=requantize, dtype=dtype)
     print(f"merged {adapter} into its base; saved a transformers checkpoint to {path}"
@@ -69,9 +69,9 @@ def merge_command(adapter: str, out: str, model: str | None, requantize: bool = 
 def generate_command(prompt: str | None, adapter: str | None, model: str | None, max_new_tokens: int,
                      temperature: float, chat: bool, system: str | None = None, file: str | None = None,
                      interactive: bool = False) -> int:
-    from .errors import ConfigError
-    from .train.commands import generator
-    from .train.generation import read_prompts
+    from ..errors import ConfigError
+    from .commands import generator
+    from ..train.generation import read_prompts
 
     if sum(x is not None and x is not False for x in (prompt, file, interactive or None)) != 1:
         raise ConfigError("generate takes one of: a PROMPT, --file FILE (one prompt per line) or --interactive.")
@@ -105,7 +105,7 @@ def generate_command(prompt: str | None, adapter: str | None, model: str | None,
 
 
 def info_command(adapter_dir: str, as_json: bool) -> int:
-    from .train.commands import format_info, info
+    from .commands import format_info, info
 
     data = info(adapter_dir)
     print(json.dumps(data, indent=2, default=str) if as_json else "\n".join(format_info(data)))
@@ -114,8 +114,8 @@ def info_command(adapter_dir: str, as_json: bool) -> int:
 
 # -- parsing ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .train.args import TrainArgs
-    from .train.options import add_flags
+    from ..train.args import TrainArgs
+    from .options import add_flags
 
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, eval, merge, generate.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -165,15 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Commands other modules contribute: each sub-parser sets `run(namespace) -> exit code`.
     try:
-        from .cli_forgetting import add_subcommands
+        from .forgetting import add_subcommands
     except ImportError:
         pass
     else:
         add_subcommands(sub)
-    from .cli_image import add_subcommands as add_image_commands
+    from .image import add_subcommands as add_image_commands
 
     add_image_commands(sub)  # train-image
-    from .cli_export import add_subcommands as add_export
+    from .export import add_subcommands as add_export
 
     add_export(sub)
     return parser
@@ -253,6 +253,3 @@ def _main_thread() -> bool:
 
     return threading.current_thread() is threading.main_thread()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

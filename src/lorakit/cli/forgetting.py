@@ -15,7 +15,7 @@ import importlib
 import json
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _csv(text: str) -> list[str]:
@@ -24,7 +24,7 @@ def _csv(text: str) -> list[str]:
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Add ``forgetting`` and ``distill-data`` to the ``lorakit`` sub-parsers."""
-    from .eval.forgetting import SPEC_HELP, RunSettings
+    from ..eval.forgetting import SPEC_HELP, RunSettings
 
     d = RunSettings()
     p = sub.add_parser("forgetting", help="learning vs forgetting of several fine-tuning methods",
@@ -69,7 +69,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def forgetting_command(ns: argparse.Namespace) -> int:
-    from .eval.forgetting import RunSettings, measure_forgetting
+    from ..eval.forgetting import RunSettings, measure_forgetting
 
     target = _csv(ns.target_modules) if "," in ns.target_modules else ns.target_modules
     settings = RunSettings(model=ns.model, steps=ns.steps, lr=ns.lr, full_lr=ns.full_lr, batch_size=ns.batch_size,
@@ -104,13 +104,13 @@ def load_check(spec: str):
 
 
 def distill_command(ns: argparse.Namespace) -> int:
-    from .train.commands import load_for_inference
-    from .variants.sdft import distill_file
+    from ..train.inference import load_for_inference
+    from ..variants.sdft import distill_file
 
     check = load_check(ns.check)
     data = ns.data
     if data.startswith("builtin:"):
-        from .tasks import write_jsonl
+        from ..tasks import write_jsonl
 
         data = write_jsonl(data[len("builtin:"):], Path(ns.out).with_suffix(".source.jsonl"), ns.rows, seed=ns.seed)
     model, tokenizer, task = load_for_inference(ns.model, ns.adapter)

@@ -27,8 +27,9 @@ from typing import Any
 from .. import tasks
 from ..errors import ConfigError, DataError
 from . import glue
-from .args import BUILTIN_PREFIX
-from .data_guard import scan_file
+from .guard import scan_file
+
+BUILTIN_PREFIX = "builtin:"  # `--data builtin:TASK`: one of lorakit's embedded task files
 from .formats import normalize
 
 FORMATS = ("text", "instruction", "chat", "completion", "classification")

@@ -35,7 +35,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from ..tasks.format import format_answer, format_prompt, to_messages
-from .data_files import RawData
+from .files import RawData
 
 IGNORE = -100
 

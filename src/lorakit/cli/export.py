@@ -26,7 +26,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(ns: argparse.Namespace) -> int:
-    from .quant.gguf_export import export_gguf_adapter
+    from ..quant.gguf_export import export_gguf_adapter
 
     out = Path(ns.out) if ns.out else Path(ns.adapter) / "adapter.gguf"
     path = export_gguf_adapter(ns.adapter, out, ns.base, out_type=ns.outtype)

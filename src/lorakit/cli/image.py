@@ -11,8 +11,8 @@ import argparse
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    from .diffusion.train import ImageTrainArgs
-    from .train.options import add_flags
+    from ..diffusion.train import ImageTrainArgs
+    from .options import add_flags
 
     p = sub.add_parser("train-image", help="train a LoRA/LoCon/LoHa/LoKr on captioned images (diffusion)",
                        description="Train an image LoRA on a kohya-style folder (N_name/ image + caption .txt). "
@@ -24,8 +24,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from .diffusion.train import ImageTrainArgs, train_image
-    from .train.options import build, load_yaml, parse_overrides
+    from ..diffusion.train import ImageTrainArgs, train_image
+    from .options import build, load_yaml, parse_overrides
 
     recipe = load_yaml(ns.config) if ns.config else {}
     flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "overrides", "run", "debug")}

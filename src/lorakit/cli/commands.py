@@ -1,11 +1,11 @@
 """The commands around training: ``eval``, ``merge``, ``generate``, ``info``. Each is a typed function
-that returns what it printed as data, so tests and notebooks call them directly; ``cli.py`` only
-parses arguments.
+that returns what it printed as data, so tests and notebooks call them directly; ``app.py`` only
+parses arguments. Loading a base + adapter for inference is train's (``train/inference.py``): eval's
+forgetting harness uses it too, and eval sits below cli.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,68 +14,13 @@ import torch
 from .._fs import atomic_dir
 from ..adapters import disabled, merge_and_unload
 from ..errors import AdapterFileError, ConfigError
-from ..io import load_adapter, read_adapter_config, read_adapter_weights
-from ..tasks import embedded_model_dir
-from .args import BUILTIN_PREFIX
-from .data_files import read_data
-from .encode import encode, label_mapping
-from .generation import Generator
-from .gguf_model import gguf_causal_lm, is_gguf
-from .metrics import evaluate_loss
-from .model import load_tokenizer, model_dir
-from .task_eval import evaluate_task
-
-LABELS_FILE = "lorakit_labels.json"  # label2id of a classifier's adapter, written next to it
-
-
-def base_of(adapter: str | None, model: str | None) -> str | None:
-    """The base model: ``--model``, else the adapter's ``base_model_name_or_path`` (None = embedded)."""
-    if model is not None or adapter is None:
-        return model
-
-    base = read_adapter_config(adapter).get("base_model_name_or_path")
-    if base and ((Path(base) / "config.json").is_file() or (is_gguf(base) and Path(base).is_file())):
-        return base
-
-    if base and Path(base).resolve() == embedded_model_dir(check=False).resolve():
-        return None
-    raise ConfigError(f"{adapter}: its base model {base!r} is not a local directory; pass --model DIR.")
-
-
-def load_for_inference(model: str | None, adapter: str | None):
-    """(model, tokenizer, task) with the adapter loaded (frozen) when one is given."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-
-    path, _ = model_dir(base_of(adapter, model))
-    tokenizer = load_tokenizer(path)
-    labels_file = Path(adapter) / LABELS_FILE if adapter else None
-    if is_gguf(path):  # a causal LM, dequantized (merge/eval/generate want plain weights)
-        net = gguf_causal_lm(path, "none")
-        if adapter is not None:
-            load_adapter(net, adapter)
-        return net.eval(), tokenizer, "causal-lm"
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    is_cls = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
-    if labels_file is not None and labels_file.is_file():
-        label2id = json.loads(labels_file.read_text())
-        net = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, num_labels=len(label2id), label2id=label2id,
-            id2label={v: k for k, v in label2id.items()}, ignore_mismatched_sizes=True)
-        net.config.pad_token_id = tokenizer.pad_token_id
-        task = "seq-cls"
-    elif is_cls:
-        net = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
-        net.config.pad_token_id = tokenizer.pad_token_id
-        task = "seq-cls"
-    else:
-        net = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        task = "causal-lm"
-    if adapter is not None:
-        load_adapter(net, adapter)
-    net.eval()
-    return net, tokenizer, task
-
+from ..io import read_adapter_config, read_adapter_weights
+from ..data.encode import encode, label_mapping
+from ..data.files import BUILTIN_PREFIX, read_data
+from ..train.generation import Generator
+from ..train.inference import LABELS_FILE, base_of, load_for_inference
+from ..train.metrics import evaluate_loss
+from ..train.task_eval import evaluate_task
 
 # -- eval -------------------------------------------------------------------------------------------
 def evaluate(data: str, adapter: str | None = None, model: str | None = None, max_length: int = 512,
@@ -134,7 +79,7 @@ def merge(adapter: str, out: str, model: str | None = None, requantize: bool = F
 
     record = read_qlora_record(adapter)
     if record is not None:
-        from .merge_qlora import merge_qlora
+        from ..train.merge_qlora import merge_qlora
 
         path, report = merge_qlora(adapter, out, base_of(adapter, model), record, requantize, LABELS_FILE)
         if report is not None:
