@@ -30,6 +30,7 @@ import torch
 from .._fs import atomic_write_json
 from ..errors import TrainingError
 from ..losses import unsupported_reason
+from ..offload import offload_checkpoints
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from . import resume_checks
@@ -199,7 +200,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook]) -> TrainResult:
                 labels = batch.pop("labels")
                 last = m == len(micro) - 1
                 with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
-                    with autocast():
+                    with autocast(), offload_checkpoints(args.offload_checkpoints):
                         task_sum = model_loss_sum(model, unwrapped, batch, labels, chunked)
                         extras = [e for e in (h.extra_loss(ctx) for h in all_hooks) if e is not None]
                         extra = sum(extras) / args.grad_accum if extras else None
