@@ -15,6 +15,7 @@ Modes, each in a fresh subprocess (so peak RSS is its own), run in interleaved r
   peft     PEFT LoRA
   lorakit  lorakit LoRA (the loss from the model's full logits, as the others)
   lorakit-ce  lorakit LoRA with lorakit.losses' chunked cross-entropy (never the full logits)
+  lorakit-bf16  lorakit LoRA under torch.autocast("cpu", bfloat16) (fp32 weights and factors), issue 15 §3
   lorakit  lorakit LoRA (independent dropout mask per projection, the default)
   lorakit-shared  lorakit LoRA with ``share_dropout_masks`` (one mask per input tensor)
   qlora    lorakit LoRA on an NF4 + double-quantized base (fp32 compute), issue 3's QLoRA-vs-LoRA goal
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 
-MODES = ["floor", "full", "peft", "lorakit", "lorakit-ce", "qlora", "infer-base", "infer-lorakit", "infer-merged"]
+MODES = ["floor", "full", "peft", "lorakit", "lorakit-ce", "lorakit-bf16", "qlora", "infer-base", "infer-lorakit", "infer-merged"]
 DROPOUT_MODES = ["lorakit", "lorakit-shared", "peft"]
 
 
@@ -87,7 +88,7 @@ def run_mode(mode: str, args) -> dict:
         lorakit.quantize_model(model, "nf4", double_quant=True, compute_dtype=torch.float32)
         lorakit.inject(model, lorakit.LoraConfig(**lora_kwargs()))
         model.train()
-    elif mode in ("lorakit", "lorakit-ce", "lorakit-shared", "infer-lorakit", "infer-merged"):
+    elif mode in ("lorakit", "lorakit-ce", "lorakit-bf16", "lorakit-shared", "infer-lorakit", "infer-merged"):
         import lorakit
         from lorakit.layers.host import share_dropout_masks
 
@@ -96,7 +97,7 @@ def run_mode(mode: str, args) -> dict:
             share_dropout_masks(model)
         if mode == "infer-merged":
             lorakit.merge(model)
-        model.train(mode in ("lorakit", "lorakit-ce", "lorakit-shared"))
+        model.train(mode in ("lorakit", "lorakit-ce", "lorakit-bf16", "lorakit-shared"))
     else:
         model.eval()
 
@@ -127,6 +128,9 @@ def run_mode(mode: str, args) -> dict:
                 with hidden_states_instead_of_logits(model) as head:
                     hidden = model(input_ids=ids).logits
                 loss = chunked_cross_entropy(hidden[:, :-1], head, ids[:, 1:], reduction="mean")
+            elif mode == "lorakit-bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = model(input_ids=ids, labels=ids)
             else:
                 out = model(input_ids=ids, labels=ids)
             (loss if mode == "lorakit-ce" else out.loss).backward()

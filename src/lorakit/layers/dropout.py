@@ -86,10 +86,10 @@ def random_words(count: int, device: torch.device) -> torch.Tensor:
     (~4 ns a word). Seeding from torch keeps what callers rely on: ``torch.manual_seed`` reproduces the
     masks, and gradient checkpointing, which restores torch's RNG state before recomputing, redraws
     them identically. Other devices fill the words with their own generator (Philox on CUDA), in one
-    traceable op.
+    traceable op; so does any device under ``torch.compile`` (numpy would break the graph).
     """
-    if device.type != "cpu":
-        return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, device=device)
     seed = int(torch.empty((), dtype=torch.int64).random_())  # one draw from torch's CPU generator
     raw = np.random.SFC64(seed).random_raw(count)  # uint64 (count,)
     return torch.from_numpy(raw.view(np.int64))
