@@ -199,7 +199,7 @@ def summarize(modes: list[str], results: dict[str, list[dict]]) -> None:
             lo, hi = min(r[key] for r in results[m]), max(r[key] for r in results[m])
             print(f"{m:15s} {med[m]:13.3f}   {lo:7.3f} - {hi:7.3f}                 {rss[m]:12.0f}")
 
-        def ratio(a, b, goal, med=med):
+        def ratio(a, b, goal, med=med, key=key):
             if a in med and b in med:
                 r = med[a] / med[b]
                 per_round = [x[key] / y[key] for x, y in zip(results[a], results[b])]

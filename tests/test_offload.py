@@ -4,10 +4,10 @@ equal those of plain gradient checkpointing and of no checkpointing, dropout mas
 from __future__ import annotations
 
 import torch
+from tests.conftest import tiny_llama
 
 import lorakit
 from lorakit.offload import offload_checkpoints
-from tests.conftest import tiny_llama
 
 
 def _grads(checkpointing: bool, offload: bool, min_bytes: int = 0):

@@ -19,7 +19,6 @@ import torch
 
 from .codebooks import dynamic_map
 
-
 _TABLES: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # a cache torch.compile reads as constants
 
 
