@@ -35,7 +35,10 @@ class _LoraLinear(torch.autograd.Function):
         out2 = base_out.view(-1, base_out.shape[-1])  # (N, out), same storage as base_out
         out2.addmm_(xa, b_.T)
         ctx.mark_dirty(base_out)
-        ctx.save_for_backward(x, mask, xa, a, b)
+        # A mask from dropout_mask() carries its bool form: keep that (1 byte an element, not 4) and
+        # rebuild the 0/1 mask in backward, with 1/(1−p) folded into the rank-sized gradient.
+        keep, ctx.keep_scale = getattr(mask, "lorakit_keep", None), getattr(mask, "lorakit_scale", 1.0)
+        ctx.save_for_backward(x, mask if keep is None else keep, xa, a, b)
         ctx.scaling = scaling
         return base_out
 
@@ -45,6 +48,8 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, mask, xa, a, b = ctx.saved_tensors
         s, dt = ctx.scaling, g.dtype
+        if mask is not None and mask.dtype == torch.bool:
+            mask, s = mask.to(dt), s * ctx.keep_scale  # x⊙m = (x⊙keep)·(1/(1−p)); the factor goes on gxa
         g2 = g.reshape(-1, g.shape[-1])  # (N, out); a copy when g is strided (e.g. after attention)
         need_x, _, need_a, need_b = ctx.needs_input_grad[1:5]
         grad_x = grad_a = grad_b = None

@@ -20,7 +20,8 @@ dies with its input (weak reference). Measured (``bench/bench_lora.py --compare-
 497 MiB (lower in all 7 rounds, −1.1 %). Hence per-projection is the default.
 
 The mask is drawn from uniform 64-bit random words cut into four signed 16-bit lanes (one RNG draw
-per four elements instead of one per element, ~3× faster than ``F.dropout`` on CPU); an element is
+per four elements instead of one per element, ~3× faster than ``F.dropout`` on CPU; on CPU the words
+come from an SFC64 stream seeded by one draw of torch's generator, :func:`random_words`); an element is
 dropped when its lane is < −2¹⁵ + round(p·2¹⁶), so the probability actually used is
 p̃ = round(p·2¹⁶)/2¹⁶ (within 7.7e-6 of p), and kept elements are scaled by the exact 1/(1 − p̃),
 keeping the branch unbiased.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import torch
 
 _LANES = 1 << 16  # values a 16-bit lane takes
@@ -38,7 +40,11 @@ _LANES = 1 << 16  # values a 16-bit lane takes
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A fresh dropout mask (values 0 or 1/(1−p̃), x's dtype and shape) for input ``x``."""
     keep, scale = keep_mask(x.shape, p, x.device)
-    return keep.to(x.dtype).mul_(scale)
+    mask = keep.to(x.dtype).mul_(scale)
+    # The bool mask rides along: a branch that keeps the mask for backward keeps these 1-byte
+    # elements instead of the 4-byte ones (branch.py; 460 MB less on SmolLM2's shape).
+    mask.lorakit_keep, mask.lorakit_scale = keep, scale
+    return mask
 
 
 class SharedMasks:
@@ -65,7 +71,25 @@ def keep_mask(shape: torch.Size, p: float, device) -> tuple[torch.Tensor, float]
     """A bool mask of ``shape`` keeping each element with probability 1 − p̃, and 1/(1 − p̃)."""
     n = shape.numel()
     dropped = round(p * _LANES)  # how many of the 2¹⁶ lane values mean "drop"
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    words = random_words((n + 3) // 4, torch.device(device) if device is not None else torch.device("cpu"))
     lanes = words.view(torch.int16)[:n].view(shape)  # four uniform signed 16-bit lanes per word
     keep = lanes >= dropped - _LANES // 2
     return keep, 1.0 / (1.0 - dropped / _LANES)
+
+
+def random_words(count: int, device: torch.device) -> torch.Tensor:
+    """``count`` uniform 64-bit words (int64) on ``device``, driven by torch's generator.
+
+    On CPU, torch's Mersenne twister fills a ranged int64 tensor at ~25 ns a word (3.4 ms for one
+    576-wide 4 × 256 batch, more than the rank-16 GEMMs of the branch; bench/profile_lora.py), so one
+    word is drawn from torch's generator as the seed of a numpy SFC64 stream that fills the rest
+    (~4 ns a word). Seeding from torch keeps what callers rely on: ``torch.manual_seed`` reproduces the
+    masks, and gradient checkpointing, which restores torch's RNG state before recomputing, redraws
+    them identically. Other devices fill the words with their own generator (Philox on CUDA), in one
+    traceable op; so does any device under ``torch.compile`` (numpy would break the graph).
+    """
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, device=device)
+    seed = int(torch.empty((), dtype=torch.int64).random_())  # one draw from torch's CPU generator
+    raw = np.random.SFC64(seed).random_raw(count)  # uint64 (count,)
+    return torch.from_numpy(raw.view(np.int64))

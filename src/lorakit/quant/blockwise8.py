@@ -12,7 +12,6 @@ backend does. Scaling multiplies by 1/absmax; an all-zero block stores absmax 0 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,11 +19,17 @@ import torch
 
 from .codebooks import dynamic_map
 
+_TABLES: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # a cache torch.compile reads as constants
 
-@functools.cache
+
 def _map_and_bounds(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    values = dynamic_map(signed)
-    return values, (values[:-1] + values[1:]) / 2  # (256,), (255,) fp32, ascending
+    # Not functools.cache: torch.compile traces through that wrapper into dynamic_map (.tolist()), while
+    # it reads a filled dict's tensors as constants (quantizing, always eager, fills it first).
+    hit = _TABLES.get(signed)
+    if hit is None:
+        values = dynamic_map(signed)
+        hit = _TABLES[signed] = (values, (values[:-1] + values[1:]) / 2)  # (256,), (255,) fp32, ascending
+    return hit
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,7 +44,7 @@ class Blockwise8bit:
     def dequantize(self) -> torch.Tensor:
         """(n,) fp32."""
         values, _ = _map_and_bounds(self.signed)
-        if self.codes.device.type == "cpu":  # np.take: much faster than torch's CPU gather
+        if self.codes.device.type == "cpu" and not torch.compiler.is_compiling():  # np.take: faster on CPU
             vals = torch.from_numpy(np.take(values.numpy(), self.codes.numpy()))
         else:
             vals = values.to(self.codes.device)[self.codes.long()]  # (n,)

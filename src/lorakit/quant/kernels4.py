@@ -60,7 +60,8 @@ def _pack(codes: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _on_cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and sys.byteorder == "little"
+    # Under torch.compile the torch ops below are the path on every device (numpy breaks the graph).
+    return t.device.type == "cpu" and sys.byteorder == "little" and not torch.compiler.is_compiling()
 
 
 def quantize_flat(flat: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +96,7 @@ def quantize_torch(flat: torch.Tensor, blocksize: int, quant_type: str, packed: 
     _pack(_codes(scaled.view(-1), quant_type), packed)
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: a constant table, not traced
 @functools.cache
 def _pair_table(quant_type: str) -> torch.Tensor:
     """(256, 2) fp32: the two values a packed byte stands for (high nibble first)."""

@@ -80,6 +80,8 @@ class TrainArgs:
                                                "the output head and quant_skip)")
     bf16: bool = _f(False, "bf16 autocast for forward/backward (LoRA factors stay fp32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    offload_checkpoints: bool = _f(False, "with gradient_checkpointing: keep the checkpointed blocks' inputs in "
+                                          "CPU pinned memory on GPU runs (lorakit.offload; a no-op move on CPU)")
     chunked_ce: bool = _f(True, "causal LM: cross-entropy over chunks of tokens, never the full logits "
                                 "(lorakit.losses; same loss and gradients, far less memory at large vocab)")
     # -- optimization -----------------------------------------------------------------------------
@@ -240,6 +242,9 @@ class TrainArgs:
         if self.quant != "none" and self.method == "full":
             raise ConfigError(f"quant={self.quant} freezes quantized base weights, so method=full cannot "
                               "train them; use method=lora (QLoRA) or quant=none.")
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise ConfigError("offload_checkpoints=true moves the inputs of checkpointed blocks to the CPU; it needs "
+                              "gradient_checkpointing=true — add it or drop offload_checkpoints.")
         if self.offload_optimizer and self.optim != "adamw8bit":
             raise ConfigError("offload_optimizer=true needs optim=adamw8bit (its 8-bit state is what moves to the "
                               "CPU); add optim=adamw8bit or drop offload_optimizer.")

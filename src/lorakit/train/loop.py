@@ -32,6 +32,7 @@ from ..data.batches import BatchPlan, collate, model_loss_sum, target_count
 from ..data.packing import collate_packed
 from ..errors import ConfigError, TrainingError
 from ..losses import unsupported_reason
+from ..offload import offload_checkpoints
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from . import dist_checkpoint as dckpt
@@ -254,7 +255,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack, mode: st
                 labels = batch.pop("labels")
                 last = m == len(micro) - 1
                 with nullcontext() if last else no_sync():  # all-reduce once per step
-                    with autocast():
+                    with autocast(), offload_checkpoints(args.offload_checkpoints):
                         task_sum = model_loss_sum(model, unwrapped, batch, labels, chunked)
                         extras = [e for e in (h.extra_loss(ctx) for h in all_hooks) if e is not None]
                         extra = sum(extras) / args.grad_accum if extras else None
