@@ -62,6 +62,8 @@ def group_of_one(monkeypatch):
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(_free_port())).items():
         monkeypatch.setenv(k, v)
+    # an earlier in-process train() leaves accelerate's process-wide state of a plain process behind
+    AcceleratorState._reset_state(reset_partial_state=True)
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -107,6 +109,8 @@ def test_fsdp_without_a_launcher_is_refused_naming_torchrun(tiny_lm, instr_file,
     (dict(method="adalora"), "method=adalora"),
     (dict(optim="adamw8bit"), "optim=adamw8bit"),
     (dict(probe_every=2), "probe_every"),
+    (dict(sample_every=1), "sample_every"),
+    (dict(metric_for_best="eval_score", save_best=True, eval_every=1), "metric_for_best=eval_score"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard_and_names_ddp(tiny_lm, instr_file, tmp_path, group_of_one, setting,
                                                          named):

@@ -78,6 +78,12 @@ def check_fsdp_args(args: TrainArgs) -> None:
                         "use optim=adamw)")
     if args.probe_every:
         problems.append("probe_every (the forgetting probe runs the base model on the main process only)")
+    # Generation runs on the main process alone; FSDP's forward passes are collective and would wait forever.
+    if args.sample_every:
+        problems.append("sample_every (samples are generated on the main process only)")
+    if args.metric_for_best == "eval_score" and (args.early_stopping_patience or args.save_best):
+        problems.append("metric_for_best=eval_score (the generation score is computed on the main process only; "
+                        "use metric_for_best=eval_loss)")
     if problems:
         raise ConfigError("distributed=fsdp does not support " + "; ".join(problems)
                           + ". Use distributed=ddp for these settings, or change them.")

@@ -153,6 +153,10 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack, mode: st
     total_steps = plan.total_steps(args.epochs, args.max_steps)
     tasks = eval_tasks(args, loaded)
     gen_eval = build_generation_eval(args, data.raw_eval, tokenizer, loaded.task)  # checks the scorer, before training
+    if fsdp and gen_eval is not None:  # generation on one process would hang FSDP's collective forward passes
+        say("generation score: skipped under FSDP (it generates on the main process only); score the saved "
+            "adapter with `lorakit eval --scorer ...`.")
+        gen_eval = None
     tracking_best = bool(args.early_stopping_patience or args.save_best)
     if tracking_best and data.eval is None:
         raise ConfigError(f"{'early_stopping_patience' if args.early_stopping_patience else 'save_best'} needs eval "
