@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lorakit.cli import build_parser, main
+from lorakit.cli.options import build, coerce, load_yaml, parse_overrides
 from lorakit.errors import ConfigError
 from lorakit.train.args import EMBEDDED_DEFAULTS, TrainArgs
-from lorakit.cli.options import build, coerce, load_yaml, parse_overrides
 
 
 def test_every_trainargs_field_is_a_flag():

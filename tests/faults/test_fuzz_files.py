@@ -305,8 +305,8 @@ def test_fuzz_data_files(data):
 
 
 def test_utf16_jsonl_is_refused_by_name(tmp_path):
-    from lorakit.errors import DataError
     from lorakit.data.files import read_data
+    from lorakit.errors import DataError
 
     f = tmp_path / "train.jsonl"
     f.write_bytes('{"text": "hello"}\n'.encode("utf-16"))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.errors import ConfigError, DataError
-from lorakit.data.files import read_data
 from lorakit.data.encode import IGNORE, encode, label_mapping
+from lorakit.data.files import read_data
+from lorakit.errors import ConfigError, DataError
 
 from .train_helpers import write_rows
 

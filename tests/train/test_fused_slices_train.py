@@ -16,10 +16,10 @@ from .train_helpers import quick_args
 def test_gpt2_q_v_slices_train_and_reload(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from lorakit.cli.options import build
     from lorakit.tasks import build_tokenizer, write_jsonl
     from lorakit.train import train
     from lorakit.train.args import TrainArgs
-    from lorakit.cli.options import build
 
     tok = build_tokenizer()
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lorakit.errors import DataError
 from lorakit.data.files import read_data
+from lorakit.errors import DataError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "glue_roberta_lora.py"
 
@@ -75,8 +75,8 @@ def glue_demo(tmp_path_factory):
 def test_mrpc_pairs_train_roberta_with_lora_on_query_and_value(glue_demo, tmp_path):
     from transformers import AutoTokenizer
 
-    from lorakit.train import train
     from lorakit.data.encode import encode
+    from lorakit.train import train
 
     from .train_helpers import quick_args
 

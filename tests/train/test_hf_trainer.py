@@ -11,8 +11,8 @@ def test_trainer_updates_only_adapter_weights(tiny_lm, tmp_path):
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from lorakit.data.batches import collate
-    from lorakit.data.files import read_data
     from lorakit.data.encode import encode
+    from lorakit.data.files import read_data
     from lorakit.train.model import load_tokenizer
 
     tok = load_tokenizer(tiny_lm)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorakit.cli.commands import merge
 from lorakit.errors import ConfigError
 from lorakit.train import train
-from lorakit.cli.commands import merge
 
 from .train_helpers import quick_args
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import lorakit
+from lorakit.data.batches import collate
 from lorakit.errors import ConfigError
 from lorakit.tasks import build_tokenizer
 from lorakit.train import train
-from lorakit.data.batches import collate
 from lorakit.train.probe import ForgettingProbe
 from lorakit.variants.self_replay import chat_frame, magpie_prompts, self_replay_rows
 

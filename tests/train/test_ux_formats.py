@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from lorakit.data.encode import IGNORE, encode
+from lorakit.data.files import read_data
+from lorakit.data.formats import split_eval
 from lorakit.errors import ConfigError, DataError
 from lorakit.train import TrainArgs
-from lorakit.data.files import read_data
-from lorakit.data.encode import IGNORE, encode
-from lorakit.data.formats import split_eval
 
 from .train_helpers import quick_args, write_rows
 
