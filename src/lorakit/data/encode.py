@@ -33,6 +33,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2 import TemplateError
+
 from ..errors import ConfigError, DataError
 from ..tasks.format import format_answer, format_prompt, to_messages
 from .files import RawData
@@ -76,9 +78,7 @@ def encode(raw: RawData, tokenizer, max_length: int, label2id: dict[str, int] | 
         add_special = True
     elif raw.format == "chat" or tokenizer.chat_template:
         conversations = [r["messages"] if raw.format == "chat" else _instruction_messages(r) for r in raw.rows]
-        if system_prompt is not None:
-            conversations = [c if c and c[0]["role"] == "system" else [{"role": "system", "content": system_prompt}, *c]
-                             for c in conversations]
+        conversations = [with_system(c, system_prompt) for c in conversations]
         texts, spans = zip(*(_render_chat(tokenizer, c, raw.source, i + 1, r.get("tools"))
                              for i, (c, r) in enumerate(zip(conversations, raw.rows))))
         add_special = False  # the template writes the special tokens itself
@@ -166,6 +166,19 @@ def label_mapping(rows: list[dict[str, Any]], config_label2id: dict[str, int] | 
 
 
 # -- chat rendering -----------------------------------------------------------------------------
+#: What rendering a chat template can raise on a bad conversation: jinja's own errors (raise_exception()
+#: in templates included) and the Python errors of a template indexing or calling into malformed fields.
+TEMPLATE_ERRORS = (TemplateError, TypeError, KeyError, IndexError, ValueError, AttributeError)
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """``system_prompt`` as a first system turn, unless it is None (the template's default stays) or the
+    conversation brings its own."""
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def _instruction_messages(row: dict[str, Any]) -> list[dict[str, str]]:
 
     return to_messages(row)
@@ -203,9 +216,9 @@ def _render_chat(tokenizer, messages: list[dict], source: str, n: int,
                     "renders incrementally (most do), or instruction rows."
                 )
             spans.append((len(before), len(through)))
-    except ConfigError:
+    except ConfigError:  # a ValueError too: ours, already naming the fix
         raise
-    except Exception as exc:  # jinja errors, raise_exception() in templates
+    except TEMPLATE_ERRORS as exc:
         raise DataError(f"{source} row {n}: the chat template cannot render this conversation ({exc}) "
                         "(field 'messages'); fix the roles or their order.") from None
     return full, spans

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._fs import atomic_write_text
+from ..data.encode import TEMPLATE_ERRORS, with_system
 from ..data.files import BUILTIN_PREFIX, RawData
 from ..errors import ConfigError, DataError
 from ..tasks.format import format_prompt, to_messages, user_text
@@ -87,7 +88,7 @@ def user_prompts(prompts: Sequence[str], tokenizer, chat: bool, system_prompt: s
     out = []
     for p in prompts:
         if chat:
-            text = _render(tokenizer, _with_system([{"role": "user", "content": p}], system_prompt), None)
+            text = _render(tokenizer, with_system([{"role": "user", "content": p}], system_prompt), None)
             out.append(GenPrompt(text, list(tokenizer(text, add_special_tokens=False)["input_ids"]), None, p))
         else:
             out.append(GenPrompt(p, list(tokenizer(p, add_special_tokens=True)["input_ids"]), None, p))
@@ -102,7 +103,7 @@ def _prompt_and_reference(raw: RawData, row: dict[str, Any], n: int, tokenizer,
     if raw.format == "instruction":
         if not tokenizer.chat_template:
             return format_prompt(row), True, row["output"], user_text(row)
-        messages = _with_system(to_messages(row)[:1], system_prompt)
+        messages = with_system(to_messages(row)[:1], system_prompt)
         return _render(tokenizer, messages, None, raw.source, n), False, row["output"], user_text(row)
     if raw.format == "chat":
         messages = row["messages"]
@@ -111,24 +112,17 @@ def _prompt_and_reference(raw: RawData, row: dict[str, Any], n: int, tokenizer,
             return None
         head = [{"role": m["role"], "content": m.get("content"), **{k: m[k] for k in _PASSED if m.get(k) is not None}}
                 for m in messages[:last]]
-        text = _render(tokenizer, _with_system(head, system_prompt), row.get("tools"), raw.source, n)
+        text = _render(tokenizer, with_system(head, system_prompt), row.get("tools"), raw.source, n)
         user = next((m["content"] for m in reversed(head) if m["role"] == "user" and isinstance(m["content"], str)), "")
         return text, False, messages[last]["content"], user
     return None  # text, classification: no reference answer
-
-
-def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """``system_prompt`` as encode.py applies it: None leaves the template's default."""
-    if system_prompt is None or (messages and messages[0]["role"] == "system"):
-        return messages
-    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def _render(tokenizer, messages: list[dict], tools: list | None, source: str = "sample_prompts", n: int = 0) -> str:
     extra = {"tools": tools} if tools else {}
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
-    except Exception as exc:  # jinja errors, raise_exception() in templates
+    except TEMPLATE_ERRORS as exc:
         where = f"{source} row {n}" if n else source
         raise DataError(f"{where}: the chat template cannot render the prompt ({exc}); fix the roles or their "
                         "order.") from None

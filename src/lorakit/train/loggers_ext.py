@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 
 #: logger name → (module to import, pip command that installs it)
 LOGGERS: dict[str, tuple[str | None, str]] = {
@@ -91,7 +91,9 @@ def close_trackers(trackers: list[Any], status: str) -> None:
             errors.append(exc)
     trackers.clear()
     if errors and status == "finished":
-        raise errors[0]
+        raise OutputError(f"the run finished and its output is saved, but an experiment tracker run could not be "
+                          f"closed ({type(errors[0]).__name__}: {errors[0]}); check the tracker's store (report_to) "
+                          "— MLflow's tracking URI or W&B's directory — is writable.") from errors[0]
     for exc in errors:
         warnings.warn(f"could not close an experiment tracker run: {exc}", stacklevel=2)
 
