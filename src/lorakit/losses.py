@@ -18,8 +18,24 @@ and only ∂h (N, H) — and ∂W when the head trains — is kept for backward,
 incoming gradient. Peak extra memory is one (C, V) chunk instead of several (N, V) tensors; the FLOPs
 are the unchunked ones (one forward and two gradient GEMMs per chunk).
 
-A head that is not a plain linear map (a LoRA-wrapped ``lm_head``, a quantized head) goes through the
-general path: each chunk runs under ``torch.utils.checkpoint``, so its logits are recomputed in backward
+A **frozen** head (a plain ``nn.Linear`` without trainable weights, or any head offering
+``weight_tiles`` — lorakit.quant's 16-bit head and packed GGUF heads) never needs its whole weight in
+the compute dtype: W is read in tiles of vocabulary rows W_t (V_t, H), each upcast or dequantized
+once per call, and the softmax runs online across tiles (Milakov & Gimelshein 2018, "Online normalizer
+calculation for softmax"; the rescaling flash attention uses), for every chunk of C tokens:
+
+    z = h_c W_tᵀ (+ b_t)                                (C, V_t)  the only logits alive
+    m' = max(m, max z)      s = s·e^(m−m') + Σ e^(z−m')
+    a = a·e^(m−m') + e^(z−m') W_t                       (C, H)    unnormalised Σ softmax·W
+    after the last tile:  loss_c = Σ_valid (m + log s − z[y]),   ∂h_c = a / s − W[y]
+
+so the extra memory is one W tile, one (C, V_t) logits tile and (N, H) accumulators; the GEMMs are
+the fused path's (one for the logits, one for ∂h). Its values equal the fused path's up to fp32
+summation order. A trainable head (``modules_to_save``, full fine-tuning) keeps the fused path: ∂W
+needs the final normaliser before any tile's gradient.
+
+A head that is not a plain linear map (a LoRA-wrapped ``lm_head``, a quantized head without
+``weight_tiles``) goes through the general path: each chunk runs under ``torch.utils.checkpoint``, so its logits are recomputed in backward
 instead of kept (one extra head forward per step).
 
 Use it from a training loop of your own::
@@ -44,6 +60,10 @@ from .errors import ConfigError
 IGNORE_INDEX = -100
 #: Elements of one fp32 logits chunk (C × V): 8 M elements = 32 MB whatever the vocabulary size.
 CHUNK_ELEMENTS = 1 << 23
+#: Frozen heads: elements of one upcast/dequantized W tile (V_t × H, 2 M = 8 MB in fp32) and of one
+#: logits tile (C × V_t, 8 MB). Measured on SmolLM2 (bench/bench_ce_tiles.py): see docs/QUANT.md.
+TILE_ELEMENTS = 1 << 21
+LOGITS_TILE_ELEMENTS = 1 << 21
 
 
 def default_chunk_tokens(vocab_size: int) -> int:
@@ -51,18 +71,46 @@ def default_chunk_tokens(vocab_size: int) -> int:
     return max(16, CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
+def frozen_weight_tiles(head: nn.Module):
+    """``tiles(dtype, rows)`` → iterator of (v0, v1, W[v0:v1] in ``dtype``) for a frozen head, or None.
+
+    The protocol: a head module may define ``weight_tiles`` (a method, or None when it cannot tile);
+    a plain ``nn.Linear`` whose parameters are all frozen tiles by slicing its weight. A tile may be
+    a reused buffer: it is valid until the next one is drawn."""
+    if any(p.requires_grad for p in head.parameters()):
+        return None
+    tiles = getattr(head, "weight_tiles", None)
+    if callable(tiles):
+        return tiles
+    if type(head) is nn.Linear:
+        w = head.weight
+
+        def linear_tiles(dtype: torch.dtype, rows: int):
+            for v0 in range(0, w.shape[0], rows):
+                yield v0, min(v0 + rows, w.shape[0]), w[v0:v0 + rows].to(dtype)
+
+        return linear_tiles
+    return None
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, *,
                           chunk_tokens: int | None = None, ignore_index: int = IGNORE_INDEX,
-                          reduction: str = "sum") -> torch.Tensor:
+                          reduction: str = "sum", tile_rows: int | None = None) -> torch.Tensor:
     """Cross-entropy of ``head(hidden)`` against ``labels`` without the full logits.
 
     ``hidden`` (..., H) are the head's inputs, ``labels`` (...) the target ids (``ignore_index`` = no
     target; shift them yourself for next-token prediction). ``reduction`` is "sum" or "mean" (over the
     targets that are not ignored). Equal to ``F.cross_entropy(head(hidden).float(), labels)`` in value
-    and gradients (up to fp32 summation order).
+    and gradients (up to fp32 summation order). ``chunk_tokens``: tokens per chunk; ``tile_rows``:
+    vocabulary rows per W tile of a frozen head (default: :data:`TILE_ELEMENTS` / H). On the tiled
+    path ``chunk_tokens`` defaults to :data:`LOGITS_TILE_ELEMENTS` / ``tile_rows``.
     """
     if reduction not in ("sum", "mean"):
         raise ConfigError(f"chunked_cross_entropy: reduction={reduction!r}; use 'sum' or 'mean'.")
+    for name, value in (("chunk_tokens", chunk_tokens), ("tile_rows", tile_rows)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"chunked_cross_entropy: {name}={value!r}; give a positive integer (or None for "
+                              "the default).")
     if hidden.shape[:-1] != labels.shape:
         raise ConfigError(
             f"chunked_cross_entropy: hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} "
@@ -71,6 +119,16 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.T
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     y = labels.reshape(-1).to(h.device)  # (N,)
     vocab = _vocab_size(head)
+    tiles = frozen_weight_tiles(head)
+    if tiles is not None:
+        rows = tile_rows or max(256, TILE_ELEMENTS // max(h.shape[-1], 1))
+        c = chunk_tokens or max(16, LOGITS_TILE_ELEMENTS // min(rows, vocab))
+        bias = getattr(head, "bias", None)
+        total = _TiledFrozenCE.apply(h, y, tiles, rows, vocab, bias if isinstance(bias, torch.Tensor) else None,
+                                     c, ignore_index)
+        if reduction == "mean":
+            total = total / (y != ignore_index).sum().clamp(min=1)
+        return total
     c = chunk_tokens or default_chunk_tokens(vocab)
     if type(head) is nn.Linear:
         total = _FusedLinearCE.apply(h, head.weight, head.bias, y, c, ignore_index)
@@ -133,6 +191,60 @@ class _FusedLinearCE(torch.autograd.Function):
         gw = (grad_w * grad_out).to(w_dt) if grad_w is not None else None
         gb = (grad_b * grad_out).to(b_dt) if grad_b is not None else None
         return gh, gw, gb, None, None, None
+
+
+class _TiledFrozenCE(torch.autograd.Function):
+    """Σ CE(h Wᵀ + b, y) for a frozen W read tile by tile (module docstring: the online softmax);
+    ∂h is computed in the forward pass and only it is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, h, y, tiles, rows, vocab, bias, chunk, ignore_index):
+        dt = h.dtype  # the compute dtype (under autocast: what the model handed over)
+        n = h.shape[0]
+        need_h = h.requires_grad
+        valid = y != ignore_index
+        safe_y = torch.where(valid, y, 0)
+        if bool(((safe_y < 0) | (safe_y >= vocab)).any()):
+            bad = int(y[(safe_y < 0) | (safe_y >= vocab)][0])
+            raise ConfigError(f"chunked_cross_entropy: label {bad} is outside the head's vocabulary of {vocab}; "
+                              f"labels must be in [0, {vocab}) or {ignore_index} (ignored).")
+        f32 = dict(dtype=torch.float32, device=h.device)
+        m = torch.full((n,), float("-inf"), **f32)  # running max of each token's logits
+        s = torch.zeros(n, **f32)  # Σ e^(z − m)
+        target = torch.zeros(n, **f32)  # z[y]
+        acc = torch.zeros(n, h.shape[1], **f32) if need_h else None  # Σ e^(z − m) W, unnormalised
+        w_y = torch.zeros(n, h.shape[1], **f32) if need_h else None  # W[y]
+        for v0, v1, w in tiles(dt, rows):  # w: (v1 - v0, H) in dt
+            b = bias[v0:v1].to(dt) if bias is not None else None
+            in_tile = (safe_y >= v0) & (safe_y < v1)
+            for start in range(0, n, chunk):
+                sl = slice(start, start + chunk)
+                z = F.linear(h[sl], w, b).float()  # (C, V_t)
+                m_new = torch.maximum(m[sl], z.amax(dim=1))
+                scale = torch.exp(m[sl] - m_new)  # 0 on the first tile (m = −inf)
+                idx = in_tile[sl].nonzero().squeeze(1)
+                if idx.numel():  # the tokens whose target is in this tile
+                    col = safe_y[sl][idx] - v0
+                    target[start + idx] = z[idx, col]
+                    if need_h:
+                        w_y[start + idx] = w[col].float()
+                p = z.sub_(m_new[:, None]).exp_()  # e^(z − m'), in z's storage
+                s[sl] = s[sl] * scale + p.sum(dim=1)
+                if need_h:
+                    acc[sl] = acc[sl] * scale[:, None] + (p.to(dt) @ w).float()
+                m[sl] = m_new
+        total = ((m + s.log() - target) * valid).sum()
+        grad_h = None
+        if need_h:
+            grad_h = acc.div_(s[:, None]).sub_(w_y).mul_(valid[:, None]).to(h.dtype)  # softmax·W − W[y]
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        return gh, None, None, None, None, None, None, None
 
 
 def _chunk_loss(head: nn.Module, hc: torch.Tensor, yc: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import QuantizationError
 from .gguf_codecs import FORMATS, check_format, dequantize
 from .gguf_matmul import GGUFDequantLinear
+from .gguf_matmul import row_tiles as gguf_row_tiles
 from .linear import QuantLinear, check_compute_dtype
 
 
@@ -36,6 +37,10 @@ class GGUFLayout:
     # QuantLinear's matmul for this format (a class attribute, not a field): slab-wise dequantization,
     # so no whole dense W exists in forward or backward (gguf_matmul.py).
     linear_fn = GGUFDequantLinear
+
+    def row_tiles(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, rows: int):
+        """W's rows dequantized ``rows`` at a time (QuantLinear.weight_tiles; rows are whole blocks)."""
+        return gguf_row_tiles(self, tensors["packed"], dtype, rows)
 
     def build(self, tensors: dict[str, torch.Tensor]) -> GGUFWeight:
         return GGUFWeight(tensors["packed"], self)

@@ -31,16 +31,22 @@ def slab_rows(shape: tuple[int, int]) -> int:
     return max(1, SLAB_ELEMENTS // shape[1])
 
 
-def _slabs(layout, packed: torch.Tensor, dtype: torch.dtype):
-    """Yield (r0, r1, W[r0:r1] dequantized in ``dtype``), all slabs decoded into one reused buffer
-    (fresh multi-MiB allocations cost page faults on every call)."""
+def _slabs(layout, packed: torch.Tensor, dtype: torch.dtype, step: int | None = None):
+    """Yield (r0, r1, W[r0:r1] dequantized in ``dtype``), ``step`` rows at a time (default
+    :func:`slab_rows`), all slabs decoded into one reused buffer (fresh multi-MiB allocations cost
+    page faults on every call): a slab is valid until the next one is drawn."""
     rows, cols = layout.shape
-    step = slab_rows(layout.shape)
+    step = step or slab_rows(layout.shape)
     buf = torch.empty(min(step, rows), cols, dtype=dtype, device=packed.device)
     for r0 in range(0, rows, step):
         part = packed[r0:r0 + step]
         n = part.shape[0]
         yield r0, r0 + n, dequantize(layout.quant_type, part, (n, cols), dtype, chunk_rows=step, out=buf[:n])
+
+
+def row_tiles(layout, packed: torch.Tensor, dtype: torch.dtype, rows: int):
+    """The frozen-head tile protocol of ``lorakit.losses`` over GGUF blocks: (v0, v1, W[v0:v1])."""
+    return _slabs(layout, packed, dtype, rows)
 
 
 class GGUFDequantLinear(torch.autograd.Function):

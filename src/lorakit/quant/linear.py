@@ -142,6 +142,17 @@ class QuantLinear(nn.Module):
     def bits_per_param(self) -> float:
         return self.qweight.bits_per_param
 
+    @property
+    def weight_tiles(self):
+        """``lorakit.losses``' frozen-head protocol: ``tiles(dtype, rows)`` → (v0, v1, W[v0:v1]) when the
+        format decodes row ranges on their own (GGUF blocks), else None (the chunked CE then
+        checkpoints this head's forward per chunk)."""
+        row_tiles = getattr(self.layout, "row_tiles", None)
+        if row_tiles is None:
+            return None
+        tensors = self._tensors()
+        return lambda dtype, rows: row_tiles(tensors, dtype, rows)
+
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self._tensors()

@@ -78,6 +78,9 @@ class TrainArgs:
                                             "comma-separated); the output head, embeddings and norms always are")
     quant_modules: list[str] | None = _f(None, "only these nn.Linear modules are quantized (default: all but "
                                                "the output head and quant_skip)")
+    quant_head: Literal["bf16", "compute"] = _f("bf16", "quant=nf4/fp4/int8: keep a frozen output head and input "
+                                                        "embedding in bf16, upcast tile by tile (lorakit.quant.head16); "
+                                                        "compute: keep them in the compute dtype")
     bf16: bool = _f(False, "bf16 autocast for forward/backward (LoRA factors stay fp32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     offload_checkpoints: bool = _f(False, "with gradient_checkpointing: keep the checkpointed blocks' inputs in "
@@ -250,6 +253,9 @@ class TrainArgs:
                               "CPU); add optim=adamw8bit or drop offload_optimizer.")
         if self.distributed not in ("auto", "ddp", "fsdp"):
             raise ConfigError(f"distributed={self.distributed!r}: use auto, ddp or fsdp.")
+        if self.quant_head not in ("bf16", "compute"):
+            raise ConfigError(f"quant_head={self.quant_head!r}: use bf16 (a frozen head and embedding kept in bf16, "
+                              "the default) or compute (kept in the compute dtype).")
         if self.quant == "none" and (self.quant_skip or self.quant_modules):
             raise ConfigError("quant_skip / quant_modules only apply with quant=nf4|fp4|int8; set quant or drop them.")
 

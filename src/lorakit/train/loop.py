@@ -33,6 +33,7 @@ from ..data.packing import collate_packed
 from ..errors import ConfigError, TrainingError
 from ..losses import unsupported_reason
 from ..offload import offload_checkpoints
+from ..quant.head16 import keep_head_16bit
 from ..summary import trainable_parameters
 from . import checkpoint as ckpt
 from . import dist_checkpoint as dckpt
@@ -137,6 +138,8 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack, mode: st
     model_name = _model_name(loaded)  # before FSDP renames the class
     setup = build_method(loaded.model, args)
     model, tokenizer = setup.model, loaded.tokenizer
+    if args.quant in ("nf4", "fp4", "int8") and args.quant_head == "bf16" and not fsdp:
+        say(keep_head_16bit(model))  # after the method: a head that trains or carries an adapter is kept
     all_hooks: list[TrainHook] = [*setup.hooks, *hooks]
     if data.probe is not None:
         all_hooks.append(ForgettingProbe(data.probe.examples, tokenizer.pad_token_id, args.probe_every,
