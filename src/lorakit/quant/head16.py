@@ -79,10 +79,19 @@ class FrozenHead(_Frozen16):
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype).clone())
 
     def weight_tiles(self, dtype: torch.dtype, rows: int):
-        """(v0, v1, W[v0:v1] in ``dtype``) for v0 = 0, rows, 2·rows, … (the chunked CE's tile protocol)."""
+        """(v0, v1, W[v0:v1] in ``dtype``) for v0 = 0, rows, 2·rows, … (the chunked CE's tile protocol).
+
+        Every tile is upcast into one reused buffer (valid until the next tile is drawn): a fresh
+        multi-MB tensor per tile would keep two tiles alive at the handover and pay page faults."""
         w = self.weight
+        if w.dtype == dtype:
+            for v0 in range(0, w.shape[0], rows):
+                yield v0, min(v0 + rows, w.shape[0]), w[v0:v0 + rows]
+            return
+        buf = torch.empty(min(rows, w.shape[0]), w.shape[1], dtype=dtype, device=w.device)
         for v0 in range(0, w.shape[0], rows):
-            yield v0, min(v0 + rows, w.shape[0]), w[v0:v0 + rows].to(dtype)
+            v1 = min(v0 + rows, w.shape[0])
+            yield v0, v1, buf[:v1 - v0].copy_(w[v0:v1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype if x.is_floating_point() else self.compute_dtype
