@@ -2,10 +2,11 @@
 
 Memory is resident set size (RSS) of the process, the number an out-of-memory killer looks at:
 
-    estimate = process now                    (interpreter, libraries, the loaded weights and data)
-             + gradients                      (one fp32 value per trainable parameter)
-             + optimizer state                (AdamW: two fp32 values per trainable parameter)
-             + activations of one micro-batch (what backward keeps, see ``activation_bytes``)
+    estimate = max(peak so far,               (loading, e.g. a mapped checkpoint shard, and the probe)
+                   process now                (interpreter, libraries, the loaded weights and data)
+                   + gradients                (one fp32 value per trainable parameter)
+                   + optimizer state          (AdamW: two fp32 values per trainable parameter)
+                   + activations of one micro-batch (what backward keeps, see ``activation_bytes``))
 
 Time is measured, not modelled: one micro-batch's forward + backward is run twice on the real data
 (the second one timed; gradients are dropped and the RNG restored, so training is unaffected) and
@@ -37,19 +38,27 @@ class Estimate:
     step_seconds: float
     total_seconds: float
     steps: int
+    peak_so_far_mb: float = 0.0  # the process's peak RSS when the estimate is made (loading, probe)
+
+    @property
+    def training_mb(self) -> float:
+        return self.process_mb + self.gradients_mb + self.optimizer_mb + self.activations_mb
 
     @property
     def total_mb(self) -> float:
-        return self.process_mb + self.gradients_mb + self.optimizer_mb + self.activations_mb
+        # The run's peak is also at least what loading already reached (a quantized load maps the
+        # checkpoint while it quantizes; for a small model that can exceed the training step).
+        return max(self.training_mb, self.peak_so_far_mb)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total_mb": round(self.total_mb, 1)}
+        return {**asdict(self), "training_mb": round(self.training_mb, 1), "total_mb": round(self.total_mb, 1)}
 
     def __str__(self) -> str:
         return (
-            f"estimate: peak memory ≈ {self.total_mb:,.0f} MB = process now {self.process_mb:,.0f} "
-            f"(weights {self.weights_mb:,.1f}) + gradients {self.gradients_mb:,.1f} + optimizer "
-            f"{self.optimizer_mb:,.1f} + activations {self.activations_mb:,.1f}; "
+            f"estimate: peak memory ≈ {self.total_mb:,.0f} MB — training {self.training_mb:,.0f} = process now "
+            f"{self.process_mb:,.0f} (weights {self.weights_mb:,.1f}) + gradients {self.gradients_mb:,.1f} + optimizer "
+            f"{self.optimizer_mb:,.1f} + activations {self.activations_mb:,.1f}; peak so far (loading, probe) "
+            f"{self.peak_so_far_mb:,.0f}; "
             f"time ≈ {_duration(self.total_seconds)} ({self.steps} steps × {self.step_seconds:.3f} s)"
         )
 
@@ -70,6 +79,7 @@ def estimate_run(model: nn.Module, probe, args, seq_len: int, steps: int) -> Est
         step_seconds=step_seconds,
         total_seconds=step_seconds * steps,
         steps=steps,
+        peak_so_far_mb=peak_rss_mb(),
     )
 
 
