@@ -76,9 +76,9 @@ def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, thread
 
     dtype = getattr(torch, dtype_name)
     if malloc == "lean":  # the same allocator settings in every mode (lorakit train applies them for quant=)
-        from lorakit.quant.malloc import lean_allocator
+        from lorakit.quant.malloc import SMALL_TENSORS, lean_allocator
 
-        lean_allocator()
+        lean_allocator(SMALL_TENSORS)
 
     torch.set_num_threads(threads)
     import transformers  # noqa: F401
@@ -169,7 +169,7 @@ def main() -> None:
                     help="compute dtype (bf16 is emulated, ~50x slower, on CPUs without AVX512-BF16/AMX)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--malloc", default="lean", choices=("lean", "default"),
-                    help="lean: lorakit.quant.malloc.lean_allocator() in every mode (what lorakit train does for "
+                    help="lean: lorakit.quant.malloc.lean_allocator(SMALL_TENSORS) in every mode (what lorakit train does for "
                          "quant=); default: glibc's dynamic thresholds")
     ap.add_argument("--loss", default="chunked", choices=("chunked", "full"),
                     help="chunked: lorakit.losses.chunked_cross_entropy in every mode (the CLI's default); "

@@ -142,9 +142,9 @@ def quantized_model(path: Path, args: TrainArgs, task: str, id2label: dict[int, 
     """The base loaded with ``lorakit.quant.load_for_qlora``: linear weights quantized on arrival,
     the rest (head, embeddings; norms go to fp32) in the compute dtype — bf16 with ``bf16``, else fp32."""
     from ..quant.load_qlora import load_for_qlora
-    from ..quant.malloc import lean_allocator
+    from ..quant.malloc import SMALL_TENSORS, lean_allocator
 
-    lean_allocator()  # freed tensors go back to the OS instead of piling up in the heap (quant/malloc.py)
+    lean_allocator(SMALL_TENSORS)  # freed tensors go back to the OS instead of piling up in the heap (quant/malloc.py)
     kwargs = {}
     if task == "seq-cls":
         from transformers import AutoModelForSequenceClassification
