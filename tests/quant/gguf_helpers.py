@@ -89,10 +89,12 @@ def tiny_llama_model(seed: int = 0, vocab: int | None = None, tie: bool = True, 
 
 
 def write_tiny_gguf(path: Path, model=None, qtype="Q4_1", embed_qtype="Q8_0", arch: str = "llama",
-                    kquant_modules=(), tokenizer: bool = True, seed: int = 0, name: str = "tiny"):
+                    kquant_modules=(), tokenizer: bool = True, seed: int = 0, name: str = "tiny",
+                    head_qtype: str | None = None):
     """Write ``model`` (default: a tiny random Llama) to ``path``; returns the reference model holding
     exactly the file's weights. ``kquant_modules``: {hf module suffix: "Q4_K"|"Q6_K"} written as
-    random K-quant blocks."""
+    random K-quant blocks. ``head_qtype``: of an untied output head (default Q6_K for K-quant
+    files, else Q8_0)."""
     model = model if model is not None else tiny_llama_model(seed, arch=arch)
     cfg = model.config
     rng = np.random.default_rng(seed)
@@ -158,7 +160,8 @@ def write_tiny_gguf(path: Path, model=None, qtype="Q4_1", embed_qtype="Q8_0", ar
                 put(f"blk.{i}.{g}.bias", bias, sd[bias], "F32")
     put("output_norm.weight", "model.norm.weight", sd["model.norm.weight"], "F32")
     if not cfg.tie_word_embeddings:
-        put("output.weight", "lm_head.weight", sd["lm_head.weight"], "Q6_K" if qtype == "Q4_K" else "Q8_0")
+        put("output.weight", "lm_head.weight", sd["lm_head.weight"],
+            head_qtype or ("Q6_K" if qtype == "Q4_K" else "Q8_0"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -237,5 +237,50 @@ def logits(model: str | os.PathLike, ids: list[int], loras: list[tuple[str | os.
         lib.llama_model_free(m)
 
 
+def compare(ours_base: np.ndarray, ours: np.ndarray, cpp_base: np.ndarray, cpp: np.ndarray) -> dict[str, float]:
+    """Figures of llama.cpp vs lorakit, all (positions, vocab) logits: ``base_gap`` max |cpp − ours| of the
+    base alone over the logit scale max |ours_base|; ``delta_max`` max |Δ_ours| over that scale (how much
+    the adapter matters); ``delta_rel`` ‖Δ_cpp − Δ_ours‖ / ‖Δ_ours‖ and ``delta_cos`` their cosine, Δ =
+    logits(base + adapter) − logits(base); ``delta_maxabs`` max |Δ_cpp − Δ_ours| over the logit scale;
+    ``argmax_agree`` the fraction of positions whose adapted argmax agrees; ``noise_rel`` ‖cpp_base −
+    ours_base‖ / ‖Δ_ours‖, the base-vs-base gap in Δ's units: what ``delta_rel`` is when the two runs'
+    gaps are independent noise of that size (≈ √2 · noise_rel) rather than an error in the adapter."""
+    scale = float(np.abs(ours_base).max())
+    d_ours, d_cpp = (ours - ours_base).ravel(), (cpp - cpp_base).ravel()
+    return {
+        "base_gap": float(np.abs(cpp_base - ours_base).max()) / scale,
+        "delta_max": float(np.abs(d_ours).max()) / scale,
+        "delta_rel": float(np.linalg.norm(d_cpp - d_ours) / np.linalg.norm(d_ours)),
+        "delta_cos": float(d_cpp @ d_ours / (np.linalg.norm(d_cpp) * np.linalg.norm(d_ours))),
+        "delta_maxabs": float(np.abs(d_cpp - d_ours).max()) / scale,
+        "argmax_agree": float((cpp.argmax(-1) == ours.argmax(-1)).mean()),
+        "noise_rel": float(np.linalg.norm(cpp_base - ours_base) / np.linalg.norm(d_ours)),
+    }
+
+
+def dequantized_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """``src`` with every tensor dequantized to F32 by ``gguf.quants.dequantize`` (metadata copied): the
+    same weights as the quantized file, without llama.cpp's activation quantization in its matmuls —
+    what separates an exporter error from quantization noise on a real model."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(dst), arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        val = 0 if key == "general.file_type" else f.contents()  # 0: LLAMA_FTYPE_ALL_F32
+        w.add_key_value(key, val, f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        shape = [int(n) for n in reversed(t.shape.tolist())]
+        w.add_tensor(t.name, gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(dst)
+
+
 if __name__ == "__main__":  # python tests/quant/llamacpp_lib.py MODEL.gguf [LORA.gguf]: a smoke check
     print(logits(sys.argv[1], [1, 2, 3], [(p, 1.0) for p in sys.argv[2:]])[:, :5])
