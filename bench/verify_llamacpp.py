@@ -9,7 +9,9 @@ llama-cpp-py-sync wheel, tests/quant/llamacpp_lib.py) and by lorakit:
   configs each (rank+alpha patterns; rsLoRA), and the real SmolLM2-135M-Instruct Q4_1;
 * merge: ``lorakit merge --format gguf`` (f32 and f16) loaded as a plain model.
 Columns (``llamacpp_lib.compare``): base_gap = max |cpp − ours| of the base alone / logit scale;
-delta_max = max |Δ_ours| / scale; delta_rel = ‖Δ_cpp − Δ_ours‖ / ‖Δ_ours‖; delta_cos; argmax agreement.
+delta_max = max |Δ_ours| / scale; delta_rel = ‖Δ_cpp − Δ_ours‖ / ‖Δ_ours‖; noise_rel = ‖base gap‖ / ‖Δ_ours‖;
+delta_cos; delta_maxabs = max |Δ_cpp − Δ_ours| / scale; argmax agreement; rel/noise = delta_rel / noise_rel
+(worst, then the range over seeds).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def main() -> None:
     print(f"llama.cpp {llamacpp_lib.LLAMA_CPP_COMMIT} ({llamacpp_lib.WHEEL}=={llamacpp_lib.WHEEL_VERSION}); "
           f"system info: {llamacpp_lib.load()[0].string(lib.llama_print_system_info()).decode()[:80]}")
     cols = ("base_gap", "delta_max", "delta_rel", "noise_rel", "delta_cos", "delta_maxabs", "argmax_agree")
-    print(f"{'case (worst over seeds)':34s}" + "".join(f"{c:>14s}" for c in cols))
+    print(f"{'case (worst over seeds)':34s}" + "".join(f"{c:>14s}" for c in (*cols, "rel/noise")))
     cases = [(f"adapter {a} F32 {c}", adapter_case, (a, c)) for a in ("llama", "mistral", "qwen2")
              for c in T.CONFIGS]
     cases += [(f"merge {a} --quant {q}", merge_case, (a, q)) for a, q in (("llama", "f32"), ("qwen2", "f32"),
@@ -97,8 +99,12 @@ def main() -> None:
 
 
 def show(name: str, figs: list[dict[str, float]], cols) -> None:
+    for f in figs:  # Δ's error in units of the base-vs-base gap (≈ 1.4 for independent noise)
+        f["rel/noise"] = f["delta_rel"] / f["noise_rel"]
+    cols = (*cols, "rel/noise")
     worst = {c: (min if c in ("delta_cos", "argmax_agree", "delta_max") else max)(f[c] for f in figs) for c in cols}
-    print(f"{name:34s}" + "".join(f"{worst[c]:14.3g}" for c in cols), flush=True)
+    worst["range rel/noise"] = f"[{min(f['rel/noise'] for f in figs):.2f}, {worst['rel/noise']:.2f}]"
+    print(f"{name:34s}" + "".join(f"{worst[c]:14.3g}" for c in cols) + f"  {worst['range rel/noise']}", flush=True)
 
 
 if __name__ == "__main__":

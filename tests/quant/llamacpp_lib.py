@@ -151,7 +151,7 @@ def load():
         return _LOADED
     spec = importlib.util.find_spec("llama_cpp_py_sync")
     if spec is None:
-        raise LlamaCppUnavailable(f"{WHEEL} is not installed (pip install --no-deps {WHEEL}=={WHEEL_VERSION}: "
+        raise LlamaCppUnavailable(f"{WHEEL} is not installed (pip install {WHEEL}=={WHEEL_VERSION}, in the dev extra: "
                                   "llama.cpp's prebuilt libraries + CFFI bindings)")
     from importlib.metadata import version
 
