@@ -5,7 +5,7 @@
 For each case, the same token ids (12) decoded by llama.cpp's prebuilt libraries (the pinned
 llama-cpp-py-sync wheel, tests/quant/llamacpp_lib.py) and by lorakit:
 * adapter: base GGUF + ``export_gguf_adapter`` output, applied by ``llama_adapter_lora_init`` at
-  scale 1 — tiny random F32 Llama / Mistral (untied head, LoRA on it) / Qwen2 (q/k/v biases), two
+  scale 1 — tiny random F32 Llama / Mistral (untied head, LoRA on it) / Qwen2 (q/k/v biases) / Qwen3 (q/k norms, head_dim 128), two
   configs each (rank+alpha patterns; rsLoRA), and the real SmolLM2-135M-Instruct Q4_1;
 * merge: ``lorakit merge --format gguf`` (f32 and f16) loaded as a plain model.
 Columns (``llamacpp_lib.compare``): base_gap = max |cpp − ours| of the base alone / logit scale;
@@ -79,7 +79,7 @@ def main() -> None:
           f"system info: {llamacpp_lib.load()[0].string(lib.llama_print_system_info()).decode()[:80]}")
     cols = ("base_gap", "delta_max", "delta_rel", "noise_rel", "delta_cos", "delta_maxabs", "argmax_agree")
     print(f"{'case (worst over seeds)':34s}" + "".join(f"{c:>14s}" for c in (*cols, "rel/noise")))
-    cases = [(f"adapter {a} F32 {c}", adapter_case, (a, c)) for a in ("llama", "mistral", "qwen2")
+    cases = [(f"adapter {a} F32 {c}", adapter_case, (a, c)) for a in ("llama", "mistral", "qwen2", "qwen3")
              for c in T.CONFIGS]
     cases += [(f"merge {a} --quant {q}", merge_case, (a, q)) for a, q in (("llama", "f32"), ("qwen2", "f32"),
                                                                           ("llama", "f16"))]

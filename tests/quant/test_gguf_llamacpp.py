@@ -4,7 +4,8 @@
 wheel, llama.cpp b11739), against lorakit's own forward of the same token ids.
 
 Tolerances, and why (figures: bench/verify_llamacpp.py, docs/GGUF.md "Verified with llama.cpp"):
-* F32 weights (tiny random Llama, Mistral, Qwen2 with q/k/v biases; the real SmolLM2's weights
+* F32 weights (tiny random Llama, Mistral, Qwen2 with q/k/v biases, Qwen3 with q/k norms and head_dim
+  128 ≠ hidden / heads; the real SmolLM2's weights
   dequantized to F32): llama.cpp's F32 matmuls do not quantize activations and the KV cache is F32
   here, so the two differ only by summation order (measured ≈ 1e-6 relative). Bound: the adapter's
   logit change Δ = logits(base + adapter) − logits(base) agrees to 1e-4 relative (‖Δ_cpp − Δ_ours‖ /
@@ -94,7 +95,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("arch,config", [("llama", "patterns"), ("llama", "rslora"), ("mistral", "rslora"),
-                                         ("qwen2", "patterns")])  # bench/verify_llamacpp.py runs all six
+                                         ("qwen2", "patterns"), ("qwen3", "rslora")])  # bench/verify_llamacpp.py runs all
 def test_exported_adapter_in_llama_cpp(tmp_path, llama_cpp, arch, config):
     base, model = f32_base(tmp_path, arch)
     cfg = dict(CONFIGS[config])
