@@ -35,7 +35,7 @@ import lorakit  # noqa: E402
 from lorakit.quant.gguf_export import export_gguf_adapter  # noqa: E402
 
 
-def adapter_case(tmp: Path, arch: str, config: str, seed: int) -> dict[str, float]:
+def adapter_case(tmp: Path, arch: str, config: str, seed: int, out_type: str = "f32") -> dict[str, float]:
     base, model = T.f32_base(tmp, arch)
     cfg = dict(T.CONFIGS[config])
     if arch == "mistral":
@@ -43,10 +43,14 @@ def adapter_case(tmp: Path, arch: str, config: str, seed: int) -> dict[str, floa
     model = lorakit.inject(model, lorakit.LoraConfig(**cfg))
     T.randomize(model, seed)
     lorakit.save_adapter(model, tmp / "adapter")
-    lora = export_gguf_adapter(tmp / "adapter", tmp / "lora.gguf", base)
+    lora = export_gguf_adapter(tmp / "adapter", tmp / "lora.gguf", base, out_type=out_type)
     ours_base, ours = T.lorakit_logits(model)
     return llamacpp_lib.compare(ours_base, ours, llamacpp_lib.logits(base, T.IDS),
                                 llamacpp_lib.logits(base, T.IDS, [(lora, 1.0)]))
+
+
+def f16_adapter_case(tmp: Path, arch: str, config: str, seed: int) -> dict[str, float]:
+    return adapter_case(tmp, arch, config, seed, out_type="f16")
 
 
 def merge_case(tmp: Path, arch: str, quant: str, seed: int) -> dict[str, float]:
@@ -81,6 +85,7 @@ def main() -> None:
     print(f"{'case (worst over seeds)':34s}" + "".join(f"{c:>14s}" for c in (*cols, "rel/noise")))
     cases = [(f"adapter {a} F32 {c}", adapter_case, (a, c)) for a in ("llama", "mistral", "qwen2", "qwen3")
              for c in T.CONFIGS]
+    cases.append(("adapter llama F32 patterns, f16 file", f16_adapter_case, ("llama", "patterns")))
     cases += [(f"merge {a} --quant {q}", merge_case, (a, q)) for a, q in (("llama", "f32"), ("qwen2", "f32"),
                                                                           ("llama", "f16"))]
     for name, fn, extra in cases:

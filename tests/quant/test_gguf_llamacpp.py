@@ -79,7 +79,7 @@ CONFIGS = {
 
 
 def f32_base(tmp_path, arch: str):
-    """(base GGUF path, lorakit model on it). Llama and Qwen2: lorakit's own loader of the F32 file (the
+    """(base GGUF path, lorakit model on it). Llama, Qwen2, Qwen3: lorakit's own loader of the F32 file (the
     user's path); Mistral (written as ``llama``, untied head with a LoRA on it): transformers'
     MistralForCausalLM holding exactly the file's weights."""
     path = tmp_path / f"{arch}.gguf"
