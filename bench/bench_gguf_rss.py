@@ -13,8 +13,8 @@ the model, resets the kernel's peak-RSS mark (/proc/self/clear_refs 5), runs ``-
 forward+backward+AdamW steps of LoRA r=16 on all linears and reports the steps' peak (VmHWM), the
 same minus the library baseline, the whole process's peak (ru_maxrss, loading included) and the
 median step time after the first (which pays lazy initialisation). The loss is lorakit's chunked CE
-(``--loss full``: the model's own) and ``lean_allocator()`` runs in every mode (``--malloc default``:
-glibc's own thresholds), as ``lorakit train quant=gguf`` does. Rounds interleave the modes;
+(``--loss full``: the model's own), with glibc's own malloc thresholds as ``lorakit train quant=gguf``
+(``--malloc lean``: ``lean_allocator(SMALL_TENSORS)`` in every mode). Rounds interleave the modes;
 the script prints medians, spread and the packed / fp32 ratios (goal: step peak ≤ 0.5×).
 """
 
@@ -42,16 +42,16 @@ def _vm(key: str) -> float:
 
 
 def child(mode: str, path: str, tokens: int, checkpointing: bool, steps: int, loss_kind: str = "chunked",
-          malloc: str = "lean") -> None:
+          malloc: str = "default") -> None:
     import gc
 
     import psutil
     import torch
 
-    if malloc == "lean":  # what lorakit train does for quant=…; applied to every mode alike
-        from lorakit.quant.malloc import lean_allocator
+    if malloc == "lean":  # applied to every mode alike
+        from lorakit.quant.malloc import SMALL_TENSORS, lean_allocator
 
-        lean_allocator()
+        lean_allocator(SMALL_TENSORS)
 
     torch.set_num_threads(1)
     import transformers  # noqa: F401
@@ -109,8 +109,10 @@ def main() -> None:
     ap.add_argument("--loss", default="chunked", choices=("chunked", "full"),
                     help="chunked: lorakit.losses.chunked_cross_entropy (lorakit train's default) in every mode; "
                          "full: the model's own loss over the full logits")
-    ap.add_argument("--malloc", default="lean", choices=("lean", "default"),
-                    help="lean: lorakit.quant.malloc.lean_allocator() in every mode; default: glibc's thresholds")
+    ap.add_argument("--malloc", default="default", choices=("lean", "default"),
+                    help="default: glibc's own thresholds (what lorakit train quant=gguf runs with); lean: "
+                         "lorakit.quant.malloc.lean_allocator(SMALL_TENSORS) in every mode (less memory, ~3x slower "
+                         "packed steps: the slab buffers page-fault on every call)")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     a = ap.parse_args()
     path = a.gguf

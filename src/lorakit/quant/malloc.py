@@ -15,8 +15,9 @@ AdamW moments that outlive them land between them in the heap; with a 1 MB thres
 109 MB free) and the step peak grew by 30-50 MB a step for the first steps; at 128 kB: 256 MB arena,
 26 MB free, step peak 236-244 MB above imports instead of 295-324 (docs/QUANT.md), at the same speed
 of the NF4 matmul (it reuses its scratch). The GGUF codecs make 0.1-1 MB temporaries, which then
-page-fault on every call (a Q4_1 1536 × 576 layer, forward + backward: 28 ms instead of 11 ms), so
-``quant=gguf`` keeps the 1 MB default.
+page-fault on every call (a Q4_1 1536 × 576 layer, forward + backward: 28 ms instead of 11 ms), and
+its 4 MB slab buffers do so under any fixed threshold (a SmolLM2 Q4_1 step: 6 s with glibc's dynamic
+threshold, 19-22 s with 1 MB or 128 kB), so ``quant=gguf`` runs without ``lean_allocator``.
 
 It is process-wide, so only ``lorakit train`` with ``quant=`` (the runs whose point is memory)
 calls it; the benchmark applies it to every mode it compares.

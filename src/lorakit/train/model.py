@@ -100,10 +100,6 @@ def load_model(args: TrainArgs, data_format: str | None = None, label2id: dict[s
         raise ConfigError("a sequence classifier needs the data's labels; pass classification data.")
     id2label = {i: k for k, i in label2id.items()} if task == "seq-cls" else None
     if gguf:
-        if args.quant != "none":
-            from ..quant.malloc import lean_allocator
-
-            lean_allocator()  # as for quantized_model: freed tensors go back to the OS (quant/malloc.py)
         model = gguf_causal_lm(path, args.quant, args.bf16)
     elif args.quant != "none":  # quantized as the shards stream in: never a 16/32-bit copy in memory
         model = quantized_model(path, args, task, id2label)
