@@ -5,9 +5,11 @@
 Written by hand rather than as autograd ops so that
 
 * only rank-sized tensors are created and saved: ``xa = s·(x⊙m) Aᵀ`` (N, r); x itself is saved by
-  reference (the base layer and the sibling projections hold it anyway) and the mask is shared
-  between the projections that read the same x, so no dropped copy of x is stored — backward
-  recomputes x⊙m for dA;
+  reference (the sibling projections that read the same x share it), the dropout mask as bits on
+  CPU (N·in/8 bytes, ``dropout.pack_keep``), so no dropped copy of x is stored — backward recomputes
+  x⊙m for dA, over the unpacked mask's own buffer;
+* ∂x is returned in a buffer of its own (not a view), so autograd adds the base's and the sibling
+  projections' ∂x into it in place (a view would make it allocate a sum);
 * s is applied to the (N, r) tensor, never to an (N, out) one;
 * the add into the base output is fused into the second GEMM (``addmm_`` writes into base(x));
 * backward computes g·B (N, r) once and reuses it for both dA and dx.
