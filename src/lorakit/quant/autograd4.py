@@ -111,6 +111,18 @@ def recompute_context(budget: int | None = None):
     return contextlib.nullcontext(), KeepForBackward(budget)
 
 
+def pooled_bytes() -> int:
+    """Bytes this thread's pool of kept-W buffers holds now (resident until ``clear_pool``)."""
+    return _kept.held
+
+
+def clear_pool() -> None:
+    """Free this thread's kept-W buffers (after training; the next recomputation refills the pool)."""
+    _kept.weights.clear()
+    _kept.free.clear()
+    _kept.held = 0
+
+
 def kept_bytes(weight_bytes: list[int], budget: int | None = None) -> int:
     """What a recomputation keeps for one block whose 4-bit weights (forward order) dequantize to
     ``weight_bytes``: first fit within the budget, as ``_Kept.take`` hands buffers out (for estimates)."""
