@@ -25,6 +25,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 GGUF_OF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # Qwen3
 
 
 def smollm2_path() -> Path | None:
@@ -76,7 +77,14 @@ def random_kquant(rows: int, cols: int, qtype, rng) -> np.ndarray:
 
 
 def tiny_llama_model(seed: int = 0, vocab: int | None = None, tie: bool = True, arch: str = "llama"):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     vocab = vocab or len(tokenizer_vocab()[0])
@@ -85,14 +93,18 @@ def tiny_llama_model(seed: int = 0, vocab: int | None = None, tie: bool = True, 
               rms_norm_eps=1e-5, rope_theta=10000.0)
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+    if arch == "qwen3":  # head_dim 128 ≠ hidden / heads, as in the real Qwen3 models; q/k RMS norms
+        return Qwen3ForCausalLM(Qwen3Config(**kw, head_dim=2 * HIDDEN // HEADS)).eval()
     return LlamaForCausalLM(LlamaConfig(**kw)).eval()
 
 
 def write_tiny_gguf(path: Path, model=None, qtype="Q4_1", embed_qtype="Q8_0", arch: str = "llama",
-                    kquant_modules=(), tokenizer: bool = True, seed: int = 0, name: str = "tiny"):
+                    kquant_modules=(), tokenizer: bool = True, seed: int = 0, name: str = "tiny",
+                    head_qtype: str | None = None):
     """Write ``model`` (default: a tiny random Llama) to ``path``; returns the reference model holding
     exactly the file's weights. ``kquant_modules``: {hf module suffix: "Q4_K"|"Q6_K"} written as
-    random K-quant blocks."""
+    random K-quant blocks. ``head_qtype``: of an untied output head (default Q6_K for K-quant
+    files, else Q8_0)."""
     model = model if model is not None else tiny_llama_model(seed, arch=arch)
     cfg = model.config
     rng = np.random.default_rng(seed)
@@ -108,7 +120,11 @@ def write_tiny_gguf(path: Path, model=None, qtype="Q4_1", embed_qtype="Q8_0", ar
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     if tokenizer:
         tokens, merges = tokenizer_vocab()
         assert len(tokens) == cfg.vocab_size
@@ -142,8 +158,10 @@ def write_tiny_gguf(path: Path, model=None, qtype="Q4_1", embed_qtype="Q8_0", ar
 
     put("token_embd.weight", "model.embed_tokens.weight", sd["model.embed_tokens.weight"], embed_qtype)
     for i in range(cfg.num_hidden_layers):
-        for hf, g in GGUF_OF.items():
+        for hf, g in {**GGUF_OF, **QK_NORMS}.items():
             key = f"model.layers.{i}.{hf}.weight"
+            if key not in sd:  # q/k norms: Qwen3 only
+                continue
             if key.endswith("norm.weight"):
                 put(f"blk.{i}.{g}.weight", key, sd[key], "F32")
                 continue
@@ -158,7 +176,8 @@ def write_tiny_gguf(path: Path, model=None, qtype="Q4_1", embed_qtype="Q8_0", ar
                 put(f"blk.{i}.{g}.bias", bias, sd[bias], "F32")
     put("output_norm.weight", "model.norm.weight", sd["model.norm.weight"], "F32")
     if not cfg.tie_word_embeddings:
-        put("output.weight", "lm_head.weight", sd["lm_head.weight"], "Q6_K" if qtype == "Q4_K" else "Q8_0")
+        put("output.weight", "lm_head.weight", sd["lm_head.weight"],
+            head_qtype or ("Q6_K" if qtype == "Q4_K" else "Q8_0"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

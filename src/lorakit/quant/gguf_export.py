@@ -32,16 +32,21 @@ PREFIX = "base_model.model."
 OUT_TYPES = ("f32", "f16")
 
 
-def _adapter_model_type(cfg: dict, adapter: Path) -> str | None:
-    """The adapter's base architecture (transformers model_type) when the adapter says where its base is."""
+def _adapter_model_type(cfg: dict, adapter: Path, opened: GGUFFile | None = None) -> str | None:
+    """The adapter's base architecture (transformers model_type) when the adapter says where its base is.
+    ``opened``: a GGUF already open; when it is the recorded base it is not parsed again (a 49k-token
+    vocabulary takes gguf's reader seconds)."""
     base = cfg.get("base_model_name_or_path")
     if not base:
         return None
     base_path = Path(base)
     if base_path.suffix == ".gguf" and base_path.is_file():
-        f = GGUFFile(base_path)
-        arch = f.architecture
-        f.close()
+        if opened is not None and opened.path.resolve() == base_path.resolve():
+            arch = opened.architecture
+        else:
+            f = GGUFFile(base_path)
+            arch = f.architecture
+            f.close()
         return ARCHS[arch].model_types[0] if arch in ARCHS else arch
     if (base_path / "config.json").is_file():
         return json.loads((base_path / "config.json").read_text()).get("model_type")
@@ -84,7 +89,7 @@ def gguf_adapter_tensors(adapter: str | os.PathLike, base: GGUFFile) -> tuple[di
         )
     config = LoraConfig.from_peft_dict(cfg_dict, source=str(adapter / "adapter_config.json"))
     spec = base.require_supported()
-    model_type = _adapter_model_type(cfg_dict, adapter)
+    model_type = _adapter_model_type(cfg_dict, adapter, base)
     if model_type is not None and model_type not in spec.model_types:
         target = arch_for_model_type(model_type)
         raise ConfigError(

@@ -128,7 +128,7 @@ def report_path(out: Path) -> Path:
 
 
 def _check_architecture(adapter, f: GGUFFile, spec) -> None:
-    model_type = _adapter_model_type(read_adapter_config(adapter), Path(adapter))
+    model_type = _adapter_model_type(read_adapter_config(adapter), Path(adapter), f)
     if model_type is not None and model_type not in spec.model_types:
         target = arch_for_model_type(model_type)
         raise ConfigError(
