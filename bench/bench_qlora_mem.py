@@ -12,7 +12,11 @@ process — rounds interleaved (lora, qlora, peft-bnb, lora, ...) — and report
   so it is the peak of the training steps, weights included;
 * "above imports": the same minus the RSS after importing torch/transformers/lorakit/peft (the
   interpreter and libraries, ~0.4-0.5 GB, identical in every mode and not the model's memory);
-* step time: median of the steps after the first.
+* step time: median of the steps after the first, wall clock and CPU time (``time.process_time``: every
+  thread of the process; with ``--threads 1`` the figure a loaded machine distorts least).
+
+``--modes lora,qlora,qlora@alt --alt-src DIR`` adds a column for another lorakit source tree (e.g.
+``git archive main src | tar -x -C /tmp/base`` → ``--alt-src /tmp/base/src``): before/after in one run.
 
 Every mode: the same compute dtype (``--dtype``: fp32 by default — this CPU emulates bf16; with
 bf16, autocast for the 16-bit LoRA, whose weights then load in bf16), gradient checkpointing, LoRA r=16 on all
@@ -76,9 +80,9 @@ def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, thread
 
     dtype = getattr(torch, dtype_name)
     if malloc == "lean":  # the same allocator settings in every mode (lorakit train applies them for quant=)
-        from lorakit.quant.malloc import SMALL_TENSORS, lean_allocator
+        from lorakit.quant import malloc
 
-        lean_allocator(SMALL_TENSORS)
+        malloc.lean_allocator(getattr(malloc, "SMALL_TENSORS", 1 << 20))  # an older --alt-src lacks it
 
     torch.set_num_threads(threads)
     import transformers  # noqa: F401
@@ -105,7 +109,8 @@ def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, thread
     if mode in ("qlora", "qlora-h32"):
         model = load_for_qlora(model_dir, quant="nf4", double_quant=True, compute_dtype=dtype)
         lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-        if mode == "qlora":  # lorakit train's default (quant_head=bf16); qlora-h32: quant_head=compute
+        # lorakit train's default (quant_head=bf16); qlora-h32: quant_head=compute (and an --alt-src without it)
+        if mode == "qlora" and importlib.util.find_spec("lorakit.quant.head16") is not None:
             from lorakit.quant.head16 import keep_head_16bit
 
             keep_head_16bit(model)
@@ -138,9 +143,9 @@ def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, thread
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     owner = model.get_base_model() if mode == "peft-bnb" else model  # the transformers model under PEFT
     reset_peak()
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if loss_kind == "chunked":  # lorakit's chunked CE (what `lorakit train` uses), for every mode
                 with hidden_states_instead_of_logits(owner) as head:
@@ -152,10 +157,18 @@ def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, thread
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)  # all threads of the process (numpy pool included)
     step_peak = rss_kib("VmHWM")
     return {"mode": mode, "base_mb": base_kib / 1024, "load_s": load_s, "load_peak_mb": load_peak / 1024,
             "step_peak_mb": step_peak / 1024, "step_above_imports_mb": (step_peak - base_kib) / 1024,
-            "step_s": statistics.median(times[1:] or times), "loss": float(loss), "trainable": sum(p.numel() for p in params)}
+            "step_s": statistics.median(times[1:] or times),
+            "step_cpu_s": statistics.median(cpu[1:] or cpu), "loss": float(loss), "trainable": sum(p.numel() for p in params)}
+
+
+def per_round(results: dict[str, list[dict]], a: str, b: str) -> str:
+    """Median [min-max] of the CPU-time ratio a/b within each round (the two ran minutes apart, not hours)."""
+    rs = [x["step_cpu_s"] / y["step_cpu_s"] for x, y in zip(results[a], results[b])]
+    return f"[per round: median {statistics.median(rs):.2f}, {min(rs):.2f}-{max(rs):.2f}]" if rs else ""
 
 
 def main() -> None:
@@ -167,7 +180,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="compute dtype (bf16 is emulated, ~50x slower, on CPUs without AVX512-BF16/AMX)")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"comma-separated, from {', '.join(MODES)}; MODE@alt runs MODE on --alt-src's lorakit")
+    ap.add_argument("--alt-src", default=None,
+                    help="another lorakit src/ directory for the MODE@alt modes (before/after columns)")
     ap.add_argument("--malloc", default="lean", choices=("lean", "default"),
                     help="lean: lorakit.quant.malloc.lean_allocator(SMALL_TENSORS) in every mode (what lorakit train does for "
                          "quant=); default: glibc's dynamic thresholds")
@@ -195,12 +211,17 @@ def main() -> None:
         for mode in modes:
             if mode in failed:
                 continue
-            cmd = [sys.executable, __file__, "--child", mode, "--dir", str(model_dir), "--steps", str(args.steps),
+            base_mode, alt = mode.removesuffix("@alt"), mode.endswith("@alt")
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            if alt:  # the same mode on another lorakit source tree (a before/after column)
+                if not args.alt_src:
+                    raise SystemExit(f"mode {mode} needs --alt-src DIR (e.g. a `git archive main src` unpacked)")
+                env["PYTHONPATH"] = os.pathsep.join([args.alt_src] + [p for p in [env.get("PYTHONPATH")] if p])
+            cmd = [sys.executable, __file__, "--child", base_mode, "--dir", str(model_dir), "--steps", str(args.steps),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
                    "--dtype", args.dtype, "--loss", args.loss,
                    "--malloc", args.malloc, "--tile", str(args.tile)]
-            p = subprocess.run(cmd, capture_output=True, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 failed[mode] = (p.stderr.strip().splitlines() or ["no output"])[-1][:300]
@@ -210,7 +231,7 @@ def main() -> None:
             results[mode].append(res)
             print(f"round {r + 1}: {mode:10s} step peak {res['step_peak_mb']:7.0f} MB (above imports "
                   f"{res['step_above_imports_mb']:6.0f}) load peak {res['load_peak_mb']:7.0f} MB "
-                  f"step {res['step_s']:.2f} s load {res['load_s']:.1f} s loss {res['loss']:.3f}", flush=True)
+                  f"step {res['step_s']:.2f} s (cpu {res['step_cpu_s']:.2f} s) load {res['load_s']:.1f} s loss {res['loss']:.3f}", flush=True)
     print(f"\nSmolLM2-135M (bf16 HF dir from the GGUF), {args.dtype} compute, batch {args.batch} x {args.seq} tokens, "
           f"{args.threads} thread(s), {args.loss} CE, {args.malloc} malloc, {args.rounds} rounds; median [min-max]")
     med = {}
@@ -218,21 +239,24 @@ def main() -> None:
         if not rs:
             continue
         row = {}
-        for key in ("step_peak_mb", "step_above_imports_mb", "load_peak_mb", "step_s"):
+        for key in ("step_peak_mb", "step_above_imports_mb", "load_peak_mb", "step_s", "step_cpu_s"):
             vals = [x[key] for x in rs]
             row[key] = statistics.median(vals)
-            print(f"  {mode:9s} {key:22s} {row[key]:9.2f}  [{min(vals):.2f}-{max(vals):.2f}]")
+            print(f"  {mode:10s} {key:22s} {row[key]:9.2f}  [{min(vals):.2f}-{max(vals):.2f}]")
         med[mode] = row
-    for qmode in ("qlora", "qlora-h32"):
+    for qmode in ("qlora", "qlora-h32", "qlora@alt"):
         if qmode not in med:
             continue
         q = med[qmode]
-        for other, bar_mem in (("lora", 0.5), ("peft-bnb", 0.5)):
-            if other in med:
+        for other, bar_mem in (("lora", 0.5), ("peft-bnb", 0.5), ("qlora@alt", None)):
+            if other in med and other != qmode:
                 o = med[other]
                 print(f"  {qmode}/{other}: step peak {q['step_peak_mb'] / o['step_peak_mb']:.2f}x, above imports "
-                      f"{q['step_above_imports_mb'] / o['step_above_imports_mb']:.2f}x (bar <= {bar_mem}), "
-                      f"step time {q['step_s'] / o['step_s']:.2f}x" + (" (bar <= 1.3)" if other == "lora" else ""))
+                      f"{q['step_above_imports_mb'] / o['step_above_imports_mb']:.2f}x"
+                      + (f" (bar <= {bar_mem})" if bar_mem else "")
+                      + f", step time {q['step_s'] / o['step_s']:.2f}x, step CPU time "
+                      f"{q['step_cpu_s'] / o['step_cpu_s']:.2f}x {per_round(results, qmode, other)}"
+                      + (" (bar <= 1.3)" if other == "lora" else ""))
     for mode, why in failed.items():
         print(f"  {mode}: did not run — {why}")
     if tmp is not None:

@@ -148,3 +148,47 @@ def test_masks_are_redrawn_identically_under_gradient_checkpointing(shared):
                       m.k.lora["default"].lora_B.grad.clone()))
     for plain, ckpt in zip(*grads):
         torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 180, 1001])
+def test_pack_keep_round_trip(n):
+    from lorakit.layers.dropout import pack_keep, unpack_keep
+
+    keep = torch.rand(n) > 0.3
+    saved = pack_keep(keep)
+    assert saved.dtype == torch.uint8 and saved.numel() == (n + 7) // 8  # 1 bit an element on CPU
+    back = unpack_keep(saved, torch.Size([n]), torch.float32)
+    torch.testing.assert_close(back, keep.float(), rtol=0, atol=0)
+
+
+def test_branch_saves_the_mask_as_bits_and_an_own_mask_as_is():
+    """What autograd keeps for the dropout branch: 1 bit per element of x for a drawn mask (n/8 bytes,
+    not the 4-byte float mask); a caller's own mask tensor unchanged. Gradients as the naive formula."""
+    from lorakit.layers.branch import lora_linear_branch
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12, requires_grad=True)  # 180 elements: not a multiple of 8
+    a = torch.randn(4, 12, requires_grad=True)
+    b = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(6, 12)
+    own = (torch.rand(3, 5, 12) > 0.5).float() * 3.0
+    for mask in (dropout_mask(x, 0.3), own):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = lora_linear_branch(x @ w.T, x, a, b, 0.5, mask)
+        g = torch.randn_like(y)
+        y.backward(g)
+        grads = [x.grad.clone(), a.grad.clone(), b.grad.clone()]
+        for t in (x, a, b):
+            t.grad = None
+        xr, ar, br = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+        ref = xr @ w.T + 0.5 * ((xr * mask) @ ar.T) @ br.T
+        ref.backward(g)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, (xr.grad, ar.grad, br.grad)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        big = [t for t in saved if t.numel() >= x.numel() // 8 and t.dtype != x.dtype or t is own]
+        if mask is own:
+            assert any(t is own for t in saved)
+        else:
+            assert [(t.dtype, t.numel()) for t in big] == [(torch.uint8, (x.numel() + 7) // 8)]

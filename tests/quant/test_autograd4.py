@@ -77,3 +77,98 @@ def test_tiled_backward_saves_no_dense_weight(small_tiles):
         y = q(x)
     y.sum().backward()
     assert not [s for s in saved if s[0].is_floating_point and s[1] >= 64 * 128], saved
+
+
+# -- two rebuilds a step under gradient checkpointing (W kept from the recomputation) --------------
+def _qlora_model(checkpointing: bool):
+    import lorakit
+    from lorakit.quant import prepare_for_kbit_training, quantize_model
+
+    from conftest import tiny_llama
+
+    model = prepare_for_kbit_training(quantize_model(tiny_llama(), compute_dtype=torch.float32),
+                                      gradient_checkpointing=checkpointing)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:  # B != 0, so every base matmul's input gradient matters
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.train()
+
+
+def _step_counting(model, monkeypatch):
+    """One forward + backward; returns (LoRA grads, weights dequantized / weights in the model)."""
+    from lorakit.quant import kernels4_cpu
+
+    done = []
+    real = kernels4_cpu.dequantize_span
+    monkeypatch.setattr(kernels4_cpu, "dequantize_span",
+                        lambda packed, absmax, bs, qt, start, stop, *a: done.append(stop - start) or
+                        real(packed, absmax, bs, qt, start, stop, *a))
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    model(input_ids=ids, labels=ids).loss.backward()
+    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, sum(done) / total
+
+
+def test_recomputation_keeps_w_for_backward(small_tiles, monkeypatch):
+    autograd4.clear_pool()
+    kept_grads, rebuilds = _step_counting(_qlora_model(True), monkeypatch)
+    assert rebuilds == 2  # forward + recomputation; the backward reads what the recomputation kept
+    assert not autograd4._kept.weights  # every kept W was consumed by its backward
+    held = autograd4.pooled_bytes()
+    assert 0 < held <= autograd4.KEEP_BYTES
+    # one block's weights (fp32) at most: the pool is reused from block to block
+    block = sum(m.in_features * m.out_features * 4 for m in _qlora_model(True).model.layers[0].modules()
+                if isinstance(m, QuantLinear))
+    assert held == block
+    monkeypatch.setattr(autograd4, "KEEP_BYTES", 0)  # nothing kept: three rebuilds, the same gradients
+    autograd4.clear_pool()
+    grads, rebuilds = _step_counting(_qlora_model(True), monkeypatch)
+    assert rebuilds == 3 and autograd4.pooled_bytes() == 0
+    for name, g in grads.items():
+        assert torch.equal(g, kept_grads[name]), name  # bit-identical: same tiles, same order
+
+
+def test_keep_budget_bounds_the_pool(small_tiles, monkeypatch):
+    autograd4.clear_pool()
+    q_bytes = 32 * 32 * 4  # q_proj of the tiny llama, fp32
+    monkeypatch.setattr(autograd4, "KEEP_BYTES", q_bytes + 100)
+    _, rebuilds = _step_counting(_qlora_model(True), monkeypatch)
+    assert autograd4.pooled_bytes() <= q_bytes + 100
+    assert 2 < rebuilds < 3
+
+
+def test_no_checkpointing_keeps_nothing(small_tiles, monkeypatch):
+    autograd4.clear_pool()
+    _, rebuilds = _step_counting(_qlora_model(False), monkeypatch)
+    # forward + backward (none for layer 0's q/k/v: without checkpointing the embedding output needs no
+    # gradient); no recomputation, nothing kept
+    assert 1.5 < rebuilds <= 2
+    assert autograd4.pooled_bytes() == 0 and not autograd4._kept.weights
+
+
+def test_keep_context_is_reentrant_with_retain_graph(small_tiles):
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(nn.Linear(64, 48, bias=False), compute_dtype=torch.float32)
+    w = q.dequantize_weight()
+    x = torch.randn(5, 64, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(q, x, use_reentrant=False, context_fn=autograd4.recompute_context)
+    g = torch.randn_like(y)
+    y.backward(g, retain_graph=True)
+    y.backward(g)  # recomputes again under the same context object
+    torch.testing.assert_close(x.grad, 2 * (g @ w), rtol=1e-5, atol=1e-5)
+    assert not autograd4._kept.weights
+
+
+def test_estimate_counts_the_pool_until_it_is_resident(small_tiles, monkeypatch):
+    from lorakit.train.estimate import recompute_kept_bytes
+
+    model = _qlora_model(True)
+    block = sum(m.in_features * m.out_features * 4 for m in model.model.layers[0].modules()
+                if isinstance(m, QuantLinear))
+    assert recompute_kept_bytes(model) == block
+    monkeypatch.setattr(autograd4, "KEEP_BYTES", 32 * 32 * 4)  # only q_proj (first in forward order) fits
+    assert recompute_kept_bytes(model) == 32 * 32 * 4
+    assert recompute_kept_bytes(_qlora_model(False)) == 0

@@ -5,9 +5,11 @@
 Written by hand rather than as autograd ops so that
 
 * only rank-sized tensors are created and saved: ``xa = s·(x⊙m) Aᵀ`` (N, r); x itself is saved by
-  reference (the base layer and the sibling projections hold it anyway) and the mask is shared
-  between the projections that read the same x, so no dropped copy of x is stored — backward
-  recomputes x⊙m for dA;
+  reference (the sibling projections that read the same x share it), the dropout mask as bits on
+  CPU (N·in/8 bytes, ``dropout.pack_keep``), so no dropped copy of x is stored — backward recomputes
+  x⊙m for dA, over the unpacked mask's own buffer;
+* ∂x is returned in a buffer of its own (not a view), so autograd adds the base's and the sibling
+  projections' ∂x into it in place (a view would make it allocate a sum);
 * s is applied to the (N, r) tensor, never to an (N, out) one;
 * the add into the base output is fused into the second GEMM (``addmm_`` writes into base(x));
 * backward computes g·B (N, r) once and reuses it for both dA and dx.
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .dropout import pack_keep, unpack_keep
+
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
@@ -29,16 +33,19 @@ class _LoraLinear(torch.autograd.Function):
         # autocast off: it would turn x2 @ A into bf16 while a base that returns fp32 (QuantLinear
         # casts back to x's dtype) leaves out2 fp32, and the in-place addmm_ is not autocast.
         dt = base_out.dtype
-        x2 = _dropped(x, mask, dt)  # (N, in), a temporary
-        a_, b_ = a.to(dt), b.to(dt)
-        xa = (x2 @ a_.T).mul_(scaling)  # (N, r)
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
+        xd = x2 if mask is None else x2 * mask.reshape(x2.shape).to(dt)  # (N, in), a temporary
+        xa = (xd @ a.to(dt).T).mul_(scaling)  # (N, r)
+        del xd
         out2 = base_out.view(-1, base_out.shape[-1])  # (N, out), same storage as base_out
-        out2.addmm_(xa, b_.T)
+        out2.addmm_(xa, b.to(dt).T)
         ctx.mark_dirty(base_out)
-        # A mask from dropout_mask() carries its bool form: keep that (1 byte an element, not 4) and
-        # rebuild the 0/1 mask in backward, with 1/(1−p) folded into the rank-sized gradient.
-        keep, ctx.keep_scale = getattr(mask, "lorakit_keep", None), getattr(mask, "lorakit_scale", 1.0)
-        ctx.save_for_backward(x, mask if keep is None else keep, xa, a, b)
+        # A mask from dropout_mask() carries its bool form: keep that, packed to bits on CPU (1/32 of
+        # the float mask), and rebuild a 0/1 mask in backward, with 1/(1−p) folded into the
+        # rank-sized gradient. Any other mask is kept as it is.
+        keep = getattr(mask, "lorakit_keep", None)
+        ctx.keep_scale = getattr(mask, "lorakit_scale", None) if keep is not None else None
+        ctx.save_for_backward(x, mask if keep is None else pack_keep(keep), xa, a, b)
         ctx.scaling = scaling
         return base_out
 
@@ -46,31 +53,35 @@ class _LoraLinear(torch.autograd.Function):
     @torch.autocast("cpu", enabled=False)
     @torch.autocast("cuda", enabled=False)
     def backward(ctx, g):
-        x, mask, xa, a, b = ctx.saved_tensors
+        x, saved_mask, xa, a, b = ctx.saved_tensors
         s, dt = ctx.scaling, g.dtype
-        if mask is not None and mask.dtype == torch.bool:
-            mask, s = mask.to(dt), s * ctx.keep_scale  # x⊙m = (x⊙keep)·(1/(1−p)); the factor goes on gxa
         g2 = g.reshape(-1, g.shape[-1])  # (N, out); a copy when g is strided (e.g. after attention)
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
+        mask, own = None, False  # own: mask is a fresh tensor backward may overwrite
+        if saved_mask is not None and ctx.keep_scale is not None:
+            mask, own, s = unpack_keep(saved_mask, x2.shape, dt), True, s * ctx.keep_scale  # 0/1
+        elif saved_mask is not None:
+            mask = saved_mask.reshape(x2.shape).to(dt)
         need_x, _, need_a, need_b = ctx.needs_input_grad[1:5]
         grad_x = grad_a = grad_b = None
         if need_b:
             grad_b = (xa.T @ g2).T.to(b.dtype)  # (out, r); this operand order is the faster GEMM on MKL
         if need_x or need_a:
             gxa = (g2 @ b.to(dt)).mul_(s)  # (N, r)
-            if need_a:
-                grad_a = (gxa.T @ _dropped(x, mask, dt)).to(a.dtype)  # (r, in)
             if need_x:
-                gx = gxa @ a.to(dt)  # (N, in)
+                # Allocated in x's shape, not a view of it: autograd then adds the base layer's (and the
+                # sibling projections') ∂x into this buffer in place instead of into a new one.
+                gx = torch.empty(x.shape, dtype=dt, device=x.device)
+                torch.mm(gxa, a.to(dt), out=gx.view(x2.shape))  # (N, in)
                 if mask is not None:
-                    gx.mul_(mask.reshape(gx.shape))
-                grad_x = gx.view(x.shape).to(x.dtype)
+                    gx.view(x2.shape).mul_(mask)
+                grad_x = gx.to(x.dtype)
+            if need_a:
+                # x ⊙ m, written over the 0/1 mask when backward owns it (no other (N, in) buffer)
+                xd = x2 if mask is None else mask.mul_(x2) if own else x2 * mask
+                grad_a = (gxa.T @ xd).to(a.dtype)  # (r, in)
         # Hand the base layer the contiguous gradient, so its backward does not copy it a second time.
         return g2.view(g.shape), grad_x, None, grad_a, grad_b, None
-
-
-def _dropped(x: torch.Tensor, mask: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1]).to(dt)
-    return x2 if mask is None else x2 * mask.reshape(x2.shape).to(dt)
 
 
 def lora_linear_branch(base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

@@ -44,11 +44,23 @@ class Blockwise8bit:
     def dequantize(self) -> torch.Tensor:
         """(n,) fp32."""
         values, _ = _map_and_bounds(self.signed)
-        if self.codes.device.type == "cpu" and not torch.compiler.is_compiling():  # np.take: faster on CPU
-            vals = torch.from_numpy(np.take(values.numpy(), self.codes.numpy()))
-        else:
-            vals = values.to(self.codes.device)[self.codes.long()]  # (n,)
+        if self.codes.device.type == "cpu" and not torch.compiler.is_compiling():
+            return torch.from_numpy(self._dequantize_numpy(values.numpy()))
+        vals = values.to(self.codes.device)[self.codes.long()]  # (n,)
         return _per_block(vals, self.blocksize, lambda v: v.mul_(self.absmax.view(-1, 1)))
+
+    def _dequantize_numpy(self, values: np.ndarray) -> np.ndarray:
+        """The CPU path (the 4-bit matmul decodes its absmax this way on every call): the same fp32
+        products as the torch path, ~3x faster on small tensors. The codes are widened to intp first:
+        np.take converts uint8 indices element by element."""
+        vals = np.take(values, self.codes.numpy().astype(np.intp), mode="clip")  # (n,) fp32
+        absmax, bs = self.absmax.numpy(), self.blocksize
+        full = vals.size - vals.size % bs
+        body = vals[:full].reshape(-1, bs)
+        np.multiply(body, absmax[: full // bs, None], out=body)
+        if full < vals.size:  # a short last block
+            np.multiply(vals[full:], absmax[-1], out=vals[full:])
+        return vals
 
     @property
     def nbytes(self) -> int:
@@ -104,7 +116,10 @@ class DoubleQuantized:
 
     def dequantize(self) -> torch.Tensor:
         """The recovered absmax values, (blocks,) fp32."""
-        return self.q.dequantize() + self.offset
+        vals = self.q.dequantize()
+        if vals.device.type == "cpu" and not torch.compiler.is_compiling():  # in place: a fresh (blocks,) result
+            return vals.add_(self.offset)
+        return vals + self.offset
 
     @property
     def nbytes(self) -> int:

@@ -9,7 +9,9 @@
   is 131M parameters, 0.5 GB in fp32 — more than all 4-bit attention weights of a few layers;
 * gradient checkpointing (non-reentrant) with input gradients enabled
   (``enable_input_require_grads``), so that activations are recomputed instead of stored and
-  checkpointed segments get gradients even though the embedding is frozen.
+  checkpointed segments get gradients even though the embedding is frozen. Its recomputation runs
+  under ``autograd4.recompute_context``: the CPU 4-bit matmuls keep the W they rebuild there for the
+  block's backward (bounded by ``autograd4.KEEP_BYTES``), two rebuilds a step instead of three.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .autograd4 import recompute_context
 from .model import output_head
 
 
@@ -70,7 +73,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": False, "context_fn": recompute_context}
     if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers ≥ 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif callable(getattr(model, "gradient_checkpointing_enable", None)):

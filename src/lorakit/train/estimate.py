@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import losses
 from ..losses import unsupported_reason
+from ..quant import autograd4
 
 MB = 1024 * 1024
 
@@ -96,7 +97,8 @@ def optimizer_state_mb(model: nn.Module, optim: str = "adamw") -> float:
 def dequantized_weight_bytes(model: nn.Module) -> float:
     """A quantized linear layer (``QuantLinear``) rebuilds its weight for each matmul: the largest one's
     dequantized copy (a tile of it on the CPU's 4-bit path, ``matmul_scratch_bytes``) is alive at the
-    peak of a step; else its fp32 dequantization plus its cast to the compute dtype."""
+    peak of a step; else its fp32 dequantization plus its cast to the compute dtype. Plus what the
+    checkpoint recomputations will still add to the pool of kept weights (``recompute_kept_bytes``)."""
     biggest = 0.0
     for m in model.modules():
         if hasattr(m, "matmul_scratch_bytes"):
@@ -104,7 +106,26 @@ def dequantized_weight_bytes(model: nn.Module) -> float:
         elif hasattr(m, "dequantize_weight") and hasattr(m, "compute_dtype"):
             n = m.in_features * m.out_features
             biggest = max(biggest, n * (4 + torch.empty(0, dtype=m.compute_dtype).element_size()))
-    return biggest
+    return biggest + max(0, recompute_kept_bytes(model) - autograd4.pooled_bytes())
+
+
+def recompute_kept_bytes(model: nn.Module) -> int:
+    """The pool of W kept from checkpoint recomputations for their backward (``quant.autograd4``): per
+    checkpointed block (the innermost modules with ``gradient_checkpointing`` on), its CPU 4-bit weights
+    in the compute dtype, first fit within ``KEEP_BYTES``; the largest block's. Resident once a step ran
+    (after the probe it is already in "process now", hence the subtraction in the caller)."""
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    blocks = [m for m in flagged if not any(c is not m and getattr(c, "gradient_checkpointing", False) is True
+                                            for c in m.modules())]
+    most = 0
+    for block in blocks:
+        sizes = []
+        for m in block.modules():
+            buffers = list(m.buffers(recurse=False)) if hasattr(m, "matmul_scratch_bytes") else []
+            if buffers and autograd4.applies(m.layout, buffers[0].device):
+                sizes.append(m.in_features * m.out_features * torch.empty(0, dtype=m.compute_dtype).element_size())
+        most = max(most, autograd4.kept_bytes(sizes))
+    return most
 
 
 def current_rss_mb() -> float:
