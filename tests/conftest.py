@@ -9,7 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`-n 2`, pyproject's addopts) each worker gets one core's worth of threads: two
+# workers × two OpenMP threads on a 2-core box spin-wait on each other (docs/PERFORMANCE.md, threads).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def tiny_llama(seed: int = 0, vocab: int = 100, layers: int = 2):

@@ -174,7 +174,7 @@ def test_branch_saves_the_mask_as_bits_and_an_own_mask_as_is():
     own = (torch.rand(3, 5, 12) > 0.5).float() * 3.0
     for mask in (dropout_mask(x, 0.3), own):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
             y = lora_linear_branch(x @ w.T, x, a, b, 0.5, mask)
         g = torch.randn_like(y)
         y.backward(g)

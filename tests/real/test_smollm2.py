@@ -17,11 +17,13 @@ from lorakit.train import TrainArgs, train
 from .facts import unicode_name_rows, write_rows
 
 pytestmark = pytest.mark.slow
+# One thread under pytest-xdist (two workers share the 2 cores; two OpenMP threads each spin-wait).
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 
 def _args(model, data, out, **kw):
     base = dict(model=str(model), data=str(data), output_dir=str(out), batch_size=4, max_steps=3, lr=2e-3, r=16,
-                lora_alpha=32, progress=False, max_length=48, eval_rows=4, threads=2)
+                lora_alpha=32, progress=False, max_length=48, eval_rows=4, threads=THREADS)
     base.update(kw)
     return TrainArgs(**base)
 

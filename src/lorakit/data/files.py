@@ -27,10 +27,10 @@ from typing import Any
 from .. import tasks
 from ..errors import ConfigError, DataError
 from . import glue
+from .formats import normalize
 from .guard import scan_file
 
 BUILTIN_PREFIX = "builtin:"  # `--data builtin:TASK`: one of lorakit's embedded task files
-from .formats import normalize
 
 FORMATS = ("text", "instruction", "chat", "completion", "classification")
 INPUT_FORMATS = (*FORMATS, "sharegpt")  # sharegpt rows become chat rows (formats.py)
