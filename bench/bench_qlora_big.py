@@ -42,6 +42,14 @@ def llama_config(size: str):
                        torch_dtype="bfloat16")
 
 
+def checkpoint_tensors(cfg):
+    """(name, shape) of every tensor of a Llama checkpoint, in file order."""
+    names = [("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))]
+    for i in range(cfg.num_hidden_layers):
+        names += layer_tensors(cfg, i)
+    return names + [("model.norm.weight", (cfg.hidden_size,)), ("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))]
+
+
 def layer_tensors(cfg, i: int):
     """(name, shape) of decoder layer i, in checkpoint naming."""
     h, f = cfg.hidden_size, cfg.intermediate_size
@@ -61,10 +69,7 @@ def write_checkpoint(size: str, out: str) -> None:
     torch.set_num_threads(1)
     out_dir = Path(out)
     cfg = llama_config(size)
-    names = [("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))]
-    for i in range(cfg.num_hidden_layers):
-        names += layer_tensors(cfg, i)
-    names += [("model.norm.weight", (cfg.hidden_size,)), ("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))]
+    names = checkpoint_tensors(cfg)
     gen = torch.Generator().manual_seed(0)
     weight_map, shard, shard_bytes, n_shard = {}, {}, 0, 0
 

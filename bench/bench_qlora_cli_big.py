@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_qlora_big import GOAL_GIB, SHARD_BYTES, SIZES, layer_tensors, llama_config  # noqa: E402
+from bench_qlora_big import GOAL_GIB, SHARD_BYTES, SIZES, checkpoint_tensors, llama_config  # noqa: E402
 
 POOL = 1 << 26  # bf16 values of random N(0, 0.02) data every tensor's bytes are cut from (128 MB)
 
@@ -42,10 +42,7 @@ def write_checkpoint_fast(size: str, out: str) -> None:
 
     out_dir = Path(out)
     cfg = llama_config(size)
-    names = [("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))]
-    for i in range(cfg.num_hidden_layers):
-        names += layer_tensors(cfg, i)
-    names += [("model.norm.weight", (cfg.hidden_size,)), ("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))]
+    names = checkpoint_tensors(cfg)
     gen = torch.Generator().manual_seed(0)
     pool = torch.randn(POOL, generator=gen).mul_(0.02).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
     one = torch.ones(1, dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()

@@ -21,6 +21,7 @@ from ..errors import QuantizationError
 from .gguf_codecs import FORMATS, check_format, dequantize
 from .gguf_matmul import GGUFDequantLinear
 from .gguf_matmul import row_tiles as gguf_row_tiles
+from .keep_dtype import apply_keeping_dtype
 from .linear import QuantLinear, check_compute_dtype
 
 
@@ -114,12 +115,7 @@ class GGUFEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) must not cast the codes; only their device may change (as QuantLinear does).
-        packed = self._buffers.pop("weight_packed")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            moved = fn(packed)
-            self._buffers["weight_packed"] = moved if moved.dtype == packed.dtype else packed.to(moved.device)
+        apply_keeping_dtype(self, ["weight_packed"], fn, lambda: super(GGUFEmbedding, self)._apply(fn, recurse))
         return self
 
     def extra_repr(self) -> str:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .keep_dtype import apply_keeping_dtype
 
 #: W rows upcast at a time in ``FrozenHead.forward`` (fp32: 2 M elements = 8 MB).
 TILE_ELEMENTS = 1 << 21
@@ -45,12 +46,9 @@ class _Frozen16(nn.Module):
         self.weight._lorakit_params = self.weight.numel()  # counted as the model's parameters
 
     def _apply(self, fn, recurse=True):
-        w = self._buffers.pop("weight")
         try:
-            super()._apply(fn, recurse)
+            apply_keeping_dtype(self, ["weight"], fn, lambda: super(_Frozen16, self)._apply(fn, recurse))
         finally:
-            moved = fn(w)
-            self._buffers["weight"] = moved if moved.dtype == w.dtype else w.to(moved.device)
             self._tag()
         return self
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import QuantizationError
 from . import autograd4, int8, nf4
 from .autograd4 import TiledDequantLinear4
+from .keep_dtype import apply_keeping_dtype
 from .lora_kind import QuantLinearKind
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -170,13 +171,9 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype) would cast the fp32 statistics; only let their device change.
         names = ["weight_" + n for n in self.layout.tensor_names]
-        kept = {n: self._buffers.pop(n) for n in names}
         try:
-            super()._apply(fn, recurse)
+            apply_keeping_dtype(self, names, fn, lambda: super(QuantLinear, self)._apply(fn, recurse))
         finally:
-            for n, t in kept.items():
-                moved = fn(t)
-                self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
             self._tag_params()
         return self
 
