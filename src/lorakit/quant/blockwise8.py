@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import ckernel
 from .codebooks import dynamic_map
 
 _TABLES: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # a cache torch.compile reads as constants
@@ -45,7 +46,8 @@ class Blockwise8bit:
         """(n,) fp32."""
         values, _ = _map_and_bounds(self.signed)
         if self.codes.device.type == "cpu" and not torch.compiler.is_compiling():
-            return torch.from_numpy(self._dequantize_numpy(values.numpy()))
+            vals = ckernel.dequant8(self.codes.reshape(-1), self.absmax, self.blocksize, self.signed)
+            return vals if vals is not None else torch.from_numpy(self._dequantize_numpy(values.numpy()))
         vals = values.to(self.codes.device)[self.codes.long()]  # (n,)
         return _per_block(vals, self.blocksize, lambda v: v.mul_(self.absmax.view(-1, 1)))
 

@@ -10,6 +10,9 @@ than torch's CPU gathers): two weights per gather from a 256-entry table indexed
 Every step is IEEE fp32 arithmetic with the same operation order as the torch path, so both are
 bit-exact with each other (and with bitsandbytes); the final cast to bf16/fp16 is torch's
 (round to nearest even), on slices small enough that torch runs it on the calling thread.
+
+Dequantization first tries the compiled lookup kernel (``ckernel``: one pass per packed byte, the same
+results); the numpy code below is its fallback (no C compiler, ``LORAKIT_NO_CKERNEL=1``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from . import ckernel
 from .codebooks import code_table, midpoints, sorted_codes
 
 CHUNK = 1 << 16  # elements per step: 256 kB of fp32 temporaries per thread, cache-resident
@@ -126,6 +130,10 @@ def dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, full: int, blo
     """Whole blocks: out[:full] = code · absmax, rounded once to out's dtype."""
     if full == 0:
         return
+    if ckernel.library() is not None and (out.dtype == torch.float32 or ckernel.simd_available()):
+        absmax = absmax.contiguous()
+        run_ranges(full, lambda s, e: ckernel.dequant4(packed, absmax, blocksize, quant_type, s, e, out[s:e]))
+        return
     codes = packed[: full // 2].numpy()  # (full/2,) uint8, two codes each
     run_ranges(full, functools.partial(_dequantize_range, codes, absmax.numpy(), blocksize,
                                        pair_table(quant_type), out))
@@ -161,9 +169,12 @@ def dequantize_span(packed: torch.Tensor, absmax: torch.Tensor, bs: int, quant_t
 
     For tiles of a weight used right away (``autograd4``): ``out``, ``index`` ((stop-start)/2,) int64
     and ``f32`` (stop-start,) fp32 (only read when ``out`` is not fp32) are small reusable buffers, so
-    every value is written to and read from cache, never to a fresh page. torch does the uint8 → int64
-    widening and the absmax multiply (vectorized, ~2x numpy's broadcast), ``np.take`` the lookup.
+    every value is written to and read from cache, never to a fresh page. The compiled kernel when it
+    serves ``out``'s dtype; else torch does the uint8 → int64 widening and the absmax multiply
+    (vectorized, ~2x numpy's broadcast), ``np.take`` the lookup.
     """
+    if ckernel.dequant4(packed, absmax, bs, quant_type, start, stop, out):
+        return
     index.copy_(packed[start // 2: stop // 2])  # (m/2,) byte → int64 index into the pair table
     dst = out if out.dtype == torch.float32 else f32
     np.take(pair_table(quant_type), index.numpy(), out=dst.numpy().view(np.uint64), mode="clip")
