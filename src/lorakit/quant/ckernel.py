@@ -11,9 +11,10 @@ no ``-ffast-math``; the 16-bit casts round to nearest even like torch's).
 Build: ``$CC`` (default ``cc``) ``-O2 -shared -fPIC -ffp-contract=off`` into
 ``$XDG_CACHE_HOME/lorakit`` (default ``~/.cache/lorakit``), file name keyed by a hash of the source, the
 flags, the compiler's ``--version`` and the machine; written to a temporary name and renamed, so
-processes (pytest workers) building at once each see a whole file. A cached file that does not load or
-fails a small self-test is rebuilt once. No compiler, a failed build or load, or ``LORAKIT_NO_CKERNEL=1``
-→ ``None``, logged once at debug level, and the numpy path runs. ctypes releases the GIL during the
+processes (pytest workers) building at once each see a whole file; a SHA-256 beside it is checked before
+loading. A cached file that does not match it, does not load or fails a small self-test is rebuilt
+once. No compiler, a failed build or load, or ``LORAKIT_NO_CKERNEL=1`` → ``None``, logged once at debug
+level, and the numpy path runs. ctypes releases the GIL during the
 call, so ``kernels4_cpu.run_ranges``' threads run the kernel in parallel.
 """
 
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._fs import atomic_write
+from .._fs import atomic_write, atomic_write_text
 from ..errors import LorakitError
 from .codebooks import code_table, dynamic_map
 
@@ -84,26 +85,42 @@ def reset() -> None:
         _state.clear()
 
 
+def library_path() -> Path:
+    """Where the built kernel is cached: keyed by the source, the flags, the compiler and the machine.
+    Raises OSError / SubprocessError when the compiler does not run."""
+    version = subprocess.run(compiler() + ["--version"], capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    return cache_dir() / f"dequant4-{key}.so"
+
+
 def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
     try:
-        cc = compiler()
-        version = subprocess.run(cc + ["--version"], capture_output=True, text=True, timeout=60, check=True).stdout
-        src = SOURCE.read_bytes()
+        path = library_path()
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         return None, f"no C compiler ({' '.join(compiler()) or 'cc'}: {exc})"
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
-    path = cache_dir() / f"dequant4-{key}.so"
-    if path.is_file():
+    # The digest beside the file is checked before loading: dlopen maps a truncated file without
+    # complaint and the process dies of SIGBUS on first touch of the missing pages.
+    digest = path.with_name(path.name + ".sha256")
+    if _intact(path, digest):
         lib, why = _load(path)
         if lib is not None:
             return lib, ""
         log.debug("lorakit: rebuilding %s (%s)", path, why)
     try:
-        atomic_write(path, lambda tmp: _compile(cc, tmp))
+        atomic_write(path, lambda tmp: _compile(compiler(), tmp))
+        atomic_write_text(digest, hashlib.sha256(path.read_bytes()).hexdigest())
     except (LorakitError, OSError, subprocess.SubprocessError) as exc:
         return None, f"build failed: {exc}"
-    return _load(path)
+    return _load(path)  # whole, whoever renamed it last (every writer renames a finished file)
+
+
+def _intact(path: Path, digest: Path) -> bool:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == digest.read_text().strip()
+    except OSError:
+        return False
 
 
 def _compile(cc: list[str], out: str) -> None:
