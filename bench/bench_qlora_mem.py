@@ -17,6 +17,8 @@ process — rounds interleaved (lora, qlora, peft-bnb, lora, ...) — and report
 
 ``--modes lora,qlora,qlora@alt --alt-src DIR`` adds a column for another lorakit source tree (e.g.
 ``git archive main src | tar -x -C /tmp/base`` → ``--alt-src /tmp/base/src``): before/after in one run.
+``MODE@numpy`` runs MODE with ``LORAKIT_NO_CKERNEL=1``: the numpy 4-bit dequantization instead of the
+compiled lookup kernel (``lorakit.quant.ckernel``), e.g. ``--modes lora,qlora,qlora@numpy``.
 
 Every mode: the same compute dtype (``--dtype``: fp32 by default — this CPU emulates bf16; with
 bf16, autocast for the 16-bit LoRA, whose weights then load in bf16), gradient checkpointing, LoRA r=16 on all
@@ -159,7 +161,12 @@ def run_mode(mode: str, model_dir: str, steps: int, batch: int, seq: int, thread
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)  # all threads of the process (numpy pool included)
     step_peak = rss_kib("VmHWM")
-    return {"mode": mode, "base_mb": base_kib / 1024, "load_s": load_s, "load_peak_mb": load_peak / 1024,
+    kernel = "numpy"  # which 4-bit dequantization ran (an --alt-src tree may predate the compiled one)
+    if importlib.util.find_spec("lorakit.quant.ckernel") is not None:
+        from lorakit.quant import ckernel
+
+        kernel = kernel if ckernel.library() is None else ("c-simd" if ckernel.simd_available() else "c")
+    return {"mode": mode, "kernel": kernel, "base_mb": base_kib / 1024, "load_s": load_s, "load_peak_mb": load_peak / 1024,
             "step_peak_mb": step_peak / 1024, "step_above_imports_mb": (step_peak - base_kib) / 1024,
             "step_s": statistics.median(times[1:] or times),
             "step_cpu_s": statistics.median(cpu[1:] or cpu), "loss": float(loss), "trainable": sum(p.numel() for p in params)}
@@ -181,7 +188,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="compute dtype (bf16 is emulated, ~50x slower, on CPUs without AVX512-BF16/AMX)")
     ap.add_argument("--modes", default=",".join(MODES),
-                    help=f"comma-separated, from {', '.join(MODES)}; MODE@alt runs MODE on --alt-src's lorakit")
+                    help=f"comma-separated, from {', '.join(MODES)}; MODE@alt runs MODE on --alt-src's lorakit, "
+                         "MODE@numpy with the numpy 4-bit dequantization (LORAKIT_NO_CKERNEL=1)")
     ap.add_argument("--alt-src", default=None,
                     help="another lorakit src/ directory for the MODE@alt modes (before/after columns)")
     ap.add_argument("--malloc", default="lean", choices=("lean", "default"),
@@ -211,8 +219,11 @@ def main() -> None:
         for mode in modes:
             if mode in failed:
                 continue
-            base_mode, alt = mode.removesuffix("@alt"), mode.endswith("@alt")
+            base_mode, alt = mode.removesuffix("@alt").removesuffix("@numpy"), mode.endswith("@alt")
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            env.pop("LORAKIT_NO_CKERNEL", None)
+            if mode.endswith("@numpy"):  # the numpy dequantization instead of the compiled kernel (A/B)
+                env["LORAKIT_NO_CKERNEL"] = "1"
             if alt:  # the same mode on another lorakit source tree (a before/after column)
                 if not args.alt_src:
                     raise SystemExit(f"mode {mode} needs --alt-src DIR (e.g. a `git archive main src` unpacked)")
@@ -231,7 +242,8 @@ def main() -> None:
             results[mode].append(res)
             print(f"round {r + 1}: {mode:10s} step peak {res['step_peak_mb']:7.0f} MB (above imports "
                   f"{res['step_above_imports_mb']:6.0f}) load peak {res['load_peak_mb']:7.0f} MB "
-                  f"step {res['step_s']:.2f} s (cpu {res['step_cpu_s']:.2f} s) load {res['load_s']:.1f} s loss {res['loss']:.3f}", flush=True)
+                  f"step {res['step_s']:.2f} s (cpu {res['step_cpu_s']:.2f} s) load {res['load_s']:.1f} s loss {res['loss']:.3f} "
+                  f"[{res.get('kernel', '?')}]", flush=True)
     print(f"\nSmolLM2-135M (bf16 HF dir from the GGUF), {args.dtype} compute, batch {args.batch} x {args.seq} tokens, "
           f"{args.threads} thread(s), {args.loss} CE, {args.malloc} malloc, {args.rounds} rounds; median [min-max]")
     med = {}
@@ -244,11 +256,11 @@ def main() -> None:
             row[key] = statistics.median(vals)
             print(f"  {mode:10s} {key:22s} {row[key]:9.2f}  [{min(vals):.2f}-{max(vals):.2f}]")
         med[mode] = row
-    for qmode in ("qlora", "qlora-h32", "qlora@alt"):
+    for qmode in ("qlora", "qlora-h32", "qlora@alt", "qlora@numpy"):
         if qmode not in med:
             continue
         q = med[qmode]
-        for other, bar_mem in (("lora", 0.5), ("peft-bnb", 0.5), ("qlora@alt", None)):
+        for other, bar_mem in (("lora", 0.5), ("peft-bnb", 0.5), ("qlora@alt", None), ("qlora@numpy", None)):
             if other in med and other != qmode:
                 o = med[other]
                 print(f"  {qmode}/{other}: step peak {q['step_peak_mb'] / o['step_peak_mb']:.2f}x, above imports "
