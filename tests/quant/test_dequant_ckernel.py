@@ -225,6 +225,17 @@ def test_parallel_first_builds_each_get_a_whole_file(monkeypatch, tmp_path):
 
 @needs_cc
 @pytest.mark.usefixtures("fresh_kernel")
+def test_shared_writable_cache_is_not_loaded(monkeypatch, tmp_path):
+    (tmp_path / "lorakit").mkdir()
+    (tmp_path / "lorakit").chmod(0o777)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert ckernel.library() is None and "writable by other users" in ckernel._state["why"]
+    q = nf4.quantize(torch.randn(256))
+    assert torch.equal(q.dequantize(), naive(q.packed, q.absmax, 256, 64, "nf4", torch.float32))
+
+
+@needs_cc
+@pytest.mark.usefixtures("fresh_kernel")
 def test_double_quant_absmax_decode_matches_numpy():
     q = nf4.quantize(torch.randn(64 * 700 + 17), double_quant=True)  # 701 blocks: a short 8-bit block
     st = q.stats.q

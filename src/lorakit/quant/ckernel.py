@@ -103,6 +103,8 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
     # The digest beside the file is checked before loading: dlopen maps a truncated file without
     # complaint and the process dies of SIGBUS on first touch of the missing pages.
     digest = path.with_name(path.name + ".sha256")
+    if not _private(path.parent):
+        return None, f"{path.parent} is writable by other users; not loading code from it"
     if _intact(path, digest):
         lib, why = _load(path)
         if lib is not None:
@@ -114,6 +116,17 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
     except (LorakitError, OSError, subprocess.SubprocessError) as exc:
         return None, f"build failed: {exc}"
     return _load(path)  # whole, whoever renamed it last (every writer renames a finished file)
+
+
+def _private(folder: Path) -> bool:
+    """We load native code from this folder: it must be ours and not group/world-writable (or not exist)."""
+    try:
+        st = folder.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return not hasattr(os, "getuid") or (st.st_uid == os.getuid() and not st.st_mode & 0o022)
 
 
 def _intact(path: Path, digest: Path) -> bool:
