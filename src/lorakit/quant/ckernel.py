@@ -5,17 +5,18 @@
 
 Why C: the numpy path makes several passes per element (uint8 → int64 index copy, ``np.take`` of byte
 pairs, absmax multiply, cast); this kernel reads each packed byte once and writes the finished values
-(fp32; bf16 or fp16 where the SIMD loop runs), bit-identical to the numpy path (the same single fp32 multiply, ``-ffp-contract=off``,
-no ``-ffast-math``; the 16-bit casts round to nearest even like torch's).
+(fp32; bf16 or fp16 where the SIMD loop runs), bit-identical to the numpy path: the same single fp32
+multiply (``-ffp-contract=off``, no ``-ffast-math``), and 16-bit casts that round to nearest even like
+torch's.
 
-Build: ``$CC`` (default ``cc``) ``-O2 -shared -fPIC -ffp-contract=off`` into
-``$XDG_CACHE_HOME/lorakit`` (default ``~/.cache/lorakit``), file name keyed by a hash of the source, the
-flags, the compiler's ``--version`` and the machine; written to a temporary name and renamed, so
-processes (pytest workers) building at once each see a whole file; a SHA-256 beside it is checked before
-loading. A cached file that does not match it, does not load or fails a small self-test is rebuilt
-once. No compiler, a failed build or load, or ``LORAKIT_NO_CKERNEL=1`` → ``None``, logged once at debug
-level, and the numpy path runs. ctypes releases the GIL during the
-call, so ``kernels4_cpu.run_ranges``' threads run the kernel in parallel.
+Build: ``$CC`` (default ``cc``) ``-O2 -shared -fPIC -ffp-contract=off`` into ``$XDG_CACHE_HOME/lorakit``
+(default ``~/.cache/lorakit``; refused if other users can write there), the file name keyed by a hash of
+the source, the flags, the compiler's ``--version`` and the machine. It is written to a temporary name
+and renamed, so processes (pytest workers) building at once each see a whole file, and a SHA-256 beside
+it is checked before loading. A cached file that does not match it, does not load or fails a small
+self-test is rebuilt once. No compiler, a failed build or load, or ``LORAKIT_NO_CKERNEL=1`` → ``None``,
+logged once at debug level, and the numpy path runs. ctypes releases the GIL during the call, so
+``kernels4_cpu.run_ranges``' threads run the kernel in parallel.
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         for dtype in _OUT_KIND:
             for simd in (0, 1):
                 out = torch.empty(1024, dtype=dtype)
-                if _call4(lib, packed, absmax, 64, qt, 0, 1024, out, simd) and not torch.equal(out, want.to(dtype)):
+                done = _call4(lib, packed, absmax, 64, qt, 0, 1024, out, simd)
+                if done and not torch.equal(out, want.to(dtype)):
                     return False
     return True
 
@@ -184,8 +186,9 @@ def _tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _call4(lib, packed, absmax, bs, quant_type, start, stop, out, simd: int = 1) -> bool:
     table, pairs = _tables(quant_type)
-    return bool(lib.lk_dequant4(packed.data_ptr() + start // 2, absmax.data_ptr(), table.ctypes.data, pairs.ctypes.data,
-                    bs, start // bs, stop // bs, out.data_ptr(), _OUT_KIND[out.dtype], simd))
+    return bool(lib.lk_dequant4(packed.data_ptr() + start // 2, absmax.data_ptr(), table.ctypes.data,
+                                pairs.ctypes.data, bs, start // bs, stop // bs, out.data_ptr(), _OUT_KIND[out.dtype],
+                                simd))
 
 
 def dequant4(packed: torch.Tensor, absmax: torch.Tensor, bs: int, quant_type: str, start: int, stop: int,
@@ -203,8 +206,8 @@ def dequant4(packed: torch.Tensor, absmax: torch.Tensor, bs: int, quant_type: st
 
 def _fits(packed, absmax, bs, start, stop, out) -> bool:
     """The C loop's assumptions: contiguous CPU buffers of the right types and sizes, whole blocks."""
-    return (packed.dtype == torch.uint8 and absmax.dtype == torch.float32 and start % bs == 0 and stop % bs == 0
-            and 0 <= start <= stop and packed.numel() >= stop // 2 and absmax.numel() >= stop // bs
+    return (packed.dtype == torch.uint8 and absmax.dtype == torch.float32 and bs > 0 and bs % 2 == 0
+            and start % bs == 0 and stop % bs == 0 and 0 <= start <= stop and packed.numel() >= stop // 2 and absmax.numel() >= stop // bs
             and out.numel() == stop - start and all(t.is_contiguous() and t.device.type == "cpu"
                                                     for t in (packed, absmax, out)))
 
@@ -217,15 +220,17 @@ def _map(signed: bool) -> np.ndarray:
 def dequant8(codes: torch.Tensor, absmax: torch.Tensor, bs: int, signed: bool) -> torch.Tensor | None:
     """``map[codes] · absmax`` per block of ``bs`` (n,) fp32, or None when the kernel is not available."""
     lib = library()
-    if (lib is None or codes.dtype != torch.uint8 or absmax.dtype != torch.float32 or codes.device.type != "cpu"
-            or absmax.device.type != "cpu" or absmax.numel() < -(-codes.numel() // bs)):
+    if (lib is None or bs <= 0 or codes.dtype != torch.uint8 or absmax.dtype != torch.float32
+            or codes.device.type != "cpu" or absmax.device.type != "cpu" or absmax.numel() < -(-codes.numel() // bs)):
         return None
     codes, absmax = codes.contiguous(), absmax.contiguous()
     out = torch.empty(codes.numel(), dtype=torch.float32)
-    lib.lk_dequant8(codes.data_ptr(), absmax.data_ptr(), _map(signed).ctypes.data, bs, codes.numel(), out.data_ptr())
+    lib.lk_dequant8(codes.data_ptr(), absmax.data_ptr(), _map(signed).ctypes.data, bs, codes.numel(),
+                    out.data_ptr())
     return out
 
 
 def simd_available() -> bool:
+    """Whether the kernel loaded and this CPU runs its SIMD loop (AVX2 + F16C): 16-bit outputs too."""
     lib = library()
     return bool(lib is not None and lib.lk_simd_available())

@@ -130,13 +130,15 @@ def dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, full: int, blo
     """Whole blocks: out[:full] = code · absmax, rounded once to out's dtype."""
     if full == 0:
         return
-    if ckernel.library() is not None and (out.dtype == torch.float32 or ckernel.simd_available()):
-        absmax = absmax.contiguous()
-        run_ranges(full, lambda s, e: ckernel.dequant4(packed, absmax, blocksize, quant_type, s, e, out[s:e]))
-        return
+    absmax = absmax.contiguous()
     codes = packed[: full // 2].numpy()  # (full/2,) uint8, two codes each
-    run_ranges(full, functools.partial(_dequantize_range, codes, absmax.numpy(), blocksize,
-                                       pair_table(quant_type), out))
+    numpy_range = functools.partial(_dequantize_range, codes, absmax.numpy(), blocksize, pair_table(quant_type), out)
+
+    def job(start: int, stop: int) -> None:  # the compiled kernel, else numpy (per thread's range)
+        if not ckernel.dequant4(packed, absmax, blocksize, quant_type, start, stop, out[start:stop]):
+            numpy_range(start, stop)
+
+    run_ranges(full, job)
 
 
 _SERIAL = 32000  # torch runs an elementwise op on one thread below 32768 elements (its grain size)
