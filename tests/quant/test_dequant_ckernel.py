@@ -243,3 +243,18 @@ def test_double_quant_absmax_decode_matches_numpy():
     np_vals = torch.from_numpy(st._dequantize_numpy(np.asarray(F.create_dynamic_map(signed=True).float())))
     assert c_vals is not None and torch.equal(c_vals, np_vals)
     assert torch.equal(q.absmax, naive_double_quant_absmax(q))
+
+
+@needs_cc
+@pytest.mark.usefixtures("fresh_kernel")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_serves_whole_weight_and_tiles(monkeypatch, dtype):
+    """The default paths really go through the kernel (the parity tests above would pass on numpy too)."""
+    served = []
+    real = ckernel.dequant4
+    monkeypatch.setattr(ckernel, "dequant4", lambda *a, **k: served.append(real(*a, **k)) or served[-1])
+    q = nf4.quantize(torch.randn(96, 128), double_quant=True)
+    q.dequantize(dtype)
+    autograd4.TiledDequantLinear4.apply(torch.randn(2, 128, dtype=dtype), q.layout, dtype, *q.tensors().values())
+    expect = dtype == torch.float32 or ckernel.simd_available()
+    assert len(served) >= 2 and all(s == expect for s in served)
