@@ -9,8 +9,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import lorakit
-from lorakit.layers.dropout import SharedMasks, dropout_mask, keep_mask
+from lorakit.layers.dropout import SharedMasks, draw_mask, dropout_mask, keep_mask
 from lorakit.layers.host import share_dropout_masks
+from lorakit.layers.seeded_dropout import SeededMask
+
+
+def _dense(mask):
+    """The host's mask as a dense 0 / 1/(1-p) tensor (a SeededMask where the C kernel runs; its
+    values are checked against an independent hash in test_seeded_dropout.py)."""
+    return mask.to_dense() if isinstance(mask, SeededMask) else mask
 
 
 class Two(nn.Module):
@@ -44,7 +51,7 @@ def test_default_is_an_independent_mask_per_projection():
     torch.manual_seed(1)
     q, k = m(x)
     torch.manual_seed(1)  # the same draws, in forward order: q's mask, then k's
-    mq, mk = dropout_mask(x, 0.5), dropout_mask(x, 0.5)
+    mq, mk = _dense(draw_mask(x, 0.5)), _dense(draw_mask(x, 0.5))
     assert set(mq.unique().tolist()) == {0.0, 2.0}
     assert not torch.equal(mq, mk)  # independent (PEFT's semantics)
     torch.testing.assert_close(q, _ref(m.q, x, mq), rtol=1e-5, atol=1e-5)
@@ -71,7 +78,7 @@ def test_shared_masks_option_is_owned_by_the_model_layers():
     mask = masks.mask(x, 0.5)  # the cached mask both projections used
     torch.testing.assert_close(q, _ref(m.q, x, mask), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, _ref(m.k, x, mask), rtol=1e-5, atol=1e-5)
-    assert not torch.equal(masks.mask(x.clone(), 0.5), mask)  # another tensor, another mask
+    assert not torch.equal(_dense(masks.mask(x.clone(), 0.5)), _dense(mask))  # another tensor, another mask
     other = _two()
     assert other.q.masks is None  # another model is unaffected
     del x, q, k, mask
@@ -108,7 +115,7 @@ def test_dropout_branch_gradients_match_autograd_reference():
     torch.manual_seed(3)
     y = model(x)
     torch.manual_seed(3)
-    mask = dropout_mask(x, 0.3)
+    mask = _dense(draw_mask(x, 0.3))
     ad = model[0].lora["default"]
     a = ad.lora_A.detach().clone().requires_grad_(True)
     b = ad.lora_B.detach().clone().requires_grad_(True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers.dropout import apply_mask
 from ..layers.kinds import BaseKind
 
 
@@ -33,6 +34,5 @@ def refuses(base: nn.Module, kind_name: str) -> str | None:
 def apply_dense(kind: BaseKind, base: nn.Module, base_out: torch.Tensor, x: torch.Tensor, delta_2d: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
     """``base_out + op(x ⊙ mask, ΔW)`` in the base output's dtype."""
-    if mask is not None:
-        x = x * mask
+    x = apply_mask(x, mask)
     return base_out + kind.apply_weight(base, x, delta_2d.to(base_out.dtype)).to(base_out.dtype)

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError
+from ..layers.dropout import apply_mask
 from ..layers.kinds import BaseKind
 from ..layers.protocol import Adapter, AdapterKind, base_device
 from ..state import layer_adapters
@@ -112,8 +113,7 @@ class SlicedAdapter(Adapter):
               mask: torch.Tensor | None) -> torch.Tensor:
         dt = base_out.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
-        if mask is not None:
-            x2 = x2 * mask.reshape(x2.shape).to(dt)
+        x2 = apply_mask(x2, mask)
         a, b = self._blocks(dt)
         k, n = self.groups, x2.shape[0]
         xa = (x2 @ a.reshape(k * self.r, -1).T) * self.scaling  # (N, k·r): every slice's A in one GEMM

@@ -34,7 +34,25 @@ import weakref
 import numpy as np
 import torch
 
+from .seeded_dropout import SeededMask, draw
+
 _LANES = 1 << 16  # values a 16-bit lane takes
+
+
+def draw_mask(x: torch.Tensor, p: float) -> torch.Tensor | SeededMask:
+    """The mask the adapter host draws for input ``x``: a :class:`SeededMask` on CPU where the C
+    kernel runs (``seeded_dropout.py``: nothing stored, one pass per use), else a dense mask."""
+    seeded = draw(x, p)
+    return seeded if seeded is not None else dropout_mask(x, p)
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor | SeededMask | None) -> torch.Tensor:
+    """``x ⊙ mask`` (mask: None, a dense mask broadcastable to x, or a SeededMask of x's shape)."""
+    if mask is None:
+        return x
+    if isinstance(mask, SeededMask):
+        return mask.to_dense(x.dtype).to(x.device).view(x.shape) * x
+    return x * mask.reshape(x.shape).to(x.dtype) if mask.numel() == x.numel() else x * mask
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -53,14 +71,14 @@ class SharedMasks:
     """One mask per input tensor, shared by the layers that hold this object (see module docstring)."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[int, float], tuple[weakref.ref, torch.Tensor]] = {}
+        self._cache: dict[tuple[int, float], tuple[weakref.ref, torch.Tensor | SeededMask]] = {}
 
-    def mask(self, x: torch.Tensor, p: float) -> torch.Tensor:
+    def mask(self, x: torch.Tensor, p: float) -> torch.Tensor | SeededMask:
         key = (id(x), p)
         hit = self._cache.get(key)
         if hit is not None and hit[0]() is x:
             return hit[1]
-        mask = dropout_mask(x, p)
+        mask = draw_mask(x, p)
         cache = self._cache
         cache[key] = (weakref.ref(x, lambda _ref, k=key: cache.pop(k, None)), mask)
         return mask

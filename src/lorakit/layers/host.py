@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterNotFoundError, AdapterStateError, UnsupportedModuleError
-from .dropout import SharedMasks, dropout_mask
+from .dropout import SharedMasks, draw_mask
 from .kinds import BaseKind
 from .protocol import Adapter
 
@@ -102,7 +102,7 @@ class LoraLayer(nn.Module):
         p = adapter.dropout
         mask = None
         if self.training and p > 0.0 and not self.kind.embedding and torch.is_floating_point(x):
-            mask = self.masks.mask(x, p) if self.masks is not None else dropout_mask(x, p)
+            mask = self.masks.mask(x, p) if self.masks is not None else draw_mask(x, p)
         return adapter.forward_into(self.kind, self.base_layer, out, x, mask)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from .branch import lora_linear_branch
+from .dropout import apply_mask
 from .embed_scale import check_scaled_forward, embed_scale
 
 
@@ -203,8 +204,7 @@ class ConvKind(BaseKind):
     def branch(self, module, base_out, x, a, b, scaling, mask=None):
         conv = self._fns[a.dim() - 2]
         dt = base_out.dtype
-        if mask is not None:
-            x = x * mask
+        x = apply_mask(x, mask)
         xa = conv(x.to(dt), a.to(dt), None, module.stride, module.padding, module.dilation)
         return base_out + conv(xa, b.to(dt)) * scaling
 
