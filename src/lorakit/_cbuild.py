@@ -10,8 +10,11 @@ no fused multiply-adds, so results are bit-identical to the torch/numpy paths) i
 ``$XDG_CACHE_HOME/lorakit`` (default ``~/.cache/lorakit``); the file name is keyed by a hash of the
 source, the flags, the compiler's ``--version`` and the machine. The library is written to a temporary
 name and renamed (``_fs.atomic_write``), so processes building at once (pytest workers) each see a
-whole file. ``setup(lib)`` declares the argument types and runs the kernel's self-test; a cached file
-that does not load or fails it is rebuilt once. ``LORAKIT_NO_CKERNEL=1`` turns every kernel off.
+whole file, and its SHA-256 is written beside it and checked before a cached file is loaded (dlopen maps
+a truncated file without complaint, and the process then dies of SIGBUS on the missing pages). A cache
+folder that other users can write to is not loaded from. ``setup(lib)`` declares the argument types and
+runs the kernel's self-test; a cached file that does not match its digest, does not load or fails the
+self-test is rebuilt once. ``LORAKIT_NO_CKERNEL=1`` turns every kernel off.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from ._fs import atomic_write
+from ._fs import atomic_write, atomic_write_text
 from .errors import LorakitError
 
 FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
@@ -64,15 +67,38 @@ def load(source: Path, setup: Callable[[ctypes.CDLL], bool]) -> tuple[ctypes.CDL
         path = library_path(source)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         return None, f"no C compiler ({' '.join(compiler()) or 'cc'}: {exc})"
-    if path.is_file():
+    if not _private(path.parent):
+        return None, f"{path.parent} is writable by other users; not loading code from it"
+    digest = path.with_name(path.name + ".sha256")
+    if _intact(path, digest):
         lib, why = _load(path, setup)
         if lib is not None:
             return lib, ""
     try:
         atomic_write(path, lambda tmp: _compile(source, tmp))
+        atomic_write_text(digest, hashlib.sha256(path.read_bytes()).hexdigest())
     except (LorakitError, OSError, subprocess.SubprocessError) as exc:
         return None, f"build failed: {exc}"
-    return _load(path, setup)
+    return _load(path, setup)  # whole, whoever renamed it last: every writer renames a finished file
+
+
+def _private(folder: Path) -> bool:
+    """Native code is loaded from this folder: it must be ours and not group/world-writable (or not exist yet)."""
+    try:
+        st = folder.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return not hasattr(os, "getuid") or (st.st_uid == os.getuid() and not st.st_mode & 0o022)
+
+
+def _intact(path: Path, digest: Path) -> bool:
+    """The cached library is whole: its SHA-256 is the one written beside it after the build."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == digest.read_text().strip()
+    except OSError:
+        return False
 
 
 def _compile(source: Path, out: str) -> None:

@@ -1,7 +1,7 @@
 """The compiled 4-bit lookup kernel (quant/ckernel.py, quant/csrc/dequant4.c): bit-identical to
 bitsandbytes' ``dequantize_4bit``, to a naive ``table[code] · absmax`` written here and to the numpy
 fallback, in both of its loops (portable and SIMD), for every output dtype; and the fallback when it is
-disabled, cannot be compiled, or its cached file is broken."""
+disabled, cannot be compiled, or its cached file is broken (the build cache itself is ``_cbuild``'s)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 from qhelpers import no_dynamo, one_thread, torch_threads  # noqa: F401  (fixtures)
 
+from lorakit import _cbuild
 from lorakit.quant import autograd4, ckernel, nf4
 
 F = pytest.importorskip("bitsandbytes.functional")
@@ -66,7 +67,7 @@ def cases(seed: int):
 @pytest.mark.usefixtures("no_dynamo", "fresh_kernel")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_c_equals_bitsandbytes_numpy_and_naive(dtype, monkeypatch):
-    assert ckernel.library() is not None, ckernel._state.get("why")
+    assert ckernel.library() is not None, ckernel.unavailable_reason()
     for x, bs, qt in cases(0):
         x = x.to(dtype)
         ctx = f"n={x.numel()} blocksize={bs} {qt} {dtype}"
@@ -169,7 +170,7 @@ def test_env_var_disables_the_kernel(monkeypatch):
 def test_missing_compiler_falls_back_to_numpy(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert ckernel.library() is None and "no C compiler" in ckernel._state["why"]
+    assert ckernel.library() is None and "no C compiler" in ckernel.unavailable_reason()
     assert not (tmp_path / "cache" / "lorakit").exists() or not any((tmp_path / "cache" / "lorakit").iterdir())
     x = torch.randn(5, 130, dtype=torch.bfloat16)
     q = nf4.quantize(x, quant_type="fp4", blocksize=32)
@@ -184,7 +185,7 @@ def test_failing_build_falls_back(monkeypatch, tmp_path):
     cc.chmod(0o755)
     monkeypatch.setenv("CC", str(cc))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert ckernel.library() is None and "build failed" in ckernel._state["why"]
+    assert ckernel.library() is None and "build failed" in ckernel.unavailable_reason()
     assert list((tmp_path / "cache" / "lorakit").glob("*")) == []  # no half-written file left behind
     q = nf4.quantize(torch.randn(640))
     assert torch.equal(q.dequantize(), naive(q.packed, q.absmax, 640, 64, "nf4", torch.float32))
@@ -194,15 +195,15 @@ def test_failing_build_falls_back(monkeypatch, tmp_path):
 @pytest.mark.usefixtures("fresh_kernel")
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_broken_cache_file_is_rebuilt(monkeypatch, tmp_path, damage):
-    good = ckernel.library_path().read_bytes() if ckernel.library() is not None else None
+    good = _cbuild.library_path(ckernel.SOURCE).read_bytes() if ckernel.library() is not None else None
     if good is None:
-        pytest.skip(f"the kernel does not build here: {ckernel._state.get('why')}")
+        pytest.skip(f"the kernel does not build here: {ckernel.unavailable_reason()}")
     ckernel.reset()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = ckernel.library_path()
+    path = _cbuild.library_path(ckernel.SOURCE)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not an ELF file" if damage == "garbage" else good[: len(good) // 2])
-    assert ckernel.library() is not None, ckernel._state["why"]
+    assert ckernel.library() is not None, ckernel.unavailable_reason()
     assert path.read_bytes() != (b"not an ELF file" if damage == "garbage" else good[: len(good) // 2])
     out = torch.empty(128)
     packed = torch.arange(64, dtype=torch.uint8)
@@ -217,7 +218,7 @@ def test_parallel_first_builds_each_get_a_whole_file(monkeypatch, tmp_path):
     past the in-process lock, to keep the test fast): both load a kernel, no temporary is left."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: ckernel._build_and_load(), range(2)))
+        results = list(pool.map(lambda _: _cbuild.load(ckernel.SOURCE, ckernel._setup), range(2)))
     assert all(lib is not None for lib, _ in results), results
     names = sorted(f.name for f in (tmp_path / "lorakit").iterdir())
     assert len(names) == 2 and names[0].endswith(".so") and names[1] == names[0] + ".sha256"
@@ -229,7 +230,7 @@ def test_shared_writable_cache_is_not_loaded(monkeypatch, tmp_path):
     (tmp_path / "lorakit").mkdir()
     (tmp_path / "lorakit").chmod(0o777)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert ckernel.library() is None and "writable by other users" in ckernel._state["why"]
+    assert ckernel.library() is None and "writable by other users" in ckernel.unavailable_reason()
     q = nf4.quantize(torch.randn(256))
     assert torch.equal(q.dequantize(), naive(q.packed, q.absmax, 256, 64, "nf4", torch.float32))
 

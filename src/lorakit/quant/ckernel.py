@@ -1,4 +1,4 @@
-"""The compiled 4-bit lookup kernel (``csrc/dequant4.c``): built on first use, loaded with ctypes.
+"""The compiled 4-bit lookup kernel (``csrc/dequant4.c``), built on first use by ``_cbuild``.
 
     lib = library()          # a ctypes.CDLL, or None (then kernels4_cpu keeps its numpy path)
     dequant4(packed, absmax, bs, "nf4", start, stop, out)   # True if the C kernel did it
@@ -9,40 +9,29 @@ pairs, absmax multiply, cast); this kernel reads each packed byte once and write
 multiply (``-ffp-contract=off``, no ``-ffast-math``), and 16-bit casts that round to nearest even like
 torch's.
 
-Build: ``$CC`` (default ``cc``) ``-O2 -shared -fPIC -ffp-contract=off`` into ``$XDG_CACHE_HOME/lorakit``
-(default ``~/.cache/lorakit``; refused if other users can write there), the file name keyed by a hash of
-the source, the flags, the compiler's ``--version`` and the machine. It is written to a temporary name
-and renamed, so processes (pytest workers) building at once each see a whole file, and a SHA-256 beside
-it is checked before loading. A cached file that does not match it, does not load or fails a small
-self-test is rebuilt once. No compiler, a failed build or load, or ``LORAKIT_NO_CKERNEL=1`` → ``None``,
-logged once at debug level, and the numpy path runs. ctypes releases the GIL during the call, so
-``kernels4_cpu.run_ranges``' threads run the kernel in parallel.
+``_cbuild`` compiles it with ``$CC`` (default ``cc``) into ``~/.cache/lorakit``, checks the cached
+file's digest and runs the self-test below. No compiler, a failed build or load, or
+``LORAKIT_NO_CKERNEL=1`` → ``None``, logged once at debug level, and the numpy path runs. ctypes
+releases the GIL during the call, so ``kernels4_cpu.run_ranges``' threads run the kernel in parallel.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shlex
-import subprocess
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .._fs import atomic_write, atomic_write_text
-from ..errors import LorakitError
+from .. import _cbuild
 from .codebooks import code_table, dynamic_map
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "dequant4.c"
-FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
 ABI = 1  # must match LK_ABI in the source
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _P = ctypes.c_void_p
@@ -52,32 +41,24 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the CDLL or None once tried; "why": the reason it is None
 
 
-def compiler() -> list[str]:
-    """The C compiler command (``$CC`` or ``cc``), split like a shell would."""
-    return shlex.split(os.environ.get("CC") or "cc")
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lorakit"
-
-
-def disabled() -> bool:
-    return os.environ.get("LORAKIT_NO_CKERNEL", "") not in ("", "0")
-
-
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None when it is disabled or cannot be built (tried once per process)."""
-    if disabled():
+    if _cbuild.disabled():
         return None
     if "lib" not in _state:
         with _lock:
             if "lib" not in _state:
-                lib, why = _build_and_load()
+                lib, why = _cbuild.load(SOURCE, _setup)
                 if lib is None:
                     log.debug("lorakit: compiled 4-bit kernel unavailable (%s); using the numpy path", why)
                 _state["lib"], _state["why"] = lib, why
     return _state["lib"]  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str:
+    """Why :func:`library` is None ("" when it loaded)."""
+    library()
+    return str(_state.get("why", ""))
 
 
 def reset() -> None:
@@ -86,77 +67,15 @@ def reset() -> None:
         _state.clear()
 
 
-def library_path() -> Path:
-    """Where the built kernel is cached: keyed by the source, the flags, the compiler and the machine.
-    Raises OSError / SubprocessError when the compiler does not run."""
-    version = subprocess.run(compiler() + ["--version"], capture_output=True, text=True, timeout=60,
-                             check=True).stdout
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
-    return cache_dir() / f"dequant4-{key}.so"
-
-
-def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
-    try:
-        path = library_path()
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        return None, f"no C compiler ({' '.join(compiler()) or 'cc'}: {exc})"
-    # The digest beside the file is checked before loading: dlopen maps a truncated file without
-    # complaint and the process dies of SIGBUS on first touch of the missing pages.
-    digest = path.with_name(path.name + ".sha256")
-    if not _private(path.parent):
-        return None, f"{path.parent} is writable by other users; not loading code from it"
-    if _intact(path, digest):
-        lib, why = _load(path)
-        if lib is not None:
-            return lib, ""
-        log.debug("lorakit: rebuilding %s (%s)", path, why)
-    try:
-        atomic_write(path, lambda tmp: _compile(compiler(), tmp))
-        atomic_write_text(digest, hashlib.sha256(path.read_bytes()).hexdigest())
-    except (LorakitError, OSError, subprocess.SubprocessError) as exc:
-        return None, f"build failed: {exc}"
-    return _load(path)  # whole, whoever renamed it last (every writer renames a finished file)
-
-
-def _private(folder: Path) -> bool:
-    """We load native code from this folder: it must be ours and not group/world-writable (or not exist)."""
-    try:
-        st = folder.stat()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return not hasattr(os, "getuid") or (st.st_uid == os.getuid() and not st.st_mode & 0o022)
-
-
-def _intact(path: Path, digest: Path) -> bool:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest() == digest.read_text().strip()
-    except OSError:
-        return False
-
-
-def _compile(cc: list[str], out: str) -> None:
-    p = subprocess.run(cc + list(FLAGS) + ["-o", out, str(SOURCE)], capture_output=True, text=True, timeout=300)
-    if p.returncode:
-        raise subprocess.SubprocessError(f"{' '.join(cc)} exited {p.returncode}: {p.stderr.strip()[-300:]}")
-
-
-def _load(path: Path) -> tuple[ctypes.CDLL | None, str]:
-    try:
-        lib = ctypes.CDLL(str(path))
-        lib.lk_abi.restype = ctypes.c_int
-        lib.lk_simd_available.restype = ctypes.c_int
-        lib.lk_dequant4.argtypes = [_P, _P, _P, _P, _I, _I, _I, _P, ctypes.c_int, ctypes.c_int]
-        lib.lk_dequant4.restype = ctypes.c_int
-        lib.lk_dequant8.argtypes = [_P, _P, _P, _I, _I, _P]
-        lib.lk_dequant8.restype = None
-    except (OSError, AttributeError) as exc:  # not a shared object (a truncated file), or a missing symbol
-        return None, f"cannot load {path}: {exc}"
-    if lib.lk_abi() != ABI or not _self_test(lib):
-        return None, f"{path} is stale or miscompiled (self-test failed)"
-    return lib, ""
+def _setup(lib: ctypes.CDLL) -> bool:
+    """Declare the C signatures; True if the ABI matches and the self-test passes."""
+    lib.lk_abi.restype = ctypes.c_int
+    lib.lk_simd_available.restype = ctypes.c_int
+    lib.lk_dequant4.argtypes = [_P, _P, _P, _P, _I, _I, _I, _P, ctypes.c_int, ctypes.c_int]
+    lib.lk_dequant4.restype = ctypes.c_int
+    lib.lk_dequant8.argtypes = [_P, _P, _P, _I, _I, _P]
+    lib.lk_dequant8.restype = None
+    return lib.lk_abi() == ABI and _self_test(lib)
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
