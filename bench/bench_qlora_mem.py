@@ -19,6 +19,8 @@ process — rounds interleaved (lora, qlora, peft-bnb, lora, ...) — and report
 ``git archive main src | tar -x -C /tmp/base`` → ``--alt-src /tmp/base/src``): before/after in one run.
 ``MODE@numpy`` runs MODE with ``LORAKIT_NO_CKERNEL=1``: the numpy 4-bit dequantization instead of the
 compiled lookup kernel (``lorakit.quant.ckernel``), e.g. ``--modes lora,qlora,qlora@numpy``.
+``peft-bnb-hf`` is PEFT + bitsandbytes with the model's own loss over the full logits (what a PEFT user
+runs) where ``peft-bnb`` gets lorakit's chunked CE like every other mode.
 
 Every mode: the same compute dtype (``--dtype``: fp32 by default — this CPU emulates bf16; with
 bf16, autocast for the 16-bit LoRA, whose weights then load in bf16), gradient checkpointing, LoRA r=16 on all
@@ -39,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("lora", "qlora", "qlora-h32", "peft-bnb")
+MODES = ("lora", "qlora", "qlora-h32", "peft-bnb")  # also: peft-bnb-hf (PEFT's own full-logits loss)
 
 
 def rss_kib(field: str) -> int:
@@ -221,6 +223,9 @@ def main() -> None:
             if mode in failed:
                 continue
             base_mode, alt = mode.removesuffix("@alt").removesuffix("@numpy"), mode.endswith("@alt")
+            loss = args.loss
+            if base_mode == "peft-bnb-hf":  # PEFT + bitsandbytes with the model's own loss (full logits)
+                base_mode, loss = "peft-bnb", "full"
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             env.pop("LORAKIT_NO_CKERNEL", None)
             if mode.endswith("@numpy"):  # the numpy dequantization instead of the compiled kernel (A/B)
@@ -231,7 +236,7 @@ def main() -> None:
                 env["PYTHONPATH"] = os.pathsep.join([args.alt_src] + [p for p in [env.get("PYTHONPATH")] if p])
             cmd = [sys.executable, __file__, "--child", base_mode, "--dir", str(model_dir), "--steps", str(args.steps),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
-                   "--dtype", args.dtype, "--loss", args.loss,
+                   "--dtype", args.dtype, "--loss", loss,
                    "--malloc", args.malloc, "--tile", str(args.tile)]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -261,7 +266,8 @@ def main() -> None:
         if qmode not in med:
             continue
         q = med[qmode]
-        for other, bar_mem in (("lora", 0.5), ("peft-bnb", 0.5), ("qlora@alt", None), ("qlora@numpy", None)):
+        for other, bar_mem in (("lora", 0.5), ("peft-bnb", 0.5), ("peft-bnb-hf", 0.5), ("qlora@alt", None),
+                               ("qlora@numpy", None)):
             if other in med and other != qmode:
                 o = med[other]
                 print(f"  {qmode}/{other}: step peak {q['step_peak_mb'] / o['step_peak_mb']:.2f}x, above imports "

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shlex
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +34,46 @@ from ._fs import atomic_write, atomic_write_text
 from .errors import LorakitError
 
 FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
+log = logging.getLogger(__name__)
+
+
+class Kernel:
+    """One C source's library, built and loaded at most once per process (thread-safe), or None.
+
+        DROPOUT = Kernel(SOURCE, _setup, "dropout kernel")
+        lib = DROPOUT.library()     # a ctypes.CDLL, or None: use the torch/numpy path
+    """
+
+    def __init__(self, source: Path, setup: Callable[[ctypes.CDLL], bool], what: str) -> None:
+        self.source, self.what = source, what
+        self._setup = setup
+        self._lock = threading.Lock()
+        self._state: dict[str, object] = {}  # "lib": the CDLL or None once tried; "why": the reason it is None
+
+    def library(self) -> ctypes.CDLL | None:
+        if disabled():  # read on every call, so the variable also works when set after the first load
+            return None
+        if "lib" not in self._state:
+            with self._lock:
+                if "lib" not in self._state:
+                    lib, why = load(self.source, self._setup)
+                    if lib is None:
+                        log.debug("lorakit: compiled %s unavailable (%s); using the fallback path", self.what, why)
+                    self._state["lib"], self._state["why"] = lib, why
+        return self._state["lib"]  # type: ignore[return-value]
+
+    def unavailable_reason(self) -> str:
+        """Why :meth:`library` is None ("" when it loaded)."""
+        if disabled():
+            return "LORAKIT_NO_CKERNEL is set"
+        self.library()
+        return str(self._state.get("why", ""))
+
+    def reset(self) -> None:
+        """Forget the loaded library (tests: try again with another compiler or cache)."""
+        with self._lock:
+            self._state.clear()
+
 
 
 def compiler() -> list[str]:

@@ -21,21 +21,18 @@ or when no C compiler is available (``_cbuild``).
 from __future__ import annotations
 
 import ctypes
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .._cbuild import load
+from .._cbuild import Kernel
 
 SOURCE = Path(__file__).with_name("csrc") / "dropout.c"
 ABI = 2  # LK_ABI in the source
 LANES = 1 << 16  # values a 16-bit lane takes
 _M32 = (1 << 32) - 1
 _WIDTH = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-_lock = threading.Lock()
-_state: dict[str, object] = {}
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,24 +92,18 @@ def draw(x: torch.Tensor, p: float) -> SeededMask | None:
 
 
 def kernel() -> ctypes.CDLL | None:
-    """The loaded dropout kernel, or None (tried once per process)."""
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                _state["lib"], _state["why"] = load(SOURCE, _setup)
-    return _state["lib"]  # type: ignore[return-value]
+    """The loaded dropout kernel, or None (built and tried once per process)."""
+    return _KERNEL.library()
 
 
 def unavailable_reason() -> str:
     """Why :func:`kernel` is None ("" when it loaded)."""
-    kernel()
-    return str(_state.get("why", ""))
+    return _KERNEL.unavailable_reason()
 
 
 def reset() -> None:
     """Forget the loaded kernel (tests: try again with another compiler or environment)."""
-    with _lock:
-        _state.clear()
+    _KERNEL.reset()
 
 
 def _fits(t: torch.Tensor, shape: torch.Size) -> bool:
@@ -161,3 +152,6 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     lib.lk_drop16(y16.data_ptr(), y16.data_ptr(), n, seed, thr)
     return (keep.bool().tolist() == want and torch.equal(y32, x32 * k) and torch.equal(z32, x32 * k)
             and torch.equal(y16, x16 * k))
+
+
+_KERNEL = Kernel(SOURCE, _setup, "dropout kernel")

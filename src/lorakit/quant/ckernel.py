@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,42 +27,27 @@ import torch
 from .. import _cbuild
 from .codebooks import code_table, dynamic_map
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("csrc") / "dequant4.c"
 ABI = 1  # must match LK_ABI in the source
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the CDLL or None once tried; "why": the reason it is None
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None when it is disabled or cannot be built (tried once per process)."""
-    if _cbuild.disabled():
-        return None
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                lib, why = _cbuild.load(SOURCE, _setup)
-                if lib is None:
-                    log.debug("lorakit: compiled 4-bit kernel unavailable (%s); using the numpy path", why)
-                _state["lib"], _state["why"] = lib, why
-    return _state["lib"]  # type: ignore[return-value]
+    return _KERNEL.library()
 
 
 def unavailable_reason() -> str:
     """Why :func:`library` is None ("" when it loaded)."""
-    library()
-    return str(_state.get("why", ""))
+    return _KERNEL.unavailable_reason()
 
 
 def reset() -> None:
     """Forget the loaded library (tests: try again with another compiler or cache)."""
-    with _lock:
-        _state.clear()
+    _KERNEL.reset()
 
 
 def _setup(lib: ctypes.CDLL) -> bool:
@@ -153,3 +136,6 @@ def simd_available() -> bool:
     """Whether the kernel loaded and this CPU runs its SIMD loop (AVX2 + F16C): 16-bit outputs too."""
     lib = library()
     return bool(lib is not None and lib.lk_simd_available())
+
+
+_KERNEL = _cbuild.Kernel(SOURCE, _setup, "4-bit lookup kernel")
