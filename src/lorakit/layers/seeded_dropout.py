@@ -29,6 +29,10 @@ import torch
 from .._cbuild import Kernel
 
 SOURCE = Path(__file__).with_name("csrc") / "dropout.c"
+_KERNEL = Kernel(SOURCE, lambda lib: _setup(lib), "dropout kernel")
+kernel = _KERNEL.library  # the loaded ctypes.CDLL, or None (built and tried once per process)
+unavailable_reason = _KERNEL.unavailable_reason  # why it is None ("" when it loaded)
+reset = _KERNEL.reset  # forget it (tests: try again with another compiler or cache)
 ABI = 2  # LK_ABI in the source
 LANES = 1 << 16  # values a 16-bit lane takes
 _M32 = (1 << 32) - 1
@@ -91,21 +95,6 @@ def draw(x: torch.Tensor, p: float) -> SeededMask | None:
     return SeededMask(seed, dropped - LANES // 2, 1.0 / (1.0 - dropped / LANES), x.shape)
 
 
-def kernel() -> ctypes.CDLL | None:
-    """The loaded dropout kernel, or None (built and tried once per process)."""
-    return _KERNEL.library()
-
-
-def unavailable_reason() -> str:
-    """Why :func:`kernel` is None ("" when it loaded)."""
-    return _KERNEL.unavailable_reason()
-
-
-def reset() -> None:
-    """Forget the loaded kernel (tests: try again with another compiler or environment)."""
-    _KERNEL.reset()
-
-
 def _fits(t: torch.Tensor, shape: torch.Size) -> bool:
     return t.device.type == "cpu" and t.dtype in _WIDTH and t.is_contiguous() and t.numel() == shape.numel()
 
@@ -152,6 +141,3 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     lib.lk_drop16(y16.data_ptr(), y16.data_ptr(), n, seed, thr)
     return (keep.bool().tolist() == want and torch.equal(y32, x32 * k) and torch.equal(z32, x32 * k)
             and torch.equal(y16, x16 * k))
-
-
-_KERNEL = Kernel(SOURCE, _setup, "dropout kernel")

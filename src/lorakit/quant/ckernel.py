@@ -28,26 +28,15 @@ from .. import _cbuild
 from .codebooks import code_table, dynamic_map
 
 SOURCE = Path(__file__).with_name("csrc") / "dequant4.c"
+_KERNEL = _cbuild.Kernel(SOURCE, lambda lib: _setup(lib), "4-bit lookup kernel")
+library = _KERNEL.library  # the loaded ctypes.CDLL, or None (built and tried once per process)
+unavailable_reason = _KERNEL.unavailable_reason  # why it is None ("" when it loaded)
+reset = _KERNEL.reset  # forget it (tests: try again with another compiler or cache)
 ABI = 1  # must match LK_ABI in the source
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
-
-
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None when it is disabled or cannot be built (tried once per process)."""
-    return _KERNEL.library()
-
-
-def unavailable_reason() -> str:
-    """Why :func:`library` is None ("" when it loaded)."""
-    return _KERNEL.unavailable_reason()
-
-
-def reset() -> None:
-    """Forget the loaded library (tests: try again with another compiler or cache)."""
-    _KERNEL.reset()
 
 
 def _setup(lib: ctypes.CDLL) -> bool:
@@ -136,6 +125,3 @@ def simd_available() -> bool:
     """Whether the kernel loaded and this CPU runs its SIMD loop (AVX2 + F16C): 16-bit outputs too."""
     lib = library()
     return bool(lib is not None and lib.lk_simd_available())
-
-
-_KERNEL = _cbuild.Kernel(SOURCE, _setup, "4-bit lookup kernel")
