@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lorakit.errors import ConfigError
+from lorakit.errors import CheckpointError, ConfigError
 from lorakit.quant import head16
 from lorakit.train import train
 
@@ -49,3 +49,17 @@ def test_a_trained_head_is_kept(tiny_lm, instr_file, tmp_path, monkeypatch):
 def test_bad_quant_head_value_is_named(tiny_lm, instr_file, tmp_path):
     with pytest.raises(ConfigError, match="quant_head"):
         quick_args(tiny_lm, instr_file, tmp_path / "d", quant="nf4", quant_head="fp8")
+
+
+@pytest.mark.parametrize("first,then", [("bf16", "compute"), ("compute", "bf16")])
+def test_resume_refuses_another_quant_head(tiny_lm, instr_file, tmp_path, first, then):
+    """The frozen head's dtype changes every loss, so a resume must keep it (it is in the fingerprint)."""
+    out = tmp_path / first
+    train(quick_args(tiny_lm, instr_file, out, quant="nf4", bf16=False, eval_rows=0, max_steps=2, save_every=1,
+                     quant_head=first))
+    with pytest.raises(CheckpointError, match="quant_head"):
+        train(quick_args(tiny_lm, instr_file, out, quant="nf4", bf16=False, eval_rows=0, max_steps=4,
+                         resume="auto", resume_override=["max_steps"], quant_head=then))
+    done = train(quick_args(tiny_lm, instr_file, out, quant="nf4", bf16=False, eval_rows=0, max_steps=4,
+                            resume="auto", resume_override=["max_steps"], quant_head=first))
+    assert math.isfinite(done.metrics["loss"]["last"])

@@ -227,8 +227,9 @@ def fingerprint(args: TrainArgs, world_size: int) -> dict[str, Any]:
     if args.quant != "none" or args.optim != "adamw":  # only then: older checkpoints keep resuming
         fp.update({k: getattr(args, k) for k in ("double_quant", "quant_skip", "quant_modules", "optim")})
     fp["world_size"] = world_size
-    # Settings that change which rows train, recorded only when set, so older checkpoints still resume.
-    for key, off in (("eval_split", 0.0), ("columns", {}), ("system_prompt", "auto")):
+    # Settings that change which rows train (or, quant_head, the frozen head's dtype and so every loss),
+    # recorded only when set, so older checkpoints still resume.
+    for key, off in (("eval_split", 0.0), ("columns", {}), ("system_prompt", "auto"), ("quant_head", "bf16")):
         if getattr(args, key) != off:
             fp[key] = getattr(args, key)
     return fp
