@@ -81,8 +81,10 @@ class SeededMask:
         return self.keep().view(torch.uint8).to(dtype).mul_(self.scale)
 
     def __rmul__(self, x: torch.Tensor) -> torch.Tensor:
-        # ``x * mask`` keeps working for adapter kinds written against dense masks.
-        return x * self.to_dense(x.dtype).to(x.device)
+        # ``x * mask`` keeps working for adapter kinds written against dense masks (also on a
+        # reshaped x of the mask's size, e.g. the (N, in) view of a (B, T, in) input).
+        dense = self.to_dense(x.dtype).to(x.device)
+        return x * (dense.view(x.shape) if x.numel() == dense.numel() else dense)
 
 
 def draw(x: torch.Tensor, p: float) -> SeededMask | None:
@@ -90,9 +92,16 @@ def draw(x: torch.Tensor, p: float) -> SeededMask | None:
     if (x.device.type != "cpu" or x.dtype not in _WIDTH or torch.compiler.is_compiling()
             or kernel() is None):
         return None
-    dropped = round(p * LANES)  # how many of the 2¹⁶ lane values mean "drop"
+    threshold, scale = lane_rule(p)
     seed = int(torch.empty((), dtype=torch.int64).random_())  # one draw from torch's CPU generator
-    return SeededMask(seed, dropped - LANES // 2, 1.0 / (1.0 - dropped / LANES), x.shape)
+    return SeededMask(seed, threshold, scale, x.shape)
+
+
+def lane_rule(p: float) -> tuple[int, float]:
+    """(threshold, scale) for drop probability p: a signed 16-bit lane below the threshold drops its
+    element, so p̃ = round(p·2¹⁶)/2¹⁶; kept elements count 1/(1 − p̃). Shared with the dense path."""
+    dropped = round(p * LANES)  # how many of the 2¹⁶ lane values mean "drop"
+    return dropped - LANES // 2, 1.0 / (1.0 - dropped / LANES)
 
 
 def _fits(t: torch.Tensor, shape: torch.Size) -> bool:
