@@ -52,6 +52,44 @@ def test_mask_is_the_documented_hash(n, p):
         np.testing.assert_array_equal(m.keep().numpy(), ref_keep(seed, p, n))
 
 
+@pytest.fixture
+def every_build():
+    """The builds of the kernel this CPU runs (0 portable, 1 AVX2, 2 AVX-512), the widest restored after."""
+    widest = seeded_dropout.use_build(2)
+    yield list(range(widest + 1))
+    seeded_dropout.use_build(2)
+
+
+# Sizes around the AVX2 (16) and AVX-512 (32) group widths, so every build's tail hand-off is crossed;
+# thresholds: p = 0 (keep all: −2¹⁵), p = 1 (drop all: 2¹⁵), the extreme lanes ±(2¹⁵ − 1), and ordinary ones.
+@pytest.mark.parametrize("thr", [-32768, -32767, -29491, 0, 19661, 32767, 32768])
+def test_every_build_gives_the_documented_bits(every_build, thr):
+    rng = np.random.default_rng(thr & 0xFFFF)
+    sizes = [0, 1, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 1000, 4099]
+    for build in every_build:
+        assert seeded_dropout.use_build(build) == build
+        for n in sizes:
+            seed = int(rng.integers(0, 2**63)) * 2 + 1  # high bit set too: k1 ≥ 2³¹
+            m = SeededMask(seed % 2**64, thr, 1.0, torch.Size([n]))
+            want = torch.from_numpy(ref_keep_thr(m.seed, thr, n))
+            assert torch.equal(m.keep(), want), (build, n)
+            x32 = torch.randn(n)
+            x32.view(torch.int32)[::7] = 0x7FC00123  # NaN payloads: kept bits are copied, not multiplied
+            xb = torch.randn(n).to(torch.bfloat16)
+            for x in (x32, xb):
+                bits = torch.int32 if x.dtype == torch.float32 else torch.int16
+                expect = torch.where(want, x.view(bits), torch.zeros((), dtype=bits))
+                assert torch.equal(m.drop(x).view(bits), expect), (build, n, x.dtype)
+                inplace = x.clone()
+                m.drop(inplace, inplace)
+                assert torch.equal(inplace.view(bits), expect), (build, n, x.dtype, "in place")
+
+
+def ref_keep_thr(seed: int, thr: int, n: int) -> np.ndarray:
+    """ref_keep with the threshold given directly (p = 0 and p = 1 included)."""
+    return ref_keep(seed, (thr + 32768) / 65536, n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(7,), (4, 33), (2, 3, 64)])
 def test_drop_zeroes_exactly_the_dropped_elements(dtype, shape):
