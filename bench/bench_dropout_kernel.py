@@ -11,7 +11,8 @@ times, interleaved within every round:
   all give the same bits), and ``copy``: a plain ``Tensor.copy_`` of the same size, the memory-bound floor
   of any pass;
 * ``branch``: forward + backward of one frozen projection with its LoRA branch at p = 0.05, minus the same
-  at p = 0 (what dropout costs a projection: three mask passes), per build.
+  at p = 0 (what dropout costs a projection: three mask passes), per build; and ``fresh temps``: the
+  widest build with the two (N, in) temporaries allocated anew each time (``layers/scratch.py`` off).
 
 ``--alt-lib`` loads another compiled dropout.c (same entry points) and adds it as a build (e.g. the
 previous landing's, to A/B a change in one process). CPU time of this thread on one torch thread;
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from lorakit.layers import seeded_dropout
+from lorakit.layers import scratch, seeded_dropout
 from lorakit.layers.branch import lora_linear_branch
 from lorakit.layers.dropout import draw_mask
 
@@ -93,6 +94,17 @@ def measure(n: int, k_in: int, k_out: int, builds, use, rounds: int) -> dict[str
     for name, build in builds:
         jobs[f"pass {name}"] = (lambda build=build: (use(build), mask.drop(x.detach(), buf)))
         jobs[f"branch p=.05 {name}"] = (lambda build=build: (use(build), branch(0.05)))
+    widest = max(b for _, b in builds if isinstance(b, int))
+
+    def fresh() -> None:  # the widest build, every (N, in) temporary allocated anew (no scratch.py)
+        use(widest)
+        was = scratch.set_enabled(False)
+        try:
+            branch(0.05)
+        finally:
+            scratch.set_enabled(was)
+
+    jobs["branch p=.05 fresh temps"] = fresh
     times: dict[str, list[float]] = {k: [] for k in jobs}
     for fn in jobs.values():  # warm-up
         fn()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .dropout import pack_keep, unpack_keep
+from .scratch import scratch
 from .seeded_dropout import SeededMask
 
 
@@ -42,7 +43,7 @@ class _LoraLinear(torch.autograd.Function):
             # 1/(1−p) goes onto the rank-sized product.
             x2 = x2.contiguous()
             ours = x2.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-            xd = seeded.drop(x2, x2 if ours else None)
+            xd = seeded.drop(x2, x2 if ours else scratch(x2))  # read by the GEMM below, then free
             scaling_eff = scaling * seeded.scale
         else:
             xd = x2 if mask is None else x2 * mask.reshape(x2.shape).to(dt)  # (N, in), a temporary
@@ -100,7 +101,7 @@ class _LoraLinear(torch.autograd.Function):
             if need_a:
                 # x ⊙ m, written over the 0/1 mask when backward owns it (no other (N, in) buffer)
                 if seeded is not None:
-                    xd = seeded.drop(x2.contiguous())
+                    xd = seeded.drop(x2.contiguous(), scratch(x2))  # read by the ∂A GEMM below only
                 else:
                     xd = x2 if mask is None else mask.mul_(x2) if own else x2 * mask
                 grad_a = (gxa.T @ xd).to(a.dtype)  # (r, in)
