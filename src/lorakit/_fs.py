@@ -89,9 +89,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     renamed aside, then deleted), on any failure it is deleted and ``path`` is untouched. Readers see
     the old directory or the new one, never a half-written mix of the two."""
     path = Path(path)
+    if path.exists() and not path.is_dir():  # a file is never replaced by a directory (nor deleted)
+        raise OutputError(f"{path}: is a file, not a directory; choose another output directory.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual mode
     except OSError as exc:
         raise output_error(exc, path) from None
     try:

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .errors import AdapterNotFoundError, AdapterStateError
+from .errors import AdapterNotFoundError, AdapterStateError, ConfigError
 from .state import (
     activate,
     clear_state,
@@ -22,6 +22,7 @@ from .state import (
     trainable_copies,
 )
 from .tied import check_merge_untied
+from .validate import check_bool
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -36,13 +37,14 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapters; several active adapters add their updates."""
-    names = [names] if isinstance(names, str) else list(names)
+    names = _name_list(names)
     for n in names:
         require_adapter(model, n)
     activate(model, names)
 
 
 def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
+    check_bool("trainable", trainable)  # "no" would silently read as True
     require_adapter(model, name).trainable = trainable
     refresh_trainable(model)
 
@@ -121,6 +123,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe_merge
     Idempotent: an adapter already merged is skipped. With ``safe_merge`` a merge that would make any
     weight non-finite raises ``AdapterStateError`` before touching that weight.
     """
+    check_bool("safe_merge", safe_merge)
     names = _names(model, names)
     check_merge_untied(model, names)  # a tied weight (lm_head ↔ embed_tokens) is refused
     for _, host in lora_layers(model):
@@ -166,7 +169,18 @@ def _names(model: nn.Module, names) -> list[str]:
         if st is None:
             raise AdapterNotFoundError("the model has no lorakit adapters to merge.")
         return list(st.active)
-    names = [names] if isinstance(names, str) else list(names)
+    names = _name_list(names)
     for n in names:
         require_adapter(model, n)
     return names
+
+
+def _name_list(names) -> list[str]:
+    """One adapter name or a list/tuple of them; anything not iterable (None, 3) is a ConfigError."""
+    if isinstance(names, str):
+        return [names]
+    try:
+        return list(names)
+    except TypeError:
+        raise ConfigError(f"adapter names {names!r:.60}: give one name or a list of names "
+                          f"(got a {type(names).__name__}).") from None

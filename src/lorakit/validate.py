@@ -144,7 +144,9 @@ def check_float_tensors(tensors: Mapping[str, torch.Tensor], source: str, error:
     if bad_dtype:
         raise error(f"{source}: tensors must be floating point, these are not: {', '.join(bad_dtype[:10])}"
                     f"{' …' if len(bad_dtype) > 10 else ''}. Integer or bool weights are never cast; {fix}.")
-    bad = [k for k, t in tensors.items() if t.numel() and not bool(torch.isfinite(t).all())]
+    # float8 has no isfinite kernel: check those (1-byte) tensors in float32
+    bad = [k for k, t in tensors.items()
+           if t.numel() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())]
     if bad:
         raise error(f"{source}: tensors hold NaN or inf values: {', '.join(bad[:10])}"
                     f"{' …' if len(bad) > 10 else ''}. The adapter diverged or the file is damaged; "

@@ -1,0 +1,123 @@
+"""Bad-input sweep (Dec 1): each case was a raw traceback, a silent misreading or a destroyed file before.
+Every failure must be a LorakitError naming the bad value and leave the model / files as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit.errors import AdapterFileError, ConfigError, OutputError
+
+from fault_helpers import assert_same, picture, tiny_llama
+
+
+def with_adapter(name="a", targets=("q_proj", "v_proj")):
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=list(targets), init_lora_weights=False), name)
+    return model
+
+
+@pytest.mark.parametrize("model", [None, "gpt2", 3])
+def test_a_non_module_model_is_a_config_error(model):
+    with pytest.raises(ConfigError, match="must be a torch.nn.Module"):
+        lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="must be a torch.nn.Module"):
+        lorakit.list_adapters(model)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: lorakit.set_adapter(m, None),
+    lambda m: lorakit.set_adapter(m, 3),
+    lambda m: lorakit.set_adapter(m, [["a"]]),
+    lambda m: lorakit.merge(m, 3),
+    lambda m: lorakit.delete_adapter(m, ["a"]),
+    lambda m: lorakit.set_trainable(m, "a", "no"),  # a non-empty string used to read as True
+    lambda m: lorakit.merge(m, safe_merge="yes"),
+], ids=["set-None", "set-int", "set-nested-list", "merge-int", "delete-list", "trainable-str", "safe_merge-str"])
+def test_wrong_argument_types_are_config_errors_and_change_nothing(call):
+    model = with_adapter()
+    before = picture(model)
+    with pytest.raises(ConfigError, match=r"adapter name|trainable|safe_merge"):
+        call(model)
+    assert_same(before, picture(model))
+
+
+@pytest.mark.parametrize("weight,msg", [(float("nan"), "finite"), (float("inf"), "finite"), ("x", "number"),
+                                        (None, "number")])
+def test_combine_refuses_non_finite_or_non_numeric_weights(weight, msg):
+    model = with_adapter()
+    before = picture(model)
+    with pytest.raises(ConfigError, match=rf"weights\[0\].*{msg}"):
+        lorakit.combine_adapters(model, ["a"], [weight], "c")
+    assert_same(before, picture(model))  # before: a 'c' with NaN factors was added
+    with pytest.raises(ConfigError, match="list of adapter names"):
+        lorakit.combine_adapters(model, ["a"], None, "c")
+
+
+def test_float8_adapter_file_loads_instead_of_crashing_in_isfinite(tmp_path):
+    src = with_adapter()
+    lorakit.save_adapter(src, tmp_path / "ad", "a")
+    f = tmp_path / "ad" / "adapter_model.safetensors"
+    ref = load_file(f)
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in ref.items()}, f)
+    model = tiny_llama()
+    lorakit.load_adapter(model, tmp_path / "ad", "a")  # was NotImplementedError: "isfinite" ... Float8_e4m3fn
+    got = model.model.layers[0].self_attn.q_proj.lora["a"].lora_A
+    want = ref["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].to(torch.float8_e4m3fn).float()
+    assert torch.equal(got.detach(), want)
+    # a NaN in float8 is still refused by name
+    save_file({k: torch.full_like(v, float("nan")).to(torch.float8_e4m3fn) for k, v in ref.items()}, f)
+    other = tiny_llama()
+    before = picture(other)
+    with pytest.raises(AdapterFileError, match="NaN or inf"):
+        lorakit.load_adapter(other, tmp_path / "ad", "a")
+    assert_same(before, picture(other))
+
+
+def test_adapter_paths_of_the_wrong_type_or_blocked_by_a_file(tmp_path):
+    model = with_adapter()
+    before = picture(model)
+    with pytest.raises(ConfigError, match="adapter directory None"):
+        lorakit.load_adapter(model, None, "b")
+    with pytest.raises(ConfigError, match="trainable"):
+        lorakit.load_adapter(model, tmp_path, "b", trainable="yes")
+    with pytest.raises(ConfigError, match="adapter directory None"):
+        lorakit.save_adapter(model, None, "a")
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "sub"):  # FileExistsError / NotADirectoryError before
+        with pytest.raises(OutputError, match="afile"):
+            lorakit.save_adapter(model, out, "a")
+    assert blocker.read_text() == "keep me"
+    assert_same(before, picture(model))
+
+
+def test_atomic_dir_never_replaces_a_file_and_keeps_the_usual_mode(tmp_path):
+    import os
+
+    from lorakit._fs import atomic_dir
+
+    blocker = tmp_path / "merged"
+    blocker.write_text("keep me")
+    with pytest.raises(OutputError, match="is a file"):
+        with atomic_dir(blocker) as tmp:
+            (tmp / "model.safetensors").write_text("x")
+    assert blocker.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask  # mkdtemp's 0700 before
+
+
+def test_cli_eval_batch_size_zero_and_generate_nan_temperature(capsys):
+    from lorakit.cli import main
+    from lorakit.train.generation import Generator
+
+    assert main(["eval", "--data", "builtin:shift", "--batch-size", "0"]) == 2  # ZeroDivisionError before
+    assert "batch_size=0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="temperature=nan"):
+        Generator(None, None, 4, float("nan"))
