@@ -83,6 +83,9 @@ def per_row_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> I
         with lorakit.per_row_adapters(model, ["fr", "de", None]):
             logits = model(input_ids).logits   # batch of 3
     """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise ConfigError(f"adapter_names={adapter_names!r:.60}: give a list with one adapter name (or None) "
+                          "per row of the batch.")
     for n in adapter_names:
         if n is not None:
             require_adapter(model, n)
@@ -180,7 +183,11 @@ def _name_list(names) -> list[str]:
     if isinstance(names, str):
         return [names]
     try:
-        return list(names)
+        names = list(names)
     except TypeError:
         raise ConfigError(f"adapter names {names!r:.60}: give one name or a list of names "
                           f"(got a {type(names).__name__}).") from None
+    twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+    if twice:  # set_adapter(["a", "a"]) would add a's update twice in every forward
+        raise ConfigError(f"adapter names {names}: {twice} listed more than once; name each adapter once.")
+    return names

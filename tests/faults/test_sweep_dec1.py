@@ -121,3 +121,63 @@ def test_cli_eval_batch_size_zero_and_generate_nan_temperature(capsys):
     assert "batch_size=0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="temperature=nan"):
         Generator(None, None, 4, float("nan"))
+
+
+def test_an_adapter_named_twice_is_refused_not_applied_twice():
+    model = with_adapter()
+    x = torch.randint(0, 100, (2, 5))
+    with torch.no_grad():
+        ref = model(x).logits
+    before = picture(model)
+    with pytest.raises(ConfigError, match=r"\['a'\] listed more than once"):
+        lorakit.set_adapter(model, ["a", "a"])  # before: a's update was added twice in every forward
+    assert_same(before, picture(model))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+
+
+@pytest.mark.parametrize("names", [None, "a", 3])
+def test_per_row_adapters_needs_a_list(names):
+    model = with_adapter()
+    before = picture(model)
+    with pytest.raises(ConfigError, match="adapter_names"):
+        with lorakit.per_row_adapters(model, names):
+            pass
+    assert_same(before, picture(model))
+
+
+def test_trainable_parameters_of_a_non_module():
+    with pytest.raises(ConfigError, match="torch.nn.Module"):
+        lorakit.trainable_parameters(None)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=100, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("none", "checkpoint=None"), ("int", "floating point"), ("nan", "NaN or inf"), ("enable-typo", "enable_lora 'c_atn'"),
+])
+def test_loralib_checkpoints_bad_in_memory_inputs(case, msg):
+    from lorakit.loralib import load_lora_state_dict
+
+    good = {"transformer.h.0.attn.c_attn.lora_A": torch.randn(4, 32),
+            "transformer.h.0.attn.c_attn.lora_B": torch.randn(96, 4)}
+    ckpt, kw = good, {}
+    if case == "none":
+        ckpt = None
+    elif case == "int":
+        ckpt = {k: v.long() for k, v in good.items()}  # was silently cast to float
+    elif case == "nan":
+        ckpt = {**good, "transformer.h.0.attn.c_attn.lora_B": torch.full((96, 4), float("nan"))}  # was loaded
+    else:
+        kw = {"enable_lora": {"c_atn": [True, False, True]}}  # was ignored: c_attn loaded as a plain Linear
+    model = tiny_gpt2()
+    before = picture(model)
+    with pytest.raises(AdapterFileError, match=msg):
+        load_lora_state_dict(model, ckpt, 8, **kw)
+    assert_same(before, picture(model))
