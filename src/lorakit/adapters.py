@@ -129,8 +129,15 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe_merge
     check_bool("safe_merge", safe_merge)
     names = _names(model, names)
     check_merge_untied(model, names)  # a tied weight (lm_head ↔ embed_tokens) is refused
-    for _, host in lora_layers(model):
-        host.merge([n for n in names if n in host.lora], safe=safe_merge)
+    plan = [(host, [n for n in names if n in host.lora]) for _, host in lora_layers(model)]
+    # Every refusal before the first weight changes, so a failure never leaves earlier layers merged:
+    # safe_merge checks all layers first; layers that refuse in-place merges (QuantLinear) go first.
+    if safe_merge:
+        for host, todo in plan:
+            host.check_merge(todo)
+    plan.sort(key=lambda item: getattr(item[0].kind, "in_place", True))  # stable: False (refusing) first
+    for host, todo in plan:
+        host.merge(todo)
     return model
 
 

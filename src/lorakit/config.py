@@ -217,6 +217,8 @@ def validate_shared_fields(cfg: Any) -> None:
     cfg.layers_to_transform = check_int_list("layers_to_transform", cfg.layers_to_transform)
     pattern = check_str_list("layers_pattern", cfg.layers_pattern or None)
     cfg.layers_pattern = [pattern] if isinstance(pattern, str) else pattern
+    for pat in cfg.layers_pattern or []:  # compiled as peft_rules.layer_index composes it
+        _check_regex(f"layers_pattern {pat!r}", rf"(?:^|.*?\.){pat}\.(\d+)\.")
 
 
 def _norm_extra_targets(cfg: Any) -> None:

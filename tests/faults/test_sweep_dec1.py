@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from lorakit.errors import AdapterFileError, ConfigError, OutputError
+from lorakit.errors import AdapterFileError, AdapterStateError, ConfigError, OutputError
 
 from fault_helpers import assert_same, picture, tiny_llama
 
@@ -181,3 +181,39 @@ def test_loralib_checkpoints_bad_in_memory_inputs(case, msg):
     with pytest.raises(AdapterFileError, match=msg):
         load_lora_state_dict(model, ckpt, 8, **kw)
     assert_same(before, picture(model))
+
+
+def test_safe_merge_refused_at_a_later_layer_leaves_earlier_layers_unmerged():
+    model = tiny_llama().half()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a")
+    last = model.model.layers[1].self_attn.v_proj  # the last host: every other layer was merged first before
+    with torch.no_grad():
+        last.base_layer.weight.fill_(60000.0)  # near fp16's max; ΔW = (8/2)·2·60·60 = 28800 overflows
+        last.lora["a"].lora_A.fill_(60.0)
+        last.lora["a"].lora_B.fill_(60.0)
+    before = picture(model)
+    for call in (lambda: lorakit.merge(model, safe_merge=True), lambda: lorakit.merge_and_unload(model, safe_merge=True)):
+        with pytest.raises(AdapterStateError, match="inf/NaN.*no adapter was merged"):
+            call()
+        assert_same(before, picture(model))  # bit-exact: nothing was added and subtracted again
+
+
+def test_merge_refused_by_a_quantized_layer_leaves_the_dense_layers_unmerged():
+    from lorakit.quant import quantize_model
+
+    model = tiny_llama()
+    # only the last layer's v_proj is quantized: it comes after every dense host in module order
+    quantize_model(model, "nf4", compute_dtype=torch.float32,
+                   skip=[p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                         and p != "model.layers.1.self_attn.v_proj"])
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a")
+    before = picture(model)
+    with pytest.raises(AdapterStateError, match="QuantLinear"):
+        lorakit.merge(model)
+    assert_same(before, picture(model))
+
+
+@pytest.mark.parametrize("make", [lorakit.LoraConfig, lorakit.LoHaConfig])
+def test_layers_pattern_that_is_not_a_regex_is_a_config_error(make):
+    with pytest.raises(ConfigError, match=r"layers_pattern '\(\['"):  # re.error at inject before
+        make(target_modules=["q_proj"], layers_pattern="([", layers_to_transform=[0])
