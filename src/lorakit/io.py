@@ -21,6 +21,7 @@ atomic (temporary file + rename), so an interrupted save leaves the previous ada
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._fs import atomic_write, atomic_write_json, output_error
+from ._fs import atomic_write_many, output_error
 from ._txn import all_or_nothing
 from .adapter_kinds import adapter_kind, kind_for_file
 from .adapters import delete_adapter, set_adapter, set_trainable
@@ -90,8 +91,10 @@ def write_adapter_dir(path: Path, tensors: dict[str, torch.Tensor], config: dict
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file in the way (FileExistsError, NotADirectoryError), no permission
         raise output_error(exc, path) from None
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_json(path / CONFIG_NAME, config)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    # both files or neither: new weights beside the old config would load with the old alpha
+    atomic_write_many([(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+                       (path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))])
 
 
 def peft_config_dict(model: nn.Module, adapter_name: str, config, paths: set[str] | None = None) -> dict:

@@ -217,3 +217,29 @@ def test_merge_refused_by_a_quantized_layer_leaves_the_dense_layers_unmerged():
 def test_layers_pattern_that_is_not_a_regex_is_a_config_error(make):
     with pytest.raises(ConfigError, match=r"layers_pattern '\(\['"):  # re.error at inject before
         make(target_modules=["q_proj"], layers_pattern="([", layers_to_transform=[0])
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_save_adapter_writes_weights_and_config_together(tmp_path, monkeypatch, fail_at):
+    import errno
+    import os
+
+    first = with_adapter()
+    lorakit.save_adapter(first, tmp_path / "ad", "a")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()}
+    second = tiny_llama(seed=1)
+    lorakit.inject(second, lorakit.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False), "a")
+    calls = {"n": 0}
+    real = os.fsync
+
+    def full_disk(fd):
+        calls["n"] += 1
+        if calls["n"] == fail_at:  # 1: the weights' write, 2: the config's (after the weights were in place)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OutputError, match="No space left"):
+        lorakit.save_adapter(second, tmp_path / "ad", "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()} == files  # no temporaries, no mix
