@@ -243,3 +243,13 @@ def test_save_adapter_writes_weights_and_config_together(tmp_path, monkeypatch, 
     with pytest.raises(OutputError, match="No space left"):
         lorakit.save_adapter(second, tmp_path / "ad", "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()} == files  # no temporaries, no mix
+
+
+@pytest.mark.parametrize("name,text", [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.csv", "")])
+def test_an_empty_data_file_says_it_is_empty(tmp_path, name, text):
+    from lorakit.data.files import read_data
+    from lorakit.errors import DataError
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=rf"{name}: the file is empty"):  # "(StopIteration: )" before
+        read_data(str(tmp_path / name), "auto", "train", 10, 0)
