@@ -253,3 +253,38 @@ def test_an_empty_data_file_says_it_is_empty(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     with pytest.raises(DataError, match=rf"{name}: the file is empty"):  # "(StopIteration: )" before
         read_data(str(tmp_path / name), "auto", "train", 10, 0)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(skip=5), "skip="), (dict(skip=["lm_head", 3]), "skip="),
+                                    (dict(double_quant="no"), "double_quant='no'")])
+def test_quantize_model_wrong_argument_types(kw, msg):
+    from lorakit.errors import QuantizationError
+
+    model = tiny_llama()
+    before = picture(model)
+    with pytest.raises(QuantizationError, match=msg):
+        lorakit.quantize_model(model, "nf4", compute_dtype=torch.float32, **kw)
+    assert_same(before, picture(model))
+    with pytest.raises(QuantizationError, match="torch.nn.Module"):
+        lorakit.quantize_model(None, "nf4")
+
+
+def test_quantize_model_skip_may_be_one_name():
+    model = tiny_llama()
+    lorakit.quantize_model(model, "nf4", compute_dtype=torch.float32, skip="down_proj")  # was 9 one-letter names
+    assert all(isinstance(layer.mlp.down_proj, torch.nn.Linear) for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", torch.int8])
+def test_dequantize_and_merge_refuses_a_non_float_dtype(dtype):
+    from lorakit.errors import QuantizationError
+    from lorakit.quant import quantize_model
+    from lorakit.quant.merge import dequantize_and_merge
+
+    model = tiny_llama()
+    quantize_model(model, "nf4", compute_dtype=torch.float32)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    before = picture(model)
+    with pytest.raises(QuantizationError, match=rf"dtype={dtype!r}"):  # TypeError / RuntimeError from torch
+        dequantize_and_merge(model, dtype=dtype)
+    assert_same(before, picture(model))
