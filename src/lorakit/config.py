@@ -28,6 +28,7 @@ from .validate import (
     check_opt_str,
     check_pattern_map,
     check_str_list,
+    known_fields,
 )
 
 InitKind = Literal["kaiming", "gaussian"]
@@ -36,6 +37,7 @@ _WEIGHT_INIT = re.compile(r"^(pissa|pissa_niter_\d+|olora)$")
 COMMON_LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 
 
+@known_fields
 @dataclass
 class LoraConfig:
     """Settings of one LoRA adapter.

@@ -288,3 +288,24 @@ def test_dequantize_and_merge_refuses_a_non_float_dtype(dtype):
     with pytest.raises(QuantizationError, match=rf"dtype={dtype!r}"):  # TypeError / RuntimeError from torch
         dequantize_and_merge(model, dtype=dtype)
     assert_same(before, picture(model))
+
+
+@pytest.mark.parametrize("make,kw,msg", [
+    (lorakit.LoraConfig, {"lora_aplha": 16}, r"LoraConfig: unknown field\(s\) 'lora_aplha' \(did you mean 'lora_alpha'\?\)"),
+    (lorakit.LoraConfig, {"lora_bias": True}, r"unknown field\(s\) 'lora_bias'.*PEFT_FIELDS"),
+    (lorakit.LoKrConfig, {"decompose_factr": 2}, r"LoKrConfig: .*did you mean 'decompose_factor'"),
+    (lorakit.LoHaConfig, {"rank_droput": 0.1}, r"LoHaConfig: .*did you mean 'rank_dropout'"),
+])
+def test_an_unknown_config_field_is_a_config_error_with_the_closest_name(make, kw, msg):
+    with pytest.raises(ConfigError, match=msg):  # a bare TypeError before
+        make(target_modules=["q_proj"], **kw)
+
+
+def test_unknown_adalora_and_trainargs_fields():
+    from lorakit.adapter_kinds.adalora_config import AdaLoraConfig
+    from lorakit.train import TrainArgs
+
+    with pytest.raises(ConfigError, match="AdaLoraConfig: .*did you mean 'target_r'"):
+        AdaLoraConfig(target_modules=["q_proj"], total_step=10, targt_r=4)
+    with pytest.raises(ConfigError, match="TrainArgs: .*'learning_rate'"):
+        TrainArgs(learning_rate=1e-3)
