@@ -71,3 +71,22 @@ def test_chunked_cross_entropy_compiles_and_matches_the_plain_loss():
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_cross_entropy_with_a_frozen_head_compiles_to_one_graph(bias):
+    # Eager, a frozen head is read in vocabulary tiles (losses._TiledFrozenCE), whose label check runs on
+    # the host; under fullgraph compile the loss must take a traceable path and still match.
+    torch.manual_seed(1)
+    head = nn.Linear(16, 50, bias=bias).requires_grad_(False)
+    h = torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 50, (40,))
+    y[::5] = -100
+    loss = _compiled(lambda h, y: chunked_cross_entropy(h, head, y, chunk_tokens=16, tile_rows=16,
+                                                         reduction="mean"))(h, y)
+    loss.backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    ref = nn.functional.cross_entropy(nn.functional.linear(h2, head.weight, head.bias), y, ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)

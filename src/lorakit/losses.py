@@ -119,7 +119,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.T
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     y = labels.reshape(-1).to(h.device)  # (N,)
     vocab = _vocab_size(head)
-    tiles = frozen_weight_tiles(head)
+    # Under torch.compile a frozen head takes the untiled path: the tiled one checks its labels on the
+    # host (a data-dependent branch that would break the graph) and iterates a Python tile generator.
+    tiles = None if torch.compiler.is_compiling() else frozen_weight_tiles(head)
     if tiles is not None:
         rows = tile_rows or max(256, TILE_ELEMENTS // max(h.shape[-1], 1))
         c = chunk_tokens or max(16, LOGITS_TILE_ELEMENTS // min(rows, vocab))

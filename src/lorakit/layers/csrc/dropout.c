@@ -17,6 +17,7 @@
  * lanes with a dozen shuffles: there, eight hashes (sixteen elements) are one vector of eight 32-bit
  * words, and since element 2j is the low and 2j+1 the high 16-bit half of word j, that vector read as
  * sixteen int16 lanes is already in element order — one 16-bit compare gives sixteen keep masks.
+ * Non-x86 machines build the portable code only (as does -DLK_NO_SIMD, which is how that build is checked).
  */
 #include <stdint.h>
 
@@ -24,7 +25,7 @@
 
 #define LK_ABI 3
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(LK_NO_SIMD)
 #define LK_X86 1
 #include <immintrin.h>
 #endif
