@@ -22,25 +22,42 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
     A full disk, a read-only directory or a missing permission is an ``OutputError`` naming ``path``
     (never a half-written file: the temporary file is removed)."""
-    path = Path(path)
+    atomic_write_many([(path, write)])
+
+
+def atomic_write_many(items: list[tuple[str | os.PathLike, Callable[[str], None]]]) -> None:
+    """``atomic_write`` for files that belong together (an adapter's weights and config): every file is
+    written and fsynced to its temporary first, then all are renamed; a failed write changes none of
+    them (only the renames, which do not allocate, come after the first file is in place)."""
+    tmps: list[tuple[str, Path]] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise output_error(exc, path) from None
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if is_write_failure(exc):
-            raise output_error(exc, path) from None
-        raise
+        for path, write in items:
+            path = Path(path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except OSError as exc:
+                raise output_error(exc, path) from None
+            os.close(fd)
+            tmps.append((tmp, path))
+            try:
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+                write(tmp)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+            except BaseException as exc:
+                if is_write_failure(exc):
+                    raise output_error(exc, path) from None
+                raise
+        for tmp, path in tmps:
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise output_error(exc, path) from None
+    finally:
+        for tmp, _ in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 # How the writers we call report a failed write: OSError, safetensors' SafetensorError("No space left on
@@ -89,9 +106,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     renamed aside, then deleted), on any failure it is deleted and ``path`` is untouched. Readers see
     the old directory or the new one, never a half-written mix of the two."""
     path = Path(path)
+    if path.exists() and not path.is_dir():  # a file is never replaced by a directory (nor deleted)
+        raise OutputError(f"{path}: is a file, not a directory; choose another output directory.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual mode
     except OSError as exc:
         raise output_error(exc, path) from None
     try:

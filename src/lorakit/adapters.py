@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .errors import AdapterNotFoundError, AdapterStateError
+from .errors import AdapterNotFoundError, AdapterStateError, ConfigError
 from .state import (
     activate,
     clear_state,
@@ -22,6 +22,7 @@ from .state import (
     trainable_copies,
 )
 from .tied import check_merge_untied
+from .validate import check_bool
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -36,13 +37,14 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapters; several active adapters add their updates."""
-    names = [names] if isinstance(names, str) else list(names)
+    names = _name_list(names)
     for n in names:
         require_adapter(model, n)
     activate(model, names)
 
 
 def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
+    check_bool("trainable", trainable)  # "no" would silently read as True
     require_adapter(model, name).trainable = trainable
     refresh_trainable(model)
 
@@ -81,6 +83,9 @@ def per_row_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> I
         with lorakit.per_row_adapters(model, ["fr", "de", None]):
             logits = model(input_ids).logits   # batch of 3
     """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise ConfigError(f"adapter_names={adapter_names!r:.60}: give a list with one adapter name (or None) "
+                          "per row of the batch.")
     for n in adapter_names:
         if n is not None:
             require_adapter(model, n)
@@ -121,10 +126,18 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe_merge
     Idempotent: an adapter already merged is skipped. With ``safe_merge`` a merge that would make any
     weight non-finite raises ``AdapterStateError`` before touching that weight.
     """
+    check_bool("safe_merge", safe_merge)
     names = _names(model, names)
     check_merge_untied(model, names)  # a tied weight (lm_head ↔ embed_tokens) is refused
-    for _, host in lora_layers(model):
-        host.merge([n for n in names if n in host.lora], safe=safe_merge)
+    plan = [(host, [n for n in names if n in host.lora]) for _, host in lora_layers(model)]
+    # Every refusal before the first weight changes, so a failure never leaves earlier layers merged:
+    # safe_merge checks all layers first; layers that refuse in-place merges (QuantLinear) go first.
+    if safe_merge:
+        for host, todo in plan:
+            host.check_merge(todo)
+    plan.sort(key=lambda item: getattr(item[0].kind, "in_place", True))  # stable: False (refusing) first
+    for host, todo in plan:
+        host.merge(todo)
     return model
 
 
@@ -166,7 +179,22 @@ def _names(model: nn.Module, names) -> list[str]:
         if st is None:
             raise AdapterNotFoundError("the model has no lorakit adapters to merge.")
         return list(st.active)
-    names = [names] if isinstance(names, str) else list(names)
+    names = _name_list(names)
     for n in names:
         require_adapter(model, n)
+    return names
+
+
+def _name_list(names) -> list[str]:
+    """One adapter name or a list/tuple of them; anything not iterable (None, 3) is a ConfigError."""
+    if isinstance(names, str):
+        return [names]
+    try:
+        names = list(names)
+    except TypeError:
+        raise ConfigError(f"adapter names {names!r:.60}: give one name or a list of names "
+                          f"(got a {type(names).__name__}).") from None
+    twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+    if twice:  # set_adapter(["a", "a"]) would add a's update twice in every forward
+        raise ConfigError(f"adapter names {names}: {twice} listed more than once; name each adapter once.")
     return names

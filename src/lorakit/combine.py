@@ -41,7 +41,12 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
     """Add adapter ``new_name`` = the weighted combination of ``adapters`` (see the module docstring)."""
     if method not in METHODS:
         raise ConfigError(f"combine method {method!r}: use one of {', '.join(METHODS)}.")
-    adapters, weights = list(adapters), [float(w) for w in weights]
+    try:
+        adapters, weights = list(adapters), list(weights)
+    except TypeError:
+        raise ConfigError(f"adapters={adapters!r:.60}, weights={weights!r:.60}: give a list of adapter names and "
+                          "a list of as many weights.") from None
+    weights = [_weight(i, w) for i, w in enumerate(weights)]
     if not adapters or len(adapters) != len(weights):
         raise ConfigError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights.")
     configs = [require_adapter(model, n) for n in adapters]
@@ -85,6 +90,17 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
     )
     register_adapter(model, new_name, AdapterRecord(config=config, trainable=False), activate_it=False)
     return model
+
+
+def _weight(i: int, w) -> float:
+    """A finite real weight: a NaN/inf would make every factor of the new adapter NaN/inf."""
+    try:
+        v = float(w)
+    except (TypeError, ValueError):
+        raise ConfigError(f"weights[{i}]={w!r:.40}: must be a number (got a {type(w).__name__}).") from None
+    if not math.isfinite(v):
+        raise ConfigError(f"weights[{i}]={w!r}: must be a finite number.")
+    return v
 
 
 def _alpha_for(scaling: float, r: int, rslora: bool) -> float:

@@ -28,6 +28,7 @@ from .validate import (
     check_opt_str,
     check_pattern_map,
     check_str_list,
+    known_fields,
 )
 
 InitKind = Literal["kaiming", "gaussian"]
@@ -36,6 +37,7 @@ _WEIGHT_INIT = re.compile(r"^(pissa|pissa_niter_\d+|olora)$")
 COMMON_LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 
 
+@known_fields
 @dataclass
 class LoraConfig:
     """Settings of one LoRA adapter.
@@ -217,6 +219,8 @@ def validate_shared_fields(cfg: Any) -> None:
     cfg.layers_to_transform = check_int_list("layers_to_transform", cfg.layers_to_transform)
     pattern = check_str_list("layers_pattern", cfg.layers_pattern or None)
     cfg.layers_pattern = [pattern] if isinstance(pattern, str) else pattern
+    for pat in cfg.layers_pattern or []:  # compiled as peft_rules.layer_index composes it
+        _check_regex(f"layers_pattern {pat!r}", rf"(?:^|.*?\.){pat}\.(\d+)\.")
 
 
 def _norm_extra_targets(cfg: Any) -> None:

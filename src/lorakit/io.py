@@ -21,6 +21,8 @@ atomic (temporary file + rename), so an interrupted save leaves the previous ada
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -28,16 +30,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._fs import atomic_write, atomic_write_json
+from ._fs import atomic_write_many, output_error
 from ._txn import all_or_nothing
 from .adapter_kinds import adapter_kind, kind_for_file
 from .adapters import delete_adapter, set_adapter, set_trainable
 from .config import LoraConfig
-from .errors import AdapterFileError, LorakitError
+from .errors import AdapterFileError, ConfigError, LorakitError
 from .inject import _excluded, _in_layers, candidate_modules, inject
 from .peft_compat import portable_patterns, present_names
 from .state import bias_parameters, lora_layers, model_state, require_adapter, trainable_copies
-from .validate import check_file_ranks, check_float_tensors, read_json_object
+from .validate import check_bool, check_file_ranks, check_float_tensors, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -74,7 +76,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     """Write adapter ``adapter_name`` (any kind) to directory ``path`` in PEFT's format."""
     rec = require_adapter(model, adapter_name)
     kind = adapter_kind(rec.kind)
-    path = Path(path)
+    path = _dir_path(path)
     tensors = dict(adapter_tensors(model, adapter_name))
     tensors.update(kind.file_extra_tensors(model, adapter_name, rec.config))
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
@@ -85,9 +87,14 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 
 def write_adapter_dir(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_json(path / CONFIG_NAME, config)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way (FileExistsError, NotADirectoryError), no permission
+        raise output_error(exc, path) from None
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    # both files or neither: new weights beside the old config would load with the old alpha
+    atomic_write_many([(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+                       (path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))])
 
 
 def peft_config_dict(model: nn.Module, adapter_name: str, config, paths: set[str] | None = None) -> dict:
@@ -119,8 +126,15 @@ def _portable_targets(model: nn.Module, config, paths: set[str]) -> list[str]:
 
 
 # -- load -----------------------------------------------------------------------------------------
+def _dir_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"adapter directory {path!r:.60}: must be a path (str or pathlib.Path), "
+                          f"got a {type(path).__name__}.")
+    return Path(path)
+
+
 def read_adapter_config(path: str | Path) -> dict:
-    path = Path(path)
+    path = _dir_path(path)
     cfg = path / CONFIG_NAME
     if not path.is_dir():
         raise AdapterFileError(f"{path}: not a directory; pass the folder that holds {CONFIG_NAME}.")
@@ -191,6 +205,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     adapter active (frozen unless ``trainable``). On any mismatch nothing is changed and one
     ``AdapterFileError`` lists every problem.
     """
+    check_bool("trainable", trainable)
     raw = read_adapter_config(path)
     source = str(Path(path) / CONFIG_NAME)
     kind = kind_for_file(raw, source)

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import AdapterNotFoundError
+from .errors import AdapterNotFoundError, ConfigError
 from .layers.host import LoraLayer
 from .layers.saved import TrainableCopies
 
@@ -35,6 +35,9 @@ class ModelState:
 
 
 def model_state(model: nn.Module, create: bool = False) -> ModelState | None:
+    if not isinstance(model, nn.Module):  # every public call reads the state first: one check for all
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__} ({model!r:.60}); load it "
+                          "first, e.g. transformers.AutoModelForCausalLM.from_pretrained(path).")
     st = model.__dict__.get(_KEY)
     if st is None and create:
         st = ModelState()
@@ -48,6 +51,8 @@ def clear_state(model: nn.Module) -> None:
 
 def require_adapter(model: nn.Module, name: str) -> AdapterRecord:
     st = model_state(model)
+    if not isinstance(name, str):  # a list or None would reach ``name in dict`` (TypeError: unhashable)
+        raise ConfigError(f"adapter name {name!r:.60}: must be a string (got a {type(name).__name__}).")
     if st is None or not st.adapters:
         raise AdapterNotFoundError(
             f"the model has no lorakit adapters (looked for {name!r}); add one with lorakit.inject or "

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TrainableSummary:
@@ -22,6 +24,8 @@ class TrainableSummary:
 
 def trainable_parameters(model: nn.Module) -> TrainableSummary:
     """Count trainable and total parameters (shared tensors counted once; quantized buffers by element)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:

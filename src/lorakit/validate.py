@@ -9,6 +9,9 @@ of 2³¹ would ask for terabytes before any shape check could run).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import json
 import math
 import os
@@ -30,6 +33,27 @@ MAX_INT = (1 << 31) - 1
 
 
 # -- config fields -------------------------------------------------------------------------------
+def known_fields(cls):
+    """Class decorator (on a config dataclass, above ``@dataclass``): an unknown keyword is a ConfigError
+    naming it and the closest field, not a bare ``TypeError`` (``LoraConfig(lora_aplha=16)``)."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else repr(k)
+                     for k in unknown]
+            peft = " (docs/PEFT_FIELDS.md: the PEFT fields lorakit refuses)" if hasattr(cls, "from_peft_dict") else ""
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(hints)}. Its fields: {', '.join(names)}"
+                              f"{peft}.")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
 def check_bool(name: str, value: Any, error=ConfigError) -> bool:
     if not isinstance(value, bool):
         raise error(f"{name}={value!r}: must be true or false (a JSON/YAML boolean, not a "
@@ -144,7 +168,9 @@ def check_float_tensors(tensors: Mapping[str, torch.Tensor], source: str, error:
     if bad_dtype:
         raise error(f"{source}: tensors must be floating point, these are not: {', '.join(bad_dtype[:10])}"
                     f"{' …' if len(bad_dtype) > 10 else ''}. Integer or bool weights are never cast; {fix}.")
-    bad = [k for k, t in tensors.items() if t.numel() and not bool(torch.isfinite(t).all())]
+    # float8 has no isfinite kernel: check those (1-byte) tensors in float32
+    bad = [k for k, t in tensors.items()
+           if t.numel() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())]
     if bad:
         raise error(f"{source}: tensors hold NaN or inf values: {', '.join(bad[:10])}"
                     f"{' …' if len(bad) > 10 else ''}. The adapter diverged or the file is damaged; "

@@ -25,12 +25,14 @@ from typing import Any
 
 from ..config import _check_int, validate_shared_fields
 from ..errors import AdaLoraBudgetError, AdaLoraScheduleError, ConfigError, RankPatternError
+from ..validate import known_fields
 
 ORTH_REG_FORMS = ("official", "paper")
 #: PEFT and the official code divide the update by (ranknum + 1e-5) with ranknum = init_r.
 RANKNUM_EPS = 1e-5
 
 
+@known_fields
 @dataclass
 class AdaLoraConfig:
     """Settings of one AdaLoRA adapter.

@@ -17,8 +17,10 @@ from typing import Any, ClassVar
 
 from ..config import _check_int, _check_number, _check_regex, validate_shared_fields
 from ..errors import ConfigError
+from ..validate import known_fields
 
 
+@known_fields
 @dataclass
 class LycorisConfig:
     """Fields shared by LoHa and LoKr (PEFT's ``LycorisConfig``).
@@ -104,6 +106,7 @@ class LycorisConfig:
             raise ConfigError(f"{source}: {exc}") from None
 
 
+@known_fields
 @dataclass
 class LoHaConfig(LycorisConfig):
     """LoHa (``lorakit.adapter_kinds.loha``)."""
@@ -111,6 +114,7 @@ class LoHaConfig(LycorisConfig):
     peft_type: ClassVar[str] = "LOHA"
 
 
+@known_fields
 @dataclass
 class LoKrConfig(LycorisConfig):
     """LoKr (``lorakit.adapter_kinds.lokr``).

@@ -31,6 +31,8 @@ def evaluate(data: str, adapter: str | None = None, model: str | None = None, ma
              generate_rows: int = 32, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Loss / perplexity / accuracy of the base model and (with ``adapter``) the adapted one; on a file whose
     rows have reference answers, also the generation score (``scorer``, on ``generate_rows`` rows)."""
+    if batch_size < 1 or max_length < 1:  # checked before the model loads (batch_size=0 divides by zero)
+        raise ConfigError(f"batch_size={batch_size} / max_length={max_length}: both must be ≥ 1.")
     if generate_rows < 0 or (max_new_tokens is not None and max_new_tokens < 1):
         raise ConfigError(f"generate_rows={generate_rows} / max_new_tokens={max_new_tokens}: need generate_rows ≥ 0 "
                           "(0 = no generation) and max_new_tokens ≥ 1.")

@@ -91,6 +91,9 @@ def _load(path: Path, loader: str) -> tuple[list[dict], list[str]]:
     import datasets
 
     scan_file(path)  # UTF-8 or a DataError naming the line, before datasets' own decoding errors
+    if _blank(path):  # datasets' own error for it is a bare StopIteration
+        raise DataError(f"{path}: the file is empty (no rows); write one row per line (JSONL) or a header and rows "
+                        "(CSV).")
     datasets.disable_progress_bars()
     try:
         # force_redownload: datasets' cache keys a local file by path, size and mtime, so a rewrite
@@ -103,6 +106,17 @@ def _load(path: Path, loader: str) -> tuple[list[dict], list[str]]:
         raise DataError(f"{path}: cannot be read as {loader} ({detail}). Fix the file; every row must "
                         "have the same fields with the same types.") from None
     return ds.to_list(), list(ds.column_names)
+
+
+def _blank(path: Path) -> bool:
+    """Only whitespace (read in 1 MiB blocks: stops at the first non-blank one)."""
+    if path.suffix.lower() == ".parquet":
+        return path.stat().st_size == 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            if block.strip():
+                return False
+    return True
 
 
 def _first_bad_json_line(path: Path) -> str | None:

@@ -134,20 +134,30 @@ class LoraLayer(nn.Module):
         return self.kind.to_layout(self.base_layer, adapter.delta_2d(self._base_weight_2d(adapter)).float())
 
     def merge(self, names: list[str] | tuple[str, ...] | None = None, safe: bool = False) -> None:
+        if safe:
+            self.check_merge(names)
         for name in self.active if names is None else names:
             if name in self.merged or name not in self.lora:
                 continue  # idempotent: merging twice is merging once
-            delta = self.delta(name)
-            if safe:
-                w = self.kind.weight(self.base_layer)
-                # in the base's dtype, as add_to_weight adds: an fp16 weight overflows where fp32 would not
-                if not torch.isfinite(w + delta.to(w.dtype)).all():
-                    raise AdapterStateError(
-                        f"merging adapter {name!r} would put inf/NaN into a {self.kind.name} weight; "
-                        "the adapter was not merged. Check the adapter's weights (trained with a NaN loss?)."
-                    )
-            self.kind.add_to_weight(self.base_layer, delta)
+            self.kind.add_to_weight(self.base_layer, self.delta(name))
             self.merged.append(name)
+
+    def check_merge(self, names: list[str] | tuple[str, ...] | None = None) -> None:
+        """safe_merge's check of ``names`` together, changing nothing: ``AdapterStateError`` if the merged
+        weight would hold inf/NaN. ``lorakit.merge`` checks every layer first, then merges."""
+        w = None
+        for name in self.active if names is None else names:
+            if name in self.merged or name not in self.lora:
+                continue
+            if w is None:
+                w = self.kind.weight(self.base_layer)
+            # in the base's dtype, as add_to_weight adds: an fp16 weight overflows where fp32 would not
+            w = w + self.delta(name).to(w.dtype)
+            if not torch.isfinite(w).all():
+                raise AdapterStateError(
+                    f"merging adapter {name!r} would put inf/NaN into a {self.kind.name} weight; "
+                    "no adapter was merged. Check the adapter's weights (trained with a NaN loss?)."
+                )
 
     def unmerge(self) -> None:
         while self.merged:

@@ -34,6 +34,7 @@ from ..io import install_adapter
 from ..layers.host import LoraLayer
 from ..layers.kinds import kind_of
 from ..state import lora_layers, trainable_copies
+from ..validate import check_float_tensors
 from .utils import lora_state_dict
 
 _WRAPPERS = ("model_state_dict", "state_dict", "model")
@@ -45,6 +46,9 @@ def read_checkpoint(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str
     ``torch.load(weights_only=True)``, or ``.safetensors``) or an in-memory dict."""
     if isinstance(source, Mapping):
         data, where = dict(source), "the given state dict"
+    elif not isinstance(source, (str, Path)) and not hasattr(source, "__fspath__"):
+        raise AdapterFileError(f"checkpoint={source!r:.60}: pass a file path (.pt/.bin/.safetensors) or the dict "
+                               "lora.lora_state_dict(model) returns.")
     else:
         path, where = Path(source), str(source)
         if not path.is_file():
@@ -61,6 +65,9 @@ def read_checkpoint(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str
         )
     if all(k.startswith("module.") for k in data):  # saved from a DistributedDataParallel wrapper
         data = {k[len("module."):]: v for k, v in data.items()}
+    # the factors as adapter files have them: floating point and finite (a NaN would load silently)
+    check_float_tensors({k: v for k, v in data.items() if k.rpartition(".")[2] in ("lora_A", "lora_B")}, where,
+                        AdapterFileError)
     return data
 
 
@@ -141,6 +148,9 @@ def plan_load(model: nn.Module, tensors: Mapping[str, torch.Tensor],
     for name in modules_to_save or []:
         if not any(p == name or p.endswith("." + name) for p in modules):
             plan.problems.append(f"modules_to_save {name!r}: the model has no such module")
+    for name in enable_lora or {}:  # a typo would silently load a fused layer as a plain one
+        if not any(p == name or p.endswith("." + name) for p in modules):
+            plan.problems.append(f"enable_lora {name!r}: the model has no such module")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         stem, _, leaf = key.rpartition(".")

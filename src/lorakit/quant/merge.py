@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..adapters import merge_and_unload
+from ..errors import QuantizationError
 from ..layers.host import LoraLayer
 from ..state import clear_state, lora_layers, set_submodule
 from .linear import QuantLinear, quantize_weight
@@ -65,6 +66,9 @@ def dequantize_and_merge(model: nn.Module, dtype: torch.dtype | None = None) -> 
     ``dtype``: of the new layers; default each weight's original dtype (e.g. bf16). The result has
     no lorakit modules left and saves with ``save_pretrained`` as a normal checkpoint.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise QuantizationError(f"dtype={dtype!r}: give a floating torch dtype (torch.bfloat16, torch.float16, "
+                                "torch.float32) or None for each weight's original dtype.")
     for path, host in _quant_hosts(model):
         q = host.base_layer
         set_submodule(model, path, _dense(_merged_weight(host), q.bias, dtype or q.layout.dtype))

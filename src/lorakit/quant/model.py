@@ -52,7 +52,15 @@ def linears_to_quantize(model: nn.Module, skip: Iterable[str] = (), quantize_hea
                         ) -> list[tuple[str, nn.Linear]]:
     """The (path, Linear) pairs that :func:`quantize_model` replaces; refuses unknown skip names and
     tied weights (quantizing one of two tied modules would silently untie them)."""
-    skip = list(skip)
+    if not isinstance(model, nn.Module):
+        raise QuantizationError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    skip = [skip] if isinstance(skip, str) else skip  # "down_proj" is one name, not 9 letters
+    try:
+        skip = list(skip)
+    except TypeError:
+        skip = [skip]  # refused below, by the non-str check
+    if not all(isinstance(n, str) for n in skip):
+        raise QuantizationError(f"skip={skip!r:.80}: give module paths or suffixes as strings, e.g. ['lm_head'].")
     linears = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name in skip:
         if not any(name_matches(p, [name]) for p, _ in linears):
@@ -85,6 +93,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
     ``quantize_head``. Each Linear's float weight is freed as soon as its replacement exists.
     """
     check_options(quant_type, blocksize, compute_dtype)
+    if not isinstance(double_quant, bool):  # "no" would read as True
+        raise QuantizationError(f"double_quant={double_quant!r}: must be True or False.")
     for path, linear in linears_to_quantize(model, skip, quantize_head):
         if linear.weight.device.type == "meta":
             raise QuantizationError(f"{path}: the weight is on the meta device; load the model's weights first.")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from ..data.files import BUILTIN_PREFIX
 from ..errors import ConfigError
+from ..validate import known_fields
 from .early_stop import check_best_args
 from .loggers_ext import LOGGERS
 from .scoring import check_scorer_spec
@@ -27,6 +28,7 @@ def _f(default: Any, help: str, *, factory: Any = None) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+@known_fields
 @dataclass
 class TrainArgs:
     # -- what to train ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ class Generator:
                  system: str | None = None, seed: int = 0):
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens}: must be ≥ 1.")
-        if temperature < 0:
+        if not temperature >= 0:  # also NaN, which every comparison fails
             raise ConfigError(f"temperature={temperature}: must be ≥ 0 (0 = greedy).")
         self.chat = chat or system is not None
         if self.chat and not tokenizer.chat_template:
