@@ -85,6 +85,15 @@ def test_lock_released_when_the_run_fails(lm, tmp_path):
         pass
 
 
+def test_output_dir_that_is_a_file_is_refused_by_name(lm, data, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    with pytest.raises(OutputError, match="notes.txt.*is a file, not a directory"):
+        train(quick_args(lm, data, out))
+    assert out.read_text() == "mine"  # untouched, nothing written beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "train.jsonl"]
+
+
 def test_empty_output_dir_and_negative_seed_are_refused():
     with pytest.raises(ConfigError, match="output_dir"):
         TrainArgs(output_dir="")

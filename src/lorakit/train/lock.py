@@ -57,6 +57,9 @@ class RunLock:
 
     # -- take / release ----------------------------------------------------------------------------
     def acquire(self) -> RunLock:
+        if self.dir.exists() and not self.dir.is_dir():  # mkdir would say "File exists" about the lock file
+            raise OutputError(f"output_dir {str(self.dir)!r} is a file, not a directory; give a directory "
+                              "(new or one of an earlier run) for the run's checkpoints, log and adapter.")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             while True:
