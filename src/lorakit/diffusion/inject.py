@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters import delete_adapter
+from .._txn import restore, snapshot
 from ..state import model_state
 from .components import components_of
 from .config import DiffusionLoraConfig
@@ -45,18 +45,17 @@ def add_adapter(pipe: Any, config: DiffusionLoraConfig, name: str = "default") -
 
 
 def apply_all(components: Mapping[str, nn.Module], name: str, steps: Mapping[str, Callable[[nn.Module], None]]) -> None:
-    """Run ``steps[component](module)`` for each component; on any error remove adapter ``name`` from
-    the components already done (and the failing one) and re-raise — all or nothing."""
-    done: list[str] = []
+    """Run ``steps[component](module)`` for each component; on any error put every component already
+    touched (and the failing one) back exactly as it was — modules, adapters and ``requires_grad``
+    (injecting freezes the base, which deleting the adapter again would not undo) — and re-raise."""
+    snaps = []
     try:
         for comp, step in steps.items():
-            done.append(comp)
+            snaps.append(snapshot(components[comp]))
             step(components[comp])
     except BaseException:
-        for comp in done:
-            st = model_state(components[comp])
-            if st is not None and name in st.adapters:
-                delete_adapter(components[comp], name)
+        for snap in snaps:
+            restore(snap)
         raise
 
 

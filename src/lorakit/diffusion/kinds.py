@@ -13,11 +13,13 @@ suffix fills, and what is written. Readers (ComfyUI, A1111, LyCORIS) apply, per 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..adapter_kinds._dense import base_shape
 from ..adapter_kinds.loha import LoHaAdapter
 from ..adapter_kinds.lokr import LoKrAdapter, LoKrKind
 from ..adapter_kinds.lora import LoraAdapter
@@ -42,6 +44,10 @@ class LoraFileKind:
     def spec(self, group: dict[str, torch.Tensor], module: nn.Module | None = None) -> tuple[int, float]:
         r = int(group["lora_down.weight"].shape[0])
         return r, float(group["alpha"]) if "alpha" in group else float(r)  # no alpha: α = r (scale 1)
+
+    def misfit(self, spec, module: nn.Module) -> str | None:
+        """Why a spec read from the file cannot adapt ``module`` (None: it can); shapes are checked later."""
+        return None
 
     def params(self, adapter: nn.Module) -> dict[str, torch.Tensor]:
         """suffix → the adapter tensor it fills."""
@@ -128,6 +134,15 @@ class LokrFileKind(LoraFileKind):
         return LoKrSpec(rank, alpha if alpha is not None else float(rank), w1 is not None, w2 is not None,
                         ((int(out_l), int(out_k)), (int(in_m), int(in_n))), scaling)
 
+    def misfit(self, spec: LoKrSpec, module: nn.Module) -> str | None:
+        # W1 ⊗ W2 is (out_l·out_k, in_m·in_n): it must be the module's (out, in) matrix
+        out, fan_in, _ = base_shape(module)
+        (out_l, out_k), (in_m, in_n) = spec.split
+        if out_l * out_k != out or in_m * in_n != fan_in:
+            return (f"its Kronecker factors give a ({out_l}·{out_k}, {in_m}·{in_n}) matrix, the module's is "
+                    f"({out}, {fan_in})")
+        return None
+
     def params(self, adapter):
         return adapter.peft_tensors()
 
@@ -160,6 +175,23 @@ def kind_for_adapter(adapter: nn.Module):
         if type(adapter) is kind.adapter_type:
             return kind
     return None
+
+
+def tensor_problems(mod: str, group: dict[str, torch.Tensor]) -> list[str]:
+    """What makes a module's file tensors unreadable before any rank or α is taken from them: an
+    ``alpha`` that is not one finite number > 0, a factor that is not a 2-D (Linear) or 4-D (conv)
+    tensor with non-zero sizes. ``mod`` is the module's name in the file."""
+    out = []
+    for suffix, t in group.items():
+        key = f"{mod}.{suffix}"
+        if suffix == "alpha":
+            if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
+                out.append(f"{key}: {t.dtype} tensor of shape {tuple(t.shape)}; alpha must be one number")
+            elif not (math.isfinite(value := float(t)) and value > 0):
+                out.append(f"{key} = {value}: alpha must be a finite number > 0")
+        elif t.dim() not in (2, 4) or 0 in t.shape:
+            out.append(f"{key}: shape {tuple(t.shape)} is not a 2-D (Linear) or 4-D (conv) factor with non-zero sizes")
+    return out
 
 
 def classify(group: dict[str, torch.Tensor]):

@@ -25,10 +25,11 @@ from ..adapters import set_trainable
 from ..errors import AdapterFileError, AdapterNotFoundError
 from ..io import check_and_copy
 from ..state import lora_layers
+from ..validate import check_float_tensors
 from .components import components_of, family_of
 from .config import DiffusionLoraConfig
 from .inject import adapter_components, apply_all
-from .kinds import FILE_KINDS, classify, kind_for_adapter
+from .kinds import FILE_KINDS, classify, kind_for_adapter, tensor_problems
 from .names import foreign_base_hint, name_table, write_name
 
 BASE_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}
@@ -155,6 +156,7 @@ def load_kohya(pipe: Any, path: str | Path, name: str = "default", trainable: bo
                                "loads one kind per file — split the file per kind.")
     if not groups:
         raise AdapterFileError(f"{path}: holds no tensors; it is not a LoRA file.")
+    check_tensors(path, groups)
     kind = next(iter(kinds.values()))
     table = name_table(components, family)
     unknown = sorted(m for m in groups if m not in table)
@@ -165,13 +167,20 @@ def load_kohya(pipe: Any, path: str | Path, name: str = "default", trainable: bo
                                f"{foreign_base_hint(unknown, family, components)}.")
     plan: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
     where: dict[str, str] = {}
+    misfits: list[str] = []
     for mod, group in groups.items():
         comp, mpath = table[mod]
         if mpath in plan[comp]:
             raise AdapterFileError(f"{path}: module {comp}.{mpath} appears twice ({where[comp + mpath]} and {mod}); "
                                    "keep one spelling.")
         where[comp + mpath] = mod
-        plan[comp][mpath] = kind.spec(group, components[comp].get_submodule(mpath))
+        module = components[comp].get_submodule(mpath)
+        plan[comp][mpath] = kind.spec(group, module)
+        if (why := kind.misfit(plan[comp][mpath], module)) is not None:
+            misfits.append(f"{mod} ({comp}.{mpath}): {why}")
+    if misfits:
+        raise AdapterFileError(f"{path}: {len(misfits)} module(s) do not fit this pipeline:\n  " + "\n  ".join(misfits[:20])
+                               + "\nLoad it into the base model it was trained on (SD 1.x / 2.x / SDXL).")
     steps = {}
     for comp, per in plan.items():
         def step(module, comp=comp, per=per):
@@ -181,6 +190,18 @@ def load_kohya(pipe: Any, path: str | Path, name: str = "default", trainable: bo
         steps[comp] = step
     apply_all(components, name, steps)
     return {c: components[c] for c in plan}
+
+
+def check_tensors(path, groups: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Every module's alpha is one finite number > 0 and every factor a finite float 2-D/4-D tensor;
+    all problems in one ``AdapterFileError`` naming the file and the keys."""
+    problems = [p for mod, group in groups.items() for p in tensor_problems(mod, dict(group))]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise AdapterFileError(f"{path}: {len(problems)} tensor(s) cannot be read:\n  {shown}\nThe file is damaged or "
+                               "was not written as a LoRA; export it again (a missing alpha means alpha = rank).")
+    check_float_tensors({f"{mod}.{s}": t for mod, group in groups.items() for s, t in group.items() if s != "alpha"},
+                        str(path), AdapterFileError, fix="export the LoRA again")
 
 
 def _copy(module: nn.Module, name: str, kind, groups: Mapping[str, Mapping[str, torch.Tensor]], table, source: str):

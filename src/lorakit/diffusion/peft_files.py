@@ -31,8 +31,8 @@ from ..state import lora_layers
 from .components import components_of
 from .config import DiffusionLoraConfig, lora_config_for
 from .inject import adapter_components, apply_all
-from .kinds import FILE_KINDS, effective_scaling
-from .kohya import _fit, read_file
+from .kinds import FILE_KINDS, effective_scaling, tensor_problems
+from .kohya import _fit, check_tensors, read_file
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -89,14 +89,24 @@ def load_diffusers(pipe: Any, path: str | Path, name: str = "default", trainable
         if comp not in components:
             problems.append(f"{key}: component {comp!r} is not in this pipeline (it has {sorted(components)})")
         elif rest.endswith(".alpha"):
-            alphas[(comp, _resolve(components[comp], rest[: -len('.alpha')]))] = float(t)
+            mpath = _resolve(components[comp], rest[: -len('.alpha')])
+            missing = _missing(components[comp], comp, mpath)
+            bad = tensor_problems(key[: -len(".alpha")], {"alpha": t}) + ([f"{key}: {missing}"] if missing else [])
+            problems += bad
+            if not bad:
+                alphas[(comp, mpath)] = float(t)
         elif m is None:
             problems.append(f"{key}: not a LoRA tensor (expected <component>.<path>.lora_A/lora_B.weight)")
+        elif (bad := _missing(components[comp], comp, _resolve(components[comp], m[1]))) is not None:
+            problems.append(f"{key}: {bad}")
         else:
             groups[comp][_resolve(components[comp], m[1])][f"{m[2]}.weight"] = t
+    problems += [f"{comp}.{mpath}.alpha: the file has no lora_A/lora_B for this module" for comp, mpath in alphas
+                 if comp not in groups or mpath not in groups[comp]]
     if problems:
         raise AdapterFileError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20])
                                + "\nIs it a LoRA for another pipeline (SD 1.x / SDXL / another model)?")
+    check_tensors(path, {f"{comp}.{mpath}": g for comp, per in groups.items() for mpath, g in per.items()})
     steps = {}
     for comp, per_path in groups.items():
         cfg = LoraConfig.from_peft_dict(meta[comp], source=f"{path} metadata {comp}") if comp in meta else None
@@ -132,11 +142,23 @@ def _metadata(path: Path, header: dict[str, str]) -> dict[str, dict]:
         flat = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"{path}: metadata {METADATA_KEY} is not valid JSON ({exc}); re-save the LoRA.") from None
+    if not isinstance(flat, dict):
+        raise AdapterFileError(f"{path}: metadata {METADATA_KEY} must be a JSON object of LoraConfig fields per "
+                               f"component ({{\"unet.r\": …}}), not a {type(flat).__name__}; re-save the LoRA.")
     out: dict[str, dict] = defaultdict(dict)
     for key, value in flat.items():
         comp, _, field = key.partition(".")
         out[comp][field] = value
     return dict(out)
+
+
+def _missing(module: nn.Module, comp: str, path: str) -> str | None:
+    """Why ``path`` names no module of the component (None: it names one)."""
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return f"{comp} has no module {path!r} (a LoRA for another base model?)"
+    return None
 
 
 def _resolve(module: nn.Module, path: str) -> str:

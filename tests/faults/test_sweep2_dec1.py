@@ -1,0 +1,135 @@
+"""Bad-input sweep 2 (Dec 1): diffusion LoRA files, GGUF paths, LLaMA-Pro expansion, O-LoRA's past.
+Each case was a raw traceback, a silent misreading or a changed model before; now it is a LorakitError
+naming the file / key / argument, and the model (every pipeline component) is as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit.errors import AdapterFileError
+
+from fault_helpers import assert_same, picture
+
+pytest.importorskip("diffusers")
+
+Q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # a 64 × 64 Linear of the tiny UNet
+
+
+def _parts():
+    from tests.diffusion.tiny import sd1_parts
+
+    return sd1_parts()
+
+
+@pytest.fixture(scope="module")
+def kohya_files(tmp_path_factory):
+    """{kind: {key: tensor}} of a kohya/LyCORIS file (UNet + text encoder) for each adapter kind."""
+    from lorakit.diffusion import DiffusionLoraConfig, add_adapter, save_kohya
+
+    out = {}
+    for kind in ("lora", "loha", "lokr"):
+        parts = _parts()
+        add_adapter(parts, DiffusionLoraConfig(kind=kind, rank=4, alpha=2.0, text_encoder=True), "s")
+        out[kind] = load_file(save_kohya(parts, tmp_path_factory.mktemp(kind) / "f.safetensors", "s"))
+    return out
+
+
+def _load_refused(path, match, loader="kohya"):
+    """Load ``path`` into a fresh SD1 pipeline: AdapterFileError matching ``match``, every component as it was."""
+    from lorakit.diffusion import load_diffusers, load_kohya
+
+    parts = _parts()
+    before = {c: picture(m) for c, m in parts.items()}
+    with pytest.raises(AdapterFileError, match=f"(?s){match}"):
+        (load_kohya if loader == "kohya" else load_diffusers)(parts, path, "x")
+    for c, m in parts.items():
+        assert_same(before[c], picture(m))
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("alpha,msg", [
+    (torch.ones(2), r"shape \(2,\); alpha must be one number"),   # ValueError: only one element tensors …
+    (torch.zeros(0), r"shape \(0,\); alpha must be one number"),
+    (torch.tensor(True), "torch.bool"),                             # loaded as alpha = 1
+    (torch.tensor(float("nan")), "nan: alpha must be a finite number"),  # LoKr (two full factors): loaded
+    (torch.tensor(0.0), "0.0: alpha must be a finite number > 0"),
+], ids=["two", "empty", "bool", "nan", "zero"])
+def test_kohya_alpha_must_be_one_finite_positive_number(tmp_path, kohya_files, kind, alpha, msg):
+    f = tmp_path / "bad.safetensors"
+    save_file({**kohya_files[kind], f"{Q}.alpha": alpha}, f)
+    _load_refused(f, rf"bad.safetensors.*{Q}\.alpha.*{msg}")
+
+
+@pytest.mark.parametrize("kind,suffix", [("lora", "lora_down.weight"), ("loha", "hada_w1_b"), ("lokr", "lokr_w1"),
+                                         ("lokr", "lokr_w2")])
+@pytest.mark.parametrize("bad", [torch.tensor(1.0), torch.ones(4), torch.zeros(0, 64)], ids=["0-d", "1-d", "rank0"])
+def test_kohya_factor_that_is_not_a_matrix(tmp_path, kohya_files, kind, suffix, bad):
+    # before: IndexError / "not enough values to unpack" / a ConfigError about rank_pattern
+    f = tmp_path / "bad.safetensors"
+    save_file({**kohya_files[kind], f"{Q}.{suffix}": bad}, f)
+    _load_refused(f, rf"{Q}\.{suffix}: shape {tuple(bad.shape)}".replace("(", r"\(").replace(")", r"\)"))
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (lambda t: torch.full_like(t, float("nan")), "NaN or inf"),
+    (lambda t: t.to(torch.int32), "floating point"),
+], ids=["nan", "int"])
+def test_kohya_nan_or_integer_factors_are_refused(tmp_path, kohya_files, bad, msg):
+    f = tmp_path / "bad.safetensors"
+    sd = dict(kohya_files["lora"])
+    sd[f"{Q}.lora_down.weight"] = bad(sd[f"{Q}.lora_down.weight"])
+    save_file(sd, f)
+    _load_refused(f, rf"{msg}.*{Q}\.lora_down\.weight|{Q}\.lora_down\.weight.*{msg}")  # before: loaded
+
+
+@pytest.mark.parametrize("suffix", ["lokr_w1", "lokr_w2"])
+def test_lokr_factors_whose_kronecker_product_is_not_the_module(tmp_path, kohya_files, suffix):
+    sd = dict(kohya_files["lokr"])
+    assert sd[f"{Q}.lokr_w1"].shape == sd[f"{Q}.lokr_w2"].shape == (8, 8)  # 8·8 = 64
+    sd[f"{Q}.{suffix}"] = sd[f"{Q}.{suffix}"][:4].contiguous()  # 4·8 = 32 rows: not the module's 64
+    f = tmp_path / "bad.safetensors"
+    save_file(sd, f)
+    _load_refused(f, rf"{Q} \(unet\.down_blocks.*to_q\): its Kronecker factors give .* the module's is \(64, 64\)")
+
+
+def test_failed_load_gives_earlier_components_their_requires_grad_back(tmp_path, kohya_files):
+    """The text encoder's part loads, the UNet's does not fit: the text encoder used to stay frozen."""
+    sd = dict(kohya_files["lora"])
+    sd[f"{Q}.lora_up.weight"] = sd[f"{Q}.lora_up.weight"][:, :2].contiguous()  # rank 2 vs lora_down's 4
+    f = tmp_path / "bad.safetensors"
+    save_file(sd, f)
+    _load_refused(f, r"lora_up\.weight: file has shape \(64, 2\), model expects \(64, 4\)")
+
+
+@pytest.fixture(scope="module")
+def diffusers_file(tmp_path_factory):
+    from lorakit.diffusion import DiffusionLoraConfig, add_adapter, save_diffusers
+
+    parts = _parts()
+    add_adapter(parts, DiffusionLoraConfig(rank=4, alpha=2.0), "s")
+    f = save_diffusers(parts, tmp_path_factory.mktemp("d"), "s")
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        return load_file(f), h.metadata()
+
+
+DQ = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+@pytest.mark.parametrize("extra,meta,match", [
+    ({f"{DQ}.alpha": torch.ones(2)}, None, rf"{DQ}\.alpha: .*shape \(2,\); alpha must be one number"),
+    ({f"{DQ}.lora_A.weight": torch.tensor(1.0)}, None, rf"{DQ}\.lora_A\.weight: shape \(\) is not a 2-D"),
+    ({"unet.nothere.lora_A.weight": torch.ones(2, 2), "unet.nothere.lora_B.weight": torch.ones(2, 2)}, None,
+     "unet.nothere.lora_A.weight: unet has no module 'nothere'"),  # a TargetNotFoundError without the file
+    ({"unet.nothere.alpha": torch.tensor(1.0)}, None, "unet.nothere.alpha: unet has no module"),  # was ignored
+    ({"unet.conv_in.alpha": torch.tensor(1.0)}, None, r"unet\.conv_in\.alpha: the file has no lora_A/lora_B"),
+    ({}, "[1, 2]", "lora_adapter_metadata must be a JSON object .* not a list"),  # AttributeError before
+], ids=["alpha-shape", "A-0d", "unknown-module", "alpha-unknown-module", "alpha-without-lora", "meta-list"])
+def test_diffusers_file_problems_name_the_file_and_key(tmp_path, diffusers_file, extra, meta, match):
+    tensors, header = diffusers_file
+    f = tmp_path / "bad.safetensors"
+    save_file({**tensors, **extra}, f, metadata=header if meta is None else {**header, "lora_adapter_metadata": meta})
+    _load_refused(f, rf"bad\.safetensors: .*{match}", loader="diffusers")
