@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit.errors import AdapterFileError
+import lorakit
+from lorakit.errors import AdapterFileError, ConfigError, OutputError, QuantizationError
 
-from fault_helpers import assert_same, picture
+from fault_helpers import assert_same, picture, tiny_llama
 
 pytest.importorskip("diffusers")
 
@@ -133,3 +134,92 @@ def test_diffusers_file_problems_name_the_file_and_key(tmp_path, diffusers_file,
     f = tmp_path / "bad.safetensors"
     save_file({**tensors, **extra}, f, metadata=header if meta is None else {**header, "lora_adapter_metadata": meta})
     _load_refused(f, rf"bad\.safetensors: .*{match}", loader="diffusers")
+
+
+@pytest.mark.parametrize("path", [None, 3, 1.5])
+def test_gguf_path_of_the_wrong_type(path):
+    from lorakit.quant.gguf_load import load_gguf
+
+    with pytest.raises(QuantizationError, match=rf"GGUF path {path!r}: must be a file path"):  # TypeError before
+        load_gguf(path)
+
+
+def test_expand_blocks_freeze_and_train_blocks_indices_are_checked():
+    from lorakit.variants.expand import expand_blocks, train_blocks
+
+    model = tiny_llama()
+    before = picture(model)
+    with pytest.raises(ConfigError, match="freeze='no': must be true or false"):  # 'no' used to freeze
+        expand_blocks(model, 1, freeze="no")
+    with pytest.raises(ConfigError, match="blocks '1': must be a list of block indices"):  # TypeError before
+        train_blocks(model, "1")
+    with pytest.raises(ConfigError, match=r"blocks \[1\.0\]: must be a list"):
+        train_blocks(model, [1.0])
+    assert_same(before, picture(model))
+
+
+def test_olora_past_with_modules_the_adapter_does_not_target(tmp_path):
+    """A past adapter with k_proj pairs loaded into an O-LoRA on q/v: k_proj's update was silently dropped."""
+    from lorakit.variants.olora import add_olora, load_past
+
+    prev = tiny_llama()
+    lorakit.inject(prev, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "k_proj"],
+                                            init_lora_weights=False), "a")
+    lorakit.save_adapter(prev, tmp_path / "past", "a")
+    model = tiny_llama()
+    add_olora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    before = picture(model)
+    with pytest.raises(AdapterFileError, match=r"past: cannot be O-LoRA's past.*\n  model\.layers\.0\.self_attn\.k_proj: "
+                                               r"in the file, but the O-LoRA adapter does not target it"):
+        load_past(model, tmp_path / "past")
+    assert_same(before, picture(model))
+
+
+def test_read_data_takes_a_path_and_refuses_other_types(tmp_path):
+    """TrainArgs(data=Path(...)) was accepted and then failed in read_data with AttributeError."""
+    from lorakit.data.files import read_data
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"text": "hello"}\n')
+    assert read_data(f).rows == [{"text": "hello"}]
+    with pytest.raises(ConfigError, match=r"data=None: give the path"):
+        read_data(None)
+    with pytest.raises(ConfigError, match=r"columns=\['text'\]: must be a mapping"):
+        read_data(str(f), columns=["text"])
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_distill_generator_max_new_tokens_below_one(n):
+    """lorakit distill-data --max-new-tokens -1 ended in transformers' raw ValueError traceback."""
+    from lorakit.tasks import build_tokenizer
+    from lorakit.variants.sdft import hf_generator
+
+    with pytest.raises(ConfigError, match=rf"max_new_tokens={n}: must be an integer in \[1,"):
+        hf_generator(tiny_llama(), build_tokenizer(), max_new_tokens=n)
+
+
+def test_builtin_eval_with_eval_rows_zero_is_no_eval():
+    """`lorakit train --data builtin:shift eval_rows=0` crashed in encode (zip of no rows): 0 means off."""
+    from lorakit.train.args import TrainArgs
+    from lorakit.train.setup import load_data
+
+    train, evaluation = load_data(TrainArgs(data="builtin:shift", eval_data="builtin:shift", eval_rows=0, builtin_rows=4))
+    assert len(train.rows) == 4 and evaluation is None
+
+
+@pytest.mark.parametrize("settings,output,error,match", [
+    (dict(eval_rows=0), None, ConfigError, "eval_rows=0: learning and forgetting are scored on eval rows"),
+    (dict(full_lr=-1.0), None, ConfigError, r"lr=-1\.0"),  # used to fail only after 'lora' had trained
+    (dict(), "afile", OutputError, "--output-dir .*afile is a file"),  # was a lock-file message
+], ids=["eval_rows", "full_lr", "output-file"])
+def test_forgetting_settings_are_checked_before_any_run_trains(tmp_path, settings, output, error, match):
+    from lorakit.eval.forgetting import RunSettings, measure_forgetting
+
+    out = tmp_path / (output or "out")
+    if output:
+        out.write_text("keep me")
+    with pytest.raises(error, match=match):
+        measure_forgetting("shift", keep=["copy"], methods="lora,full", output_dir=out,
+                           settings=RunSettings(**{**dict(steps=1, batch_size=2, builtin_rows=4, eval_rows=2), **settings}),
+                           say=lambda *_: None)
+    assert (out.read_text() == "keep me") if output else not out.exists()

@@ -20,6 +20,7 @@ layouts (ShareGPT, conversational prompt/completion) and a column mapping are tu
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,14 @@ def read_data(spec: str, data_format: str = "auto", split: str = "train", builti
               seed: int = 0, columns: dict[str, str] | None = None) -> RawData:
     """Rows of ``spec`` (a file, or ``builtin:TASK``), checked against their format. ``columns`` maps
     lorakit's field names to the file's columns (``{"instruction": "question"}``)."""
+    if isinstance(spec, os.PathLike):  # TrainArgs(data=Path(...)) is a natural thing to write
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"data={spec!r}: give the path of a .jsonl, .json, .csv, .tsv or .parquet file (a str or "
+                          "Path), or builtin:TASK for a built-in task.")
+    if columns is not None and not isinstance(columns, dict):
+        raise ConfigError(f"columns={columns!r}: must be a mapping of lorakit field → column name, e.g. "
+                          "{'instruction': 'question', 'output': 'answer'}.")
     if spec.startswith(BUILTIN_PREFIX):
         return _read_builtin(spec[len(BUILTIN_PREFIX):], data_format, split, builtin_rows, seed)
     path = Path(spec)

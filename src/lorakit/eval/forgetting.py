@@ -37,7 +37,7 @@ from typing import Any
 
 from .. import tasks as task_registry
 from .._fs import atomic_write, atomic_write_json, atomic_write_text
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..tasks import embedded_manifest
 from ..train.args import TrainArgs
 from ..train.inference import load_for_inference
@@ -263,7 +263,14 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
         raise ConfigError(f"task {train!r} is both the training task and a kept task; drop it from --keep.")
     if not keep:
         raise ConfigError("no kept tasks: pass --keep TASK_A,TASK_B (built-in tasks the model already knows).")
+    if isinstance(settings.eval_rows, bool) or not isinstance(settings.eval_rows, int) or settings.eval_rows < 1:
+        raise ConfigError(f"eval_rows={settings.eval_rows!r}: learning and forgetting are scored on eval rows; "
+                          "give --eval-rows 1 or more (default 200).")
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output-dir {out} is a file; pass a directory (it is created if missing).")
+    for spec in specs:  # every run's settings are checked (TrainArgs) before the first one trains
+        settings.train_args(spec, f"builtin:{train}", out / "runs" / spec.label, [train, *keep])
     rows = []
     for spec in specs:
         run_dir = out / "runs" / spec.label

@@ -119,6 +119,9 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         import gguf
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise QuantizationError(f"GGUF path {path!r}: must be a file path (str or Path), not a "
+                                    f"{type(path).__name__}; pass the path of a .gguf file.")
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise QuantizationError(f"{self.path}: no such GGUF file; pass the path of a .gguf file.")

@@ -83,7 +83,7 @@ def load_data(args: TrainArgs, model_config_label2id: dict[str, int] | None = No
     if args.replay > 0 and args.replay_data != SELF:  # self-replay needs the model: see with_self_replay
         train = with_replay(train, args)
     evaluation = None
-    if args.eval_data is not None:
+    if args.eval_data is not None and not (args.eval_builtin_task and args.eval_rows == 0):  # eval_rows=0: off
         n = args.eval_rows if args.eval_builtin_task else args.builtin_rows
         evaluation = read_data(args.eval_data, args.data_format, "eval", n, args.seed, args.columns)
         if evaluation.format != train.format:

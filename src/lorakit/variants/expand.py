@@ -30,6 +30,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterStateError, ConfigError, UnsupportedModuleError
 from ..state import model_state
+from ..validate import check_bool
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ def expand_blocks(model: nn.Module, n_new: int, *, freeze: bool = True, blocks: 
         ``LoraConfig(layers_to_transform=...)`` (or use :func:`lora_config_for_new_blocks`) to train
         them with LoRA instead of fully.
     """
+    check_bool("freeze", freeze)
     if model_state(model) is not None:
         raise AdapterStateError(
             "the model already has lorakit adapters; expand the plain model first, then inject "
@@ -207,6 +209,10 @@ def train_blocks(model: nn.Module, indices: Sequence[int]) -> None:
     before a save and reload)."""
     path, _ = find_layout(model)
     layers = model.get_submodule(path)
+    if not isinstance(indices, Sequence) or isinstance(indices, str) or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ConfigError(f"blocks {indices!r}: must be a list of block indices (integers), e.g. the list "
+                          "expand_blocks returned.")
     bad = [i for i in indices if not 0 <= i < len(layers)]
     if bad or not indices:
         raise ConfigError(f"blocks {list(indices)}: the model has blocks 0..{len(layers) - 1}; name at least one.")

@@ -198,6 +198,11 @@ def load_past(model: nn.Module, path: str | Path, adapter_name: str = KIND) -> i
                             f"A (R, {', '.join(map(str, ad.lora_A.shape[1:]))}), B ({ad.lora_B.shape[0]}, R)")
         else:
             plan.append((ad, a, b, flat.scaling_for(layer)))
+    # a pair for a module the O-LoRA adapter does not target would be dropped: that task's update lost
+    targeted = {layer for layer, _ in layers}
+    problems += [f"{key[len(PREFIX):-len('.lora_A.weight')]}: in the file, but the O-LoRA adapter does not target it"
+                 for key in sorted(weights) if key.startswith(PREFIX) and key.endswith(".lora_A.weight")
+                 and key[len(PREFIX):-len(".lora_A.weight")] not in targeted]
     if problems:
         raise AdapterFileError(f"{path}: cannot be O-LoRA's past for this model:\n  " + "\n  ".join(problems[:20])
                                + "\nTrain every task of a sequence with the same target_modules.")

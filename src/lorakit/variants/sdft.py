@@ -41,6 +41,7 @@ from .._fs import atomic_write_json, atomic_write_text
 from ..errors import ConfigError, DataError
 from ..tasks import BUILTIN_TASKS
 from ..tasks.format import format_prompt, parse_answer, to_messages, user_text
+from ..validate import check_int
 
 # The authors' ban list (eval/gen_distilled_data.py in sail-sg/sdft), matched case-insensitively.
 REFERENCE_PHRASES = ("reference answer", "your response", "my response", "your own response", "now it's your turn")
@@ -219,6 +220,7 @@ def write_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], schem
 
 def hf_generator(model, tokenizer, max_new_tokens: int = 32, stop: Sequence[str] = ("\n",)) -> Generator:
     """Greedy, left-padded batched generation with a transformers causal LM; stops at ``stop`` or EOS."""
+    check_int("max_new_tokens", max_new_tokens, minimum=1)  # transformers' own error is a raw ValueError
     stop_ids = [tokenizer.convert_tokens_to_ids(s) for s in stop]
     stop_ids = [i for i in stop_ids if i is not None and i != tokenizer.unk_token_id]
     if tokenizer.eos_token_id is not None:
