@@ -223,3 +223,36 @@ def test_forgetting_settings_are_checked_before_any_run_trains(tmp_path, setting
                            settings=RunSettings(**{**dict(steps=1, batch_size=2, builtin_rows=4, eval_rows=2), **settings}),
                            say=lambda *_: None)
     assert (out.read_text() == "keep me") if output else not out.exists()
+
+
+def test_a_second_add_adapter_on_a_pipeline_targets_the_hosts():
+    """add_adapter(pipe, ..., "b") after "a" targeted 'proj_in.base_layer' (TargetNotFoundError)."""
+    from lorakit.diffusion import DiffusionLoraConfig, add_adapter
+    from lorakit.state import lora_layers
+
+    parts = _parts()
+    add_adapter(parts, DiffusionLoraConfig(rank=2, conv_rank=2, text_encoder=True), "a")
+    add_adapter(parts, DiffusionLoraConfig(rank=2, conv_rank=2, text_encoder=True), "b")
+    for module in parts.values():
+        hosts = dict(lora_layers(module))
+        assert hosts and all(set(h.lora) == {"a", "b"} for h in hosts.values())
+        assert not any(".base_layer" in p for p in hosts)
+
+
+def test_save_and_load_arguments_of_the_wrong_kind(tmp_path):
+    from lorakit.diffusion import DiffusionLoraConfig, add_adapter, load_kohya, save_diffusers, save_kohya
+
+    parts = _parts()
+    add_adapter(parts, DiffusionLoraConfig(rank=2), "a")
+    before = {c: picture(m) for c, m in parts.items()}
+    with pytest.raises(ConfigError, match="dtype=torch.int8: LoRA files are written in a floating-point dtype"):
+        save_kohya(parts, tmp_path / "k.safetensors", "a", dtype=torch.int8)  # wrote rounded-away factors
+    with pytest.raises(ConfigError, match="dtype=torch.int32"):
+        save_diffusers(parts, tmp_path, "a", dtype=torch.int32)
+    with pytest.raises(ConfigError, match=r"metadata\['k'\]=.*not JSON-serializable"):  # TypeError before
+        save_kohya(parts, tmp_path / "k.safetensors", "a", metadata={"k": object()})
+    with pytest.raises(AdapterFileError, match="LoRA file None: must be a path"):  # TypeError before
+        load_kohya(parts, None, "b")
+    assert list(tmp_path.iterdir()) == []
+    for c, m in parts.items():
+        assert_same(before[c], picture(m))

@@ -10,6 +10,7 @@ reports all problems at once; a failed load leaves the pipeline unchanged.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 
 from .._fs import atomic_write
 from ..adapters import set_trainable
-from ..errors import AdapterFileError, AdapterNotFoundError
+from ..errors import AdapterFileError, AdapterNotFoundError, ConfigError
 from ..io import check_and_copy
 from ..state import lora_layers
 from ..validate import check_float_tensors
@@ -63,9 +64,17 @@ def save_kohya(pipe: Any, path: str | Path, name: str = "default", dtype: torch.
                metadata: Mapping[str, Any] | None = None) -> Path:
     """Write adapter ``name`` of ``pipe`` to one kohya/LyCORIS ``.safetensors`` file (atomically)."""
     path = Path(path)
+    check_float_dtype(dtype)
+    extra = {}
+    for k, v in (metadata or {}).items():
+        try:
+            extra[str(k)] = v if isinstance(v, str) else json.dumps(v)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"metadata[{k!r}]={v!r}: not a string and not JSON-serializable ({exc}); pass strings, "
+                              "numbers, lists or dicts.") from None
     tensors = kohya_state_dict(pipe, name, dtype)
     meta = kohya_metadata(pipe, name, tensors)
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    meta.update(extra)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
@@ -94,7 +103,16 @@ def _rank(spec) -> int:
     return spec[0] if isinstance(spec, tuple) else spec.r
 
 
+def check_float_dtype(dtype) -> None:
+    """A LoRA file is written in a floating-point dtype: an integer one would round every factor away."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype={dtype!r}: LoRA files are written in a floating-point dtype; use torch.float32, "
+                          "torch.float16 or torch.bfloat16.")
+
+
 def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise AdapterFileError(f"LoRA file {path!r}: must be a path (str or Path) of a .safetensors file.")
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such file; pass the path of a kohya/LyCORIS .safetensors LoRA.")

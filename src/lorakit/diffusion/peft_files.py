@@ -32,7 +32,7 @@ from .components import components_of
 from .config import DiffusionLoraConfig, lora_config_for
 from .inject import adapter_components, apply_all
 from .kinds import FILE_KINDS, effective_scaling, tensor_problems
-from .kohya import _fit, check_tensors, read_file
+from .kohya import _fit, check_float_dtype, check_tensors, read_file
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -41,6 +41,7 @@ METADATA_KEY = "lora_adapter_metadata"
 def save_diffusers(pipe: Any, directory: str | Path, name: str = "default", fold_alpha: bool = False,
                    dtype: torch.dtype = torch.float32) -> Path:
     """Write adapter ``name`` as ``<directory>/pytorch_lora_weights.safetensors`` (atomically)."""
+    check_float_dtype(dtype)
     components = adapter_components(pipe, name)
     if not components:
         raise AdapterNotFoundError(f"no component of the pipeline holds an adapter named {name!r}.")

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..layers.host import LoraLayer
+
 ATTENTION_BLOCKS = ("Transformer2DModel",)
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 
 
 def _is_target_type(module: nn.Module) -> bool:
-    return type(module) in (nn.Linear, nn.Conv2d)
+    # a module that already carries adapters is a host around its Linear / Conv2d (``base_layer``):
+    # the host is the target, never the wrapped layer or an adapter's own factors
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    return type(base) in (nn.Linear, nn.Conv2d)
 
 
 def is_kxk_conv(module: nn.Module) -> bool:
@@ -35,8 +40,13 @@ def select(model: nn.Module, blocks: tuple[str, ...]) -> list[str]:
     out: dict[str, None] = {}
     for path, module in model.named_modules():
         if type(module).__name__ in blocks:
-            for sub, child in module.named_modules():
-                if sub and _is_target_type(child):
+            hosts: list[str] = []
+            for sub, child in module.named_modules():  # pre-order: a host comes before its insides
+                if not sub or any(sub.startswith(h + ".") for h in hosts):
+                    continue
+                if isinstance(child, LoraLayer):
+                    hosts.append(sub)
+                if _is_target_type(child):
                     out[f"{path}.{sub}" if path else sub] = None
     return list(out)
 
