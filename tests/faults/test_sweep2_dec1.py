@@ -274,3 +274,12 @@ def test_export_gguf_adapter_arguments_of_the_wrong_type(tmp_path):
         with pytest.raises(ConfigError, match=rf"out={out!r}: give the path of the \.gguf file"):
             export_gguf_adapter(tmp_path, out, base=base)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("pattern", ["x", [True, False], 3])
+def test_adalora_rank_pattern_that_is_not_a_mapping(pattern):
+    from lorakit.errors import RankPatternError
+    from lorakit.variants.adalora import AdaLoraConfig
+
+    with pytest.raises(RankPatternError, match=r"rank_pattern=.*: must be a mapping"):  # AttributeError before
+        AdaLoraConfig(init_r=4, target_r=2, total_step=100, target_modules=["q_proj"], rank_pattern=pattern)

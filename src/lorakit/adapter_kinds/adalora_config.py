@@ -119,6 +119,10 @@ class AdaLoraConfig:
                 "unchanged) or False (random Λ, for tests)."
             )
         if self.rank_pattern is not None:
+            if not isinstance(self.rank_pattern, dict):
+                raise RankPatternError(f"rank_pattern={self.rank_pattern!r:.60}: must be a mapping "
+                                       f"{{'<module path>.lora_E': [kept?] * init_r}} or null (not a "
+                                       f"{type(self.rank_pattern).__name__}).")
             self.rank_pattern = {str(k): _check_pattern_entry(k, v, self.init_r) for k, v in self.rank_pattern.items()}
 
     # -- derived values ---------------------------------------------------------------------------
