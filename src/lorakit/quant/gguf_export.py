@@ -140,6 +140,9 @@ def export_gguf_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base
         raise ConfigError(f"out_type={out_type!r}: use one of {', '.join(OUT_TYPES)}.")
     if not isinstance(out, (str, os.PathLike)) or not str(out):
         raise ConfigError(f"out={out!r}: give the path of the .gguf file to write (str or Path).")
+    if not isinstance(adapter, (str, os.PathLike)):
+        raise ConfigError(f"adapter directory {adapter!r:.60}: must be a path (str or pathlib.Path), "
+                          f"got a {type(adapter).__name__}.")
     f = GGUFFile(base)
     try:
         tensors, alpha = gguf_adapter_tensors(adapter, f)
