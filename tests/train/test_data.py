@@ -136,3 +136,20 @@ def test_label_mapping():
     assert label_mapping([{"label": 2}, {"label": 0}]) == {"0": 0, "1": 1, "2": 2}
     assert label_mapping([{"label": "pos"}, {"label": "neg"}]) == {"neg": 0, "pos": 1}
     assert label_mapping([{"label": "pos"}], {"pos": 1, "neg": 0}) == {"pos": 1, "neg": 0}
+
+
+def test_directory_header_only_csv_and_empty_parquet_say_so(tmp_path):
+    """Each was reported misleadingly: a directory as "does not exist", a header-only CSV and a zero-row
+    parquet with datasets' own messages ("corresponds to no data", "BatchSize must be > 0")."""
+    import datasets
+
+    with pytest.raises(DataError, match="is a directory"):
+        read_data(str(tmp_path))
+    (tmp_path / "h.csv").write_text("instruction,output\n\n")
+    with pytest.raises(DataError, match="h.csv holds no rows"):
+        read_data(str(tmp_path / "h.csv"))
+    datasets.Dataset.from_dict({"instruction": [], "output": []}).to_parquet(str(tmp_path / "e.parquet"))
+    with pytest.raises(DataError, match="e.parquet holds no rows"):
+        read_data(str(tmp_path / "e.parquet"))
+    (tmp_path / "ok.csv").write_text("instruction,output\nsay hi,hi\n")  # one row still reads
+    assert read_data(str(tmp_path / "ok.csv")).rows == [{"instruction": "say hi", "output": "hi"}]

@@ -68,6 +68,9 @@ def read_data(spec: str, data_format: str = "auto", split: str = "train", builti
     if spec.startswith(BUILTIN_PREFIX):
         return _read_builtin(spec[len(BUILTIN_PREFIX):], data_format, split, builtin_rows, seed)
     path = Path(spec)
+    if path.is_dir():
+        raise DataError(f"data {spec} is a directory; pass one .jsonl, .json, .csv, .tsv or .parquet file inside it, "
+                        "or builtin:TASK for a built-in task.")
     if not path.is_file():
         raise DataError(f"data file {spec} does not exist; pass a .jsonl, .json, .csv, .tsv or .parquet file, "
                         "or builtin:TASK for a built-in task.")
@@ -103,6 +106,9 @@ def _load(path: Path, loader: str) -> tuple[list[dict], list[str]]:
     if _blank(path):  # datasets' own error for it is a bare StopIteration
         raise DataError(f"{path}: the file is empty (no rows); write one row per line (JSONL) or a header and rows "
                         "(CSV).")
+    if _no_rows(path, loader):  # datasets' own errors for these say "no data" / "BatchSize must be > 0"
+        raise DataError(f"{path} holds no rows (only a header, or an empty table); give it at least one training "
+                        "example.")
     datasets.disable_progress_bars()
     try:
         # force_redownload: datasets' cache keys a local file by path, size and mtime, so a rewrite
@@ -115,6 +121,21 @@ def _load(path: Path, loader: str) -> tuple[list[dict], list[str]]:
         raise DataError(f"{path}: cannot be read as {loader} ({detail}). Fix the file; every row must "
                         "have the same fields with the same types.") from None
     return ds.to_list(), list(ds.column_names)
+
+
+def _no_rows(path: Path, loader: str) -> bool:
+    """A CSV of one non-blank line (its header) or a parquet table of zero rows."""
+    if loader == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except (OSError, ValueError):  # not readable as parquet (ArrowInvalid): datasets' error below names it
+            return False
+    if loader == "csv":
+        with open(path, "rb") as fh:
+            return sum(1 for line in fh if line.strip()) <= 1
+    return False
 
 
 def _blank(path: Path) -> bool:
