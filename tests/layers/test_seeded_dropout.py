@@ -85,6 +85,12 @@ def test_every_build_gives_the_documented_bits(every_build, thr):
                 assert torch.equal(inplace.view(bits), expect), (build, n, x.dtype, "in place")
 
 
+@pytest.mark.parametrize("level", [-1, 3, 1.5, 2.0, "2", True, None])
+def test_use_build_refuses_what_is_not_a_build(level):
+    with pytest.raises(lorakit.errors.ConfigError, match="give 0 .portable C., 1 .AVX2. or 2"):
+        seeded_dropout.use_build(level)
+
+
 def ref_keep_thr(seed: int, thr: int, n: int) -> np.ndarray:
     """ref_keep with the threshold given directly (p = 0 and p = 1 included)."""
     return ref_keep(seed, (thr + 32768) / 65536, n)

@@ -19,6 +19,7 @@ layouts (ShareGPT, conversational prompt/completion) and a column mapping are tu
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -132,9 +133,9 @@ def _no_rows(path: Path, loader: str) -> bool:
             return pq.ParquetFile(path).metadata.num_rows == 0
         except (OSError, ValueError):  # not readable as parquet (ArrowInvalid): datasets' error below names it
             return False
-    if loader == "csv":
+    if loader == "csv":  # stops at the second non-blank line: a large file is not read again
         with open(path, "rb") as fh:
-            return sum(1 for line in fh if line.strip()) <= 1
+            return sum(1 for _ in itertools.islice((ln for ln in fh if ln.strip()), 2)) <= 1
     return False
 
 

@@ -39,11 +39,7 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
         seeded = mask if isinstance(mask, SeededMask) else None
         if seeded is not None:
-            # x ⊙ keep in one pass into a temporary (or over x2 when the cast above made it ours);
-            # 1/(1−p) goes onto the rank-sized product.
-            x2 = x2.contiguous()
-            ours = x2.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-            xd = seeded.drop(x2, x2 if ours else scratch(x2))  # read by the GEMM below, then free
+            xd = _dropped(seeded, x, x2)  # read by the GEMM below, then free; 1/(1−p) goes onto xa
             scaling_eff = scaling * seeded.scale
         else:
             xd = x2 if mask is None else x2 * mask.reshape(x2.shape).to(dt)  # (N, in), a temporary
@@ -101,12 +97,20 @@ class _LoraLinear(torch.autograd.Function):
             if need_a:
                 # x ⊙ m, written over the 0/1 mask when backward owns it (no other (N, in) buffer)
                 if seeded is not None:
-                    xd = seeded.drop(x2.contiguous(), scratch(x2))  # read by the ∂A GEMM below only
+                    xd = _dropped(seeded, x, x2)  # read by the ∂A GEMM below only
                 else:
                     xd = x2 if mask is None else mask.mul_(x2) if own else x2 * mask
                 grad_a = (gxa.T @ xd).to(a.dtype)  # (r, in)
         # Hand the base layer the contiguous gradient, so its backward does not copy it a second time.
         return g2.view(g.shape), grad_x, None, grad_a, grad_b, None
+
+
+def _dropped(seeded: SeededMask, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """x ⊙ keep (N, in) in one pass: over x2 when the cast or a contiguous copy already made it a
+    buffer of ours, else into the reused per-thread buffer (scratch.py). Valid until the next use."""
+    x2 = x2.contiguous()
+    ours = x2.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    return seeded.drop(x2, x2 if ours else scratch(x2))
 
 
 def lora_linear_branch(base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .._cbuild import Kernel
+from ..errors import ConfigError
 
 SOURCE = Path(__file__).with_name("csrc") / "dropout.c"
 _KERNEL = Kernel(SOURCE, lambda lib: _setup(lib), "dropout kernel")
@@ -118,6 +119,8 @@ def use_build(level: int) -> int:
     """Run the kernel's builds up to ``level`` only (0 portable C, 1 AVX2, 2 AVX-512; capped by the CPU)
     and return the one now in use; -1 when the kernel is not loaded. For tests and A/B benches: every
     build gives the same bits."""
+    if isinstance(level, bool) or not isinstance(level, int) or level not in (0, 1, 2):
+        raise ConfigError(f"use_build(level={level!r}): give 0 (portable C), 1 (AVX2) or 2 (AVX-512).")
     lib = kernel()
     return -1 if lib is None else int(lib.lk_dropout_use(level))
 
