@@ -16,7 +16,7 @@ must pay at least); ``lorakit`` — lorakit LoRA r=16, alpha 32, dropout 0.05, a
 ``full`` — full fine-tuning, AdamW; ``peft`` (``--peft``) — PEFT LoRA with the same config;
 ``lorakit-p0`` (``--p0``) — lorakit LoRA without dropout, to split the overhead into dropout and the rest;
 ``lorakit-unfused`` (``--unfused``) — lorakit with the base Linear run as its own node (``branch.set_fusion(False)``). The loss
-is the model's own (full logits) in every mode; ``--ce`` gives lorakit the chunked CE instead.
+is the model's own (full logits) in every mode; ``--ce`` gives every lorakit mode the chunked CE instead.
 CPU time is ``time.process_time`` with one torch thread (``--threads``); wall time is printed too.
 Peak memory is not measured here (the models share one heap): ``bench_lora.py`` does that.
 """
@@ -76,7 +76,7 @@ def _step(mode, model, ids, opt, ce: bool):
             set_fusion(mode != "lorakit-unfused")
         if mode == "floor":
             loss = model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss
-        elif mode == "lorakit" and ce:
+        elif mode.startswith("lorakit") and ce:
             from lorakit.losses import chunked_cross_entropy, hidden_states_instead_of_logits
 
             with hidden_states_instead_of_logits(model) as head:
