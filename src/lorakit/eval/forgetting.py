@@ -43,6 +43,7 @@ from ..train.args import TrainArgs
 from ..train.inference import load_for_inference
 from ..train.loop import train as run_training
 from ..train.model import model_dir
+from ..variants.expand import expansion_plan
 from ..variants.sdft import counts_path, distill_rows, hf_generator, write_rows
 
 # -- the metrics ------------------------------------------------------------------------------------
@@ -269,6 +270,7 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--output-dir {out} is a file; pass a directory (it is created if missing).")
+    check_expansions(specs, settings.model)
     for spec in specs:  # every run's settings are checked (TrainArgs) before the first one trains
         settings.train_args(spec, f"builtin:{train}", out / "runs" / spec.label, [train, *keep])
     rows = []
@@ -288,6 +290,38 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
             f"forgetting {100 * rows[-1].forgetting:+.1f} pts")
     files = write_report(rows, out, title=f"Learning {train} vs forgetting {', '.join(keep)}")
     return ForgettingReport(rows, files)
+
+
+def check_expansions(specs: Sequence[MethodSpec], model: str | None) -> None:
+    """Refuse an ``expand-N`` whose N does not split the model's blocks into equal groups now, from the
+    model's config.json, instead of after the earlier methods have trained and the model is loaded."""
+    n_blocks = None
+    for spec in specs:
+        n_new = dict(spec.options).get("n_new")
+        if spec.method != "expand" or n_new is None:
+            continue
+        if n_blocks is None:
+            n_blocks = _block_count(model)
+        if n_blocks is None:  # no config.json (e.g. a GGUF file): the expansion itself checks
+            return
+        try:
+            expansion_plan(n_blocks, n_new)
+        except ConfigError as exc:
+            raise ConfigError(f"--methods {spec.label!r}: {exc}") from None
+
+
+def _block_count(model: str | None) -> int | None:
+    """The decoder block count from the model directory's config.json, or None when it does not say."""
+    path, _ = model_dir(model)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = config.get(key) if isinstance(config, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
 
 
 def default_keep(model: str | None, exclude: str | None = None) -> list[str]:

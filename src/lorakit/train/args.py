@@ -20,6 +20,9 @@ from .loggers_ext import LOGGERS
 from .scoring import check_scorer_spec
 
 SELF = "self"  # replay_data=self: the base model's own prompts and answers
+# The keys of ``train.methods.METHODS`` (which imports this module, so the names are repeated here to
+# refuse a typo on construction; tests/faults/test_sweep3_dec1.py keeps the two equal).
+METHOD_NAMES = ("lora", "loraplus", "full", "adalora", "olora", "expand")
 
 
 def _f(default: Any, help: str, *, factory: Any = None) -> Any:
@@ -50,8 +53,7 @@ class TrainArgs:
                                 "eval_data is given, e.g. 0.05")
     system_prompt: str = _f("auto", "system turn for conversations rendered by a chat template that have none: "
                                      "auto = the template's own default, '' = an empty one, or the text to use")
-    method: str = _f("lora", "fine-tuning method: lora, loraplus, full, or one registered by a variant "
-                              "(adalora, olora)")
+    method: str = _f("lora", "fine-tuning method: lora, loraplus, full, adalora, olora or expand (LLaMA-Pro)")
     method_options: dict[str, Any] = _f(None, "extra options for the method (YAML mapping, or "
                                               "method_options.KEY=VALUE)", factory=dict)
     # -- LoRA (names as in lorakit.LoraConfig) ----------------------------------------------------
@@ -221,8 +223,9 @@ class TrainArgs:
             raise ConfigError(f"columns={self.columns!r}: must be a mapping of lorakit field → column name.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
-        if not self.method or not isinstance(self.method, str):
-            raise ConfigError(f"method={self.method!r}: name a method, e.g. lora, loraplus or full.")
+        if not isinstance(self.method, str) or self.method not in METHOD_NAMES:
+            raise ConfigError(f"method={self.method!r}: not a lorakit method; choose one of "
+                              f"{', '.join(METHOD_NAMES)} (e.g. method=lora).")
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options={self.method_options!r}: must be a mapping of option → value.")
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
