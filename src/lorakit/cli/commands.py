@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .._fs import atomic_dir
+from ..adapter_kinds import kind_for_file
 from ..adapters import disabled, merge_and_unload
 from ..data.encode import encode, label_mapping
 from ..data.files import BUILTIN_PREFIX, read_data
@@ -33,6 +34,9 @@ def evaluate(data: str, adapter: str | None = None, model: str | None = None, ma
     rows have reference answers, also the generation score (``scorer``, on ``generate_rows`` rows)."""
     if batch_size < 1 or max_length < 1:  # checked before the model loads (batch_size=0 divides by zero)
         raise ConfigError(f"batch_size={batch_size} / max_length={max_length}: both must be ≥ 1.")
+    if isinstance(eval_rows, bool) or not isinstance(eval_rows, int) or eval_rows < 1:  # 0: encode got no rows
+        raise ConfigError(f"eval_rows={eval_rows!r} (--eval-rows): must be an integer ≥ 1, the rows drawn from a "
+                          "built-in task (default 200).")
     if generate_rows < 0 or (max_new_tokens is not None and max_new_tokens < 1):
         raise ConfigError(f"generate_rows={generate_rows} / max_new_tokens={max_new_tokens}: need generate_rows ≥ 0 "
                           "(0 = no generation) and max_new_tokens ≥ 1.")
@@ -145,6 +149,8 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
 def info(adapter_dir: str) -> dict[str, Any]:
     """What an adapter directory holds: its config, ranks per module, tensor count and size."""
     config = read_adapter_config(adapter_dir)
+    source = str(Path(adapter_dir) / "adapter_config.json")
+    kind_for_file(config, source).config_from_file(config, source)  # a broken field is named, not printed as-is
     weights = read_adapter_weights(adapter_dir)
     ranks: dict[str, int] = {}
     for key, t in weights.items():

@@ -105,9 +105,13 @@ def load_check(spec: str):
 
 def distill_command(ns: argparse.Namespace) -> int:
     from ..train.inference import load_for_inference
-    from ..variants.sdft import distill_file
+    from ..variants.sdft import distill_file, get_template
 
     check = load_check(ns.check)
+    get_template(ns.template)
+    for flag, value in (("--rows", ns.rows), ("--batch-size", ns.batch_size), ("--max-new-tokens", ns.max_new_tokens)):
+        if value < 1:  # before builtin:TASK rows are written next to --out
+            raise ConfigError(f"{flag} {value}: must be ≥ 1.")
     data = ns.data
     if data.startswith("builtin:"):
         from ..tasks import write_jsonl

@@ -42,6 +42,7 @@ from ..tasks import embedded_manifest
 from ..train.args import TrainArgs
 from ..train.inference import load_for_inference
 from ..train.loop import train as run_training
+from ..train.methods import check_options as check_method_options
 from ..train.model import model_dir
 from ..variants.expand import expansion_plan
 from ..variants.sdft import counts_path, distill_rows, hf_generator, write_rows
@@ -271,8 +272,8 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
     if out.exists() and not out.is_dir():
         raise OutputError(f"--output-dir {out} is a file; pass a directory (it is created if missing).")
     check_expansions(specs, settings.model)
-    for spec in specs:  # every run's settings are checked (TrainArgs) before the first one trains
-        settings.train_args(spec, f"builtin:{train}", out / "runs" / spec.label, [train, *keep])
+    for spec in specs:  # every run's settings are checked (TrainArgs, method_options) before the first one trains
+        check_method_options(settings.train_args(spec, f"builtin:{train}", out / "runs" / spec.label, [train, *keep]))
     rows = []
     for spec in specs:
         run_dir = out / "runs" / spec.label

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..config import LoraConfig
 from ..data.files import BUILTIN_PREFIX
 from ..errors import ConfigError
 from ..validate import known_fields
@@ -226,6 +227,9 @@ class TrainArgs:
         if not isinstance(self.method, str) or self.method not in METHOD_NAMES:
             raise ConfigError(f"method={self.method!r}: not a lorakit method; choose one of "
                               f"{', '.join(METHOD_NAMES)} (e.g. method=lora).")
+        if self.method != "full":  # the targets, checked now as the method's LoraConfig checks them at inject
+            LoraConfig(target_modules=self.target_modules, exclude_modules=self.exclude_modules,
+                       modules_to_save=self.modules_to_save)
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options={self.method_options!r}: must be a mapping of option → value.")
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
