@@ -6,6 +6,7 @@ forgetting harness uses it too, and eval sits below cli.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from ..adapter_kinds import kind_for_file
 from ..adapters import disabled, merge_and_unload
 from ..data.encode import encode, label_mapping
 from ..data.files import BUILTIN_PREFIX, read_data
-from ..errors import AdapterFileError, ConfigError
+from ..errors import AdapterFileError, ConfigError, OutputError
 from ..io import read_adapter_config, read_adapter_weights
 from ..train.gen_eval import GenerationEval, reference_prompts
 from ..train.generation import Generator
@@ -102,6 +103,7 @@ def merge(adapter: str, out: str, model: str | None = None, requantize: bool = F
     The merge is computed in the loaded precision; ``dtype`` (fp32, bf16, fp16) casts the result."""
     from ..quant.load_qlora import read_qlora_record
 
+    check_merge_out(out, adapter, base_of(adapter, model))
     record = read_qlora_record(adapter)
     if record is not None:
         from ..train.merge_qlora import merge_qlora
@@ -126,6 +128,24 @@ def merge(adapter: str, out: str, model: str | None = None, requantize: bool = F
         net.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return path
+
+
+def check_merge_out(out: str, adapter: str, model: str | None) -> None:
+    """``--out`` is replaced as a whole (atomically): it must not be the adapter or the base model (nor
+    inside them, nor hold them), nor a directory of other files. An earlier merge's output may be replaced."""
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise ConfigError(f"--out {out!r}: give the directory to write the merged model to.")
+    path = Path(out).resolve()
+    for flag, src in (("--adapter", adapter), ("--model", model)):
+        if src is None:
+            continue
+        src = Path(src).resolve()
+        if path == src or src in path.parents or path in src.parents:
+            raise OutputError(f"--out {out}: overlaps {flag} {src}; merge replaces --out as a whole, so it would "
+                              "destroy the input. Pass a new directory, e.g. --out merged-model.")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise OutputError(f"--out {out}: a non-empty directory that is not a model checkpoint (no config.json); "
+                          "merge replaces --out as a whole. Pass a new or empty directory.")
 
 
 # -- generate -----------------------------------------------------------------------------------------

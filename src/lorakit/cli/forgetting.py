@@ -71,6 +71,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 def forgetting_command(ns: argparse.Namespace) -> int:
     from ..eval.forgetting import RunSettings, measure_forgetting
 
+    if ns.lambda_orth is not None and not 0 <= ns.lambda_orth < float("inf"):  # also NaN; checked before any run
+        raise ConfigError(f"--lambda-orth {ns.lambda_orth}: must be a finite number ≥ 0 (O-LoRA's λ1, e.g. 0.5).")
     target = _csv(ns.target_modules) if "," in ns.target_modules else ns.target_modules
     settings = RunSettings(model=ns.model, steps=ns.steps, lr=ns.lr, full_lr=ns.full_lr, batch_size=ns.batch_size,
                            warmup_steps=ns.warmup_steps, builtin_rows=ns.builtin_rows, eval_rows=ns.eval_rows,
