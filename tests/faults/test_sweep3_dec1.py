@@ -346,3 +346,63 @@ def test_forgetting_lambda_orth_nan_is_refused_up_front(tmp_path, capsys):
     code, err = _cli(["forgetting", "--train", "shift", "--methods", "lora", "--lambda-orth", "nan",
                       "--output-dir", out], capsys)
     assert code == 2 and "--lambda-orth nan" in err and not out.exists()  # was ignored (lora) or refused late
+
+
+# -- variants and quant helpers -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,msg", [
+    (dict(lr=math.inf), "lr=inf"), (dict(ratio=math.inf), "ratio=inf"),
+    (dict(embedding_lr="x"), "embedding_lr='x'"), (dict(embedding_lr=float("nan")), "embedding_lr=nan"),
+    (dict(weight_decay=-1), "weight_decay=-1"), (dict(weight_decay="0.1"), "weight_decay='0.1'"),
+])
+def test_loraplus_groups_refuse_non_finite_or_negative_settings(kw, msg):
+    from lorakit.variants.loraplus import loraplus_param_groups
+
+    with pytest.raises(ConfigError, match=f"loraplus {msg}"):  # accepted before (inf / NaN learning rates)
+        loraplus_param_groups(with_adapter(), **{"lr": 1e-3, **kw})
+
+
+def test_create_loraplus_optimizer_names_a_bad_class_or_option():
+    from lorakit.variants.loraplus import create_loraplus_optimizer
+
+    model = with_adapter()
+    with pytest.raises(ConfigError, match="optimizer_cls='adam': give a torch.optim.Optimizer class"):
+        create_loraplus_optimizer(model, "adam", lr=1e-3)  # 'str' object is not callable before
+    with pytest.raises(ConfigError, match=r"AdamW takes no option\(s\) \['betaz'\]"):
+        create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, betaz=(0.9, 0.99))
+
+
+def test_expand_arguments_of_the_wrong_shape():
+    from lorakit.variants.expand import expand_blocks, expansion_plan, lora_config_for_new_blocks
+
+    model = tiny_llama()
+    before = picture(model)
+    with pytest.raises(ConfigError, match="blocks=3, outputs=None: give both blocks="):
+        expand_blocks(model, 1, blocks=3)
+    assert_same(before, picture(model))
+    with pytest.raises(ConfigError, match="n_blocks='4': the model's block count"):  # TypeError before
+        expansion_plan("4", 1)
+    with pytest.raises(ConfigError, match=r"new_layers=\[\]: give the non-empty list"):
+        lora_config_for_new_blocks([])  # was a config that adapts every block
+    # one output projection given as a string is that projection, not its characters
+    new = expand_blocks(model, 1, blocks="model.layers", outputs="mlp.down_proj")
+    assert new == [2]
+
+
+def test_adam8bit_and_kbit_preparation_arguments():
+    from lorakit.quant import Adam8bit, load_quantized, prepare_for_kbit_training
+
+    model = tiny_llama()
+    for kw, msg in [(dict(lr="1e-3"), "lr='1e-3'"), (dict(lr=math.inf), "lr=inf"), (dict(betas=0.9), "betas=0.9"),
+                    (dict(weight_decay=float("nan")), "weight_decay=nan"), (dict(blocksize="256"), "blocksize='256'")]:
+        with pytest.raises(ConfigError, match=f"Adam8bit: .*{msg}"):  # TypeError / accepted before
+            Adam8bit(model.parameters(), **kw)
+    with pytest.raises(ConfigError, match="Adam8bit: no parameters to optimize"):  # torch's ValueError before
+        Adam8bit([])
+    with pytest.raises(QuantizationError, match="model must be a torch.nn.Module"):  # AttributeError before
+        prepare_for_kbit_training(None)
+    before = picture(model)
+    with pytest.raises(QuantizationError, match="gradient_checkpointing='no'"):
+        prepare_for_kbit_training(model, gradient_checkpointing="no")
+    assert_same(before, picture(model))
+    with pytest.raises(QuantizationError, match="model_dir=None"):  # TypeError before
+        load_quantized(None)
