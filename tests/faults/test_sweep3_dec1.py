@@ -406,3 +406,31 @@ def test_adam8bit_and_kbit_preparation_arguments():
     assert_same(before, picture(model))
     with pytest.raises(QuantizationError, match="model_dir=None"):  # TypeError before
         load_quantized(None)
+
+
+# -- image-model configs ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,msg", [
+    (dict(dropout="x"), "dropout='x'"), (dict(dropout=None), "dropout=None"),  # ValueError / TypeError before
+    (dict(text_encoder="no"), "text_encoder='no': must be true or false"),  # read as True before
+    (dict(unet="yes"), "unet='yes'"), (dict(kind="lokr", decompose_both="yes"), "decompose_both='yes'"),
+    (dict(kind="lokr", lokr_factor=True), "lokr_factor=True"), (dict(kind=["lora"]), r"kind=\['lora'\]"),
+])
+def test_diffusion_lora_config_fields(kw, msg):
+    from lorakit.diffusion import DiffusionLoraConfig
+
+    with pytest.raises(ConfigError, match=msg):
+        DiffusionLoraConfig(**kw)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(conv_rank="2"), "conv_rank='2'"), (dict(save_every=None), "save_every=None"),  # TypeError before
+    (dict(lr="1e-3"), "lr='1e-3'"), (dict(text_encoder_lr=float("nan")), "text_encoder_lr=nan"),
+    (dict(text_encoder_lr=-1.0), "text_encoder_lr=-1.0"), (dict(guidance=math.inf), "guidance=inf"),
+    (dict(missing_caption="ignore"), "missing_caption='ignore': use error, skip or folder"),
+    (dict(buckets="no"), "buckets='no'"), (dict(seed=-1), "seed=-1"), (dict(preview_seeds=["a"]), "preview_seeds"),
+])
+def test_image_train_args_fields(kw, msg):
+    from lorakit.diffusion.train import ImageTrainArgs
+
+    with pytest.raises(ConfigError, match=msg):
+        ImageTrainArgs(data="folder", **kw)
