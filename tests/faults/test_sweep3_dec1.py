@@ -69,9 +69,12 @@ def test_trainargs_refuses_an_unknown_method_on_construction():
     from lorakit.train.methods import METHODS, OPTION_CHECKS
 
     assert set(METHOD_NAMES) == set(METHODS) == set(OPTION_CHECKS)  # the copy in args.py stays in step
-    for bad in ("zzz", "", None, 3, "LoRA"):
+    for bad in ("zzz", "", "LoRA"):
         with pytest.raises(ConfigError, match=rf"method={bad!r}: not a lorakit method; choose one of lora, "
                                               "loraplus, full, adalora, olora, expand"):
+            TrainArgs(method=bad)
+    for bad in (None, 3):
+        with pytest.raises(ConfigError, match=rf"method={bad!r}: must be a string"):
             TrainArgs(method=bad)
 
 
@@ -434,3 +437,27 @@ def test_image_train_args_fields(kw, msg):
 
     with pytest.raises(ConfigError, match=msg):
         ImageTrainArgs(data="folder", **kw)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(lora_dropout="0.1"), "lora_dropout='0.1': must be a number"),  # TypeError in `0 <= x` before
+    (dict(weight_decay=None), "weight_decay=None: must be a number"),   # TypeError in math.isfinite
+    (dict(metric_for_best=[]), r"metric_for_best=\[\]: must be one of 'eval_loss', 'eval_score'"),  # unhashable
+    (dict(report_to=3), "report_to=3"),                                   # 'int' object is not iterable
+    (dict(use_dora="no"), "use_dora='no': must be true or false"),         # read as True before
+    (dict(task="zzz"), "task='zzz': must be one of 'auto', 'causal-lm', 'seq-cls'"),  # accepted before
+    (dict(quant="nf3"), "quant='nf3'"), (dict(eval_tasks="copy"), "eval_tasks='copy'"),
+    (dict(columns={"instruction": 3}), "columns="), (dict(max_steps=10.0), "max_steps=10.0: must be an integer"),
+])
+def test_trainargs_field_types_are_checked_on_construction(kw, msg):
+    from lorakit.train import TrainArgs
+
+    with pytest.raises(ConfigError, match=f"TrainArgs {msg}"):
+        TrainArgs(**kw)
+
+
+def test_trainargs_keeps_its_documented_conveniences(tmp_path):
+    from lorakit.train import TrainArgs
+
+    assert TrainArgs(report_to="csv, tensorboard").report_to == ["csv", "tensorboard"]
+    assert TrainArgs(data=tmp_path / "rows.jsonl", lr=1).lr == 1  # a Path and an int where str/float

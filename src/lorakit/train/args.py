@@ -15,7 +15,7 @@ from typing import Any, Literal
 from ..config import LoraConfig
 from ..data.files import BUILTIN_PREFIX
 from ..errors import ConfigError
-from ..validate import known_fields
+from ..validate import check_field_types, known_fields
 from .early_stop import check_best_args
 from .loggers_ext import LOGGERS
 from .scoring import check_scorer_spec
@@ -168,6 +168,9 @@ class TrainArgs:
                                            "always written; default: csv and tensorboard when installed)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # "csv,mlflow" (the flag's form) is a list of names
+            self.report_to = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        check_field_types(self)  # TrainArgs(lora_dropout="0.1") was a TypeError in the checks below
         for name in ("r", "batch_size", "grad_accum", "max_length", "builtin_rows", "keep_checkpoints",
                      "log_every"):
             _positive_int(name, getattr(self, name))
