@@ -141,6 +141,7 @@ def test_combine_adapters_takes_one_name_as_a_string():
     (lorakit.LoKrConfig, dict(rank_pattern={"q_proj": "2"}), r"rank_pattern\['q_proj'\]='2': must be an integer"),
     (lorakit.LoHaConfig, dict(alpha_pattern={"q_proj": None}), r"alpha_pattern\['q_proj'\]=None"),
     (lorakit.LoHaConfig, dict(base_model_name_or_path=3), "base_model_name_or_path=3"),
+    (lorakit.LoHaConfig, dict(rank_dropout=[]), r"rank_dropout=\[\]: must be a number"),  # read as 0 before
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_config_fields_checked_on_construction(make, kw, msg):
     with pytest.raises(ConfigError, match=msg):  # accepted (or ValueError/TypeError from dict()) before
@@ -150,7 +151,7 @@ def test_config_fields_checked_on_construction(make, kw, msg):
 @pytest.mark.parametrize("kw,msg", [
     (dict(fan_in_fan_out="no"), "fan_in_fan_out='no'"), (dict(base_model_name_or_path=3), "base_model_name_or_path=3"),
     (dict(lora_alpha=-1), "lora_alpha=-1"), (dict(task_type="ZZ"), "task_type='ZZ'"),
-    (dict(target_modules=""), "target_modules=''"),
+    (dict(target_modules=""), "target_modules=''"), (dict(lora_alpha=1e300), "lora_alpha=1e\\+300"),
 ])
 def test_adalora_config_fields(kw, msg):
     from lorakit.variants.adalora import AdaLoraConfig

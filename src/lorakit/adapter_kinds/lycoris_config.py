@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from ..config import _check_int, _check_number, _check_regex, validate_shared_fields
 from ..errors import ConfigError
-from ..validate import check_bool, check_opt_str, check_pattern_map, known_fields
+from ..validate import check_bool, check_number, check_opt_str, check_pattern_map, known_fields
 
 
 @known_fields
@@ -59,6 +59,8 @@ class LycorisConfig:
         _check_int("r", self.r, minimum=1)
         _check_number("alpha", self.alpha)
         validate_shared_fields(self)
+        for name in ("rank_dropout", "module_dropout"):  # [] or "0" read as "off" before
+            check_number(name, getattr(self, name), 0.0, 1.0, high_open=True, example=", e.g. 0.0")
         if self.rank_dropout or self.module_dropout:
             raise ConfigError(f"rank_dropout={self.rank_dropout}, module_dropout={self.module_dropout}: "
                               f"{self.peft_type} dropouts are not implemented in lorakit; set them to 0.")
