@@ -462,3 +462,13 @@ def test_trainargs_keeps_its_documented_conveniences(tmp_path):
 
     assert TrainArgs(report_to="csv, tensorboard").report_to == ["csv", "tensorboard"]
     assert TrainArgs(data=tmp_path / "rows.jsonl", lr=1).lr == 1  # a Path and an int where str/float
+
+
+def test_a_model_directory_without_a_tokenizer(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path / "m")  # config + weights, no tokenizer files
+    (tmp_path / "rows.jsonl").write_text('{"text": "hello"}\n')
+    code, err = _cli(["eval", "--data", tmp_path / "rows.jsonl", "--model", tmp_path / "m"], capsys)
+    assert code == 2 and "no tokenizer could be loaded" in err  # transformers' ValueError traceback before
+    code, err = _cli(["train", "--data", tmp_path / "rows.jsonl", "--model", tmp_path / "m", "--output-dir",
+                      tmp_path / "run", "max_steps=1"], capsys)
+    assert code == 2 and "no tokenizer could be loaded" in err and not (tmp_path / "run").exists()

@@ -29,6 +29,9 @@ def base_of(adapter: str | None, model: str | None) -> str | None:
 
     if base and Path(base).resolve() == embedded_model_dir(check=False).resolve():
         return None
+    if not base:
+        raise ConfigError(f"{adapter}: adapter_config.json names no base model (base_model_name_or_path is "
+                          f"{base!r}); pass --model DIR.")
     raise ConfigError(f"{adapter}: its base model {base!r} is not a local directory; pass --model DIR.")
 
 

@@ -71,7 +71,12 @@ def load_tokenizer(path: Path):
     if is_gguf(path):
         tokenizer = gguf_tokenizer(path)  # the file's own tokenizer and chat template
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:  # no tokenizer files there: transformers' message names neither
+            raise ConfigError(f"--model {path}: no tokenizer could be loaded from it ({type(exc).__name__} in "
+                              "transformers; tokenizer.json / tokenizer_config.json missing or broken?); save the "
+                              "tokenizer next to the model (tokenizer.save_pretrained(DIR)).") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works; eos is the usual pick.
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
