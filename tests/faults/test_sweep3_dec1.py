@@ -472,3 +472,18 @@ def test_a_model_directory_without_a_tokenizer(tmp_path, capsys):
     code, err = _cli(["train", "--data", tmp_path / "rows.jsonl", "--model", tmp_path / "m", "--output-dir",
                       tmp_path / "run", "max_steps=1"], capsys)
     assert code == 2 and "no tokenizer could be loaded" in err and not (tmp_path / "run").exists()
+
+
+def test_forgetting_api_arguments_of_the_wrong_type(tmp_path):
+    from lorakit.eval.forgetting import measure_forgetting, parse_method, parse_methods
+
+    for bad in (None, 3):  # AttributeError: no attribute 'strip' before
+        with pytest.raises(ConfigError, match=f"method {bad!r}: a method label is a string"):
+            parse_method(bad)
+    with pytest.raises(ConfigError, match="methods=None"):  # TypeError: not iterable
+        parse_methods(None)
+    with pytest.raises(ConfigError, match="settings must be a lorakit.eval.forgetting.RunSettings, got dict"):
+        measure_forgetting("shift", methods="lora", output_dir=tmp_path / "o", settings={"steps": 1})
+    with pytest.raises(ConfigError, match="unknown task 'nope'"):  # keep='nope' was read as ['n', 'o', 'p', 'e']
+        measure_forgetting("shift", keep="copy,nope", methods="lora", output_dir=tmp_path / "o")
+    assert list(tmp_path.iterdir()) == []

@@ -157,6 +157,8 @@ class MethodSpec:
 
 def parse_method(label: str) -> MethodSpec:
     """``"lora-r16"`` → MethodSpec(method="lora", r=16); see :data:`SPEC_HELP` for the forms."""
+    if not isinstance(label, str):
+        raise ConfigError(f"method {label!r}: a method label is a string; use {SPEC_HELP}.")
     tokens = label.strip().lower().split("-")
     distill = tokens[0] == "sdft"
     if distill:
@@ -189,7 +191,9 @@ def parse_method(label: str) -> MethodSpec:
 
 
 def parse_methods(labels: str | Sequence[str]) -> list[MethodSpec]:
-    items = [s for s in (labels.split(",") if isinstance(labels, str) else labels) if s.strip()]
+    if not isinstance(labels, (str, list, tuple)):
+        raise ConfigError(f"methods={labels!r:.60}: give comma-separated labels or a list, e.g. 'full,lora-r4'.")
+    items = [s for s in (labels.split(",") if isinstance(labels, str) else labels) if not isinstance(s, str) or s.strip()]
     if not items:
         raise ConfigError(f"no methods given; pass e.g. --methods full,lora-r4,lora-r16 ({SPEC_HELP}).")
     specs = [parse_method(s) for s in items]
@@ -256,6 +260,10 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
     """
 
     settings = settings or RunSettings()
+    if not isinstance(settings, RunSettings):
+        raise ConfigError(f"settings must be a lorakit.eval.forgetting.RunSettings, got {type(settings).__name__}.")
+    if isinstance(keep, str):  # "copy,rev" (the flag's form), not its characters
+        keep = [k.strip() for k in keep.split(",") if k.strip()]
     specs = parse_methods(methods)
     task_registry.get(train)  # ConfigError on a typo, before any training
     keep = list(keep) if keep is not None else default_keep(settings.model, exclude=train)
