@@ -487,3 +487,20 @@ def test_forgetting_api_arguments_of_the_wrong_type(tmp_path):
     with pytest.raises(ConfigError, match="unknown task 'nope'"):  # keep='nope' was read as ['n', 'o', 'p', 'e']
         measure_forgetting("shift", keep="copy,nope", methods="lora", output_dir=tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method,kw", [("adalora", dict(use_dora=True)), ("adalora", dict(use_rslora=True)),
+                                       ("olora", dict(use_dora=True))])
+def test_settings_a_method_cannot_use_are_refused_not_ignored(tmp_path, method, kw):
+    from lorakit.train import TrainArgs
+    from lorakit.train.methods import check_options
+
+    with pytest.raises(ConfigError, match="do not apply|does not apply"):  # DoRA was silently dropped
+        check_options(TrainArgs(data="builtin:shift", method=method, output_dir=str(tmp_path / "o"), **kw))
+    from lorakit.variants.olora import add_olora
+
+    model = tiny_llama()
+    before = picture(model)
+    with pytest.raises(ConfigError, match="O-LoRA adapters are plain LoRA factors"):
+        add_olora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    assert_same(before, picture(model))

@@ -117,8 +117,6 @@ def _full(model: nn.Module, args: TrainArgs) -> MethodSetup:
 
 def _adalora(model: nn.Module, args: TrainArgs) -> MethodSetup:
     """AdaLoRA (``lorakit.variants.adalora.method`` maps the run's flags onto ``AdaLoraConfig``)."""
-    if getattr(args, "use_rslora", False):
-        raise ConfigError("use_rslora does not apply to AdaLoRA (its scaling is α / init_r); drop --use-rslora.")
     config, auto = adalora_config(args)
     inject_adalora(model, config)
     return MethodSetup(model, hooks=[AdaLoraHook(model=model, auto_warmups=AUTO_WARMUPS if auto else None)])
@@ -130,6 +128,8 @@ def _olora_options(args: TrainArgs) -> tuple[Any, olora.OLoraHook]:
     unknown = sorted(set(opts) - set(olora.OPTIONS))
     if unknown:
         raise ConfigError(f"method olora: unknown method_options {unknown}; valid: {', '.join(olora.OPTIONS)}.")
+    if args.use_dora or args.fused_slices:
+        raise ConfigError("method olora trains plain LoRA factors; use_dora / fused_slices do not apply. Drop them.")
     past = opts.pop("past", None)
     if past is not None and not isinstance(past, str):
         raise ConfigError(f"method olora: method_options.past={past!r}: give the directory of the earlier tasks' "

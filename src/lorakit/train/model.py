@@ -94,8 +94,8 @@ def load_model(args: TrainArgs, data_format: str | None = None, label2id: dict[s
     if gguf:
         check_gguf_task(path, task)
     elif args.quant == "gguf":
-        raise ConfigError(f"quant=gguf keeps a GGUF file's quantized weights; --model {args.model} is not a .gguf "
-                          "file. Use quant=nf4 (or fp4/int8) for a transformers checkpoint.")
+        raise ConfigError(f"quant=gguf keeps a GGUF file's quantized weights; --model {args.model or '(the embedded model)'} is "
+                          "not a .gguf file. Use quant=nf4 (or fp4/int8) for a transformers checkpoint.")
     tokenizer = load_tokenizer(path)
     if args.bf16:
         from ..quant.load_qlora import check_compute_dtype_supported

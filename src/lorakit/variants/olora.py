@@ -55,6 +55,9 @@ def add_olora(model: nn.Module, config: LoraConfig, adapter_name: str = KIND) ->
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"config must be a lorakit.LoraConfig (r, lora_alpha, target_modules, ...), "
                           f"got {type(config).__name__}.")
+    if config.use_dora or config.fused_slices:  # OLORA builds plain factor pairs: both were silently dropped
+        raise ConfigError("O-LoRA adapters are plain LoRA factors (past + new); use_dora / fused_slices do not "
+                          "apply to them. Drop them from the config.")
     return inject(model, config, adapter_name, kind=OLORA)
 
 

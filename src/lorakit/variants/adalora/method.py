@@ -27,6 +27,10 @@ AUTO_WARMUPS = (0.1, 0.3)
 
 def adalora_config(args: Any) -> tuple[AdaLoraConfig, bool]:
     """The ``AdaLoraConfig`` that ``TrainArgs`` describe, and whether the hook sets the schedule."""
+    if getattr(args, "use_rslora", False):
+        raise ConfigError("use_rslora does not apply to AdaLoRA (its scaling is α / init_r); drop --use-rslora.")
+    if getattr(args, "use_dora", False) or getattr(args, "fused_slices", None):  # were silently ignored
+        raise ConfigError("use_dora / fused_slices do not apply to AdaLoRA (its adapters are P·Λ·Q); drop them.")
     opts = dict(args.method_options or {})
     unknown = sorted(set(opts) - set(OPTIONS))
     if unknown:
