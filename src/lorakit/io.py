@@ -38,7 +38,14 @@ from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, LorakitError
 from .inject import _excluded, _in_layers, candidate_modules, inject
 from .peft_compat import portable_patterns, present_names
-from .state import bias_parameters, lora_layers, model_state, require_adapter, require_module, trainable_copies
+from .state import (
+    bias_parameters,
+    lora_layers,
+    model_state,
+    require_adapter,
+    require_module,
+    trainable_copies,
+)
 from .validate import check_bool, check_file_ranks, check_float_tensors, read_json_object
 
 CONFIG_NAME = "adapter_config.json"

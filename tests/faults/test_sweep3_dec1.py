@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.errors import AdapterFileError, AdapterStateError, ConfigError, OutputError, QuantizationError
+from lorakit.errors import AdapterStateError, ConfigError, QuantizationError
 
 from fault_helpers import assert_same, picture, tiny_llama
 
@@ -210,9 +210,9 @@ def test_method_options_are_checked_before_the_output_dir_exists(tmp_path, metho
 
 
 def test_a_run_that_fails_before_writing_leaves_no_output_dir(tmp_path):
-    from fault_helpers import quick_args, tiny_lm_dir, write_rows
-
     from lorakit.train.loop import train
+
+    from fault_helpers import quick_args, tiny_lm_dir, write_rows
 
     model = tiny_lm_dir(tmp_path / "m")
     data = write_rows(tmp_path / "rows.jsonl", [{"text": "hello"}] * 4)
