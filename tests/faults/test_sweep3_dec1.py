@@ -504,3 +504,13 @@ def test_settings_a_method_cannot_use_are_refused_not_ignored(tmp_path, method, 
     with pytest.raises(ConfigError, match="O-LoRA adapters are plain LoRA factors"):
         add_olora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     assert_same(before, picture(model))
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(quantize_head="no"), "quantize_head='no': must be True or False"),
+                                    (dict(blocksize=64.0), "blocksize=64.0 is not supported")])
+def test_quantize_model_flag_and_blocksize_types(kw, msg):
+    model = tiny_llama()
+    before = picture(model)
+    with pytest.raises(QuantizationError, match=msg):  # the head was quantized / torch's TypeError before
+        lorakit.quantize_model(model, "nf4", compute_dtype=torch.float32, **kw)
+    assert_same(before, picture(model))
