@@ -514,3 +514,12 @@ def test_quantize_model_flag_and_blocksize_types(kw, msg):
     with pytest.raises(QuantizationError, match=msg):  # the head was quantized / torch's TypeError before
         lorakit.quantize_model(model, "nf4", compute_dtype=torch.float32, **kw)
     assert_same(before, picture(model))
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(batch_size="8"), "batch_size='8'"), (dict(max_length=None), "max_length=None"),
+                                    (dict(generate_rows=1.5), "generate_rows=1.5"), (dict(eval_rows=True), "eval_rows=True")])
+def test_evaluate_arguments_of_the_wrong_type(kw, msg):
+    from lorakit.cli.commands import evaluate
+
+    with pytest.raises(ConfigError, match=msg):  # TypeError in a comparison before
+        evaluate("builtin:shift", **kw)

@@ -33,12 +33,15 @@ def evaluate(data: str, adapter: str | None = None, model: str | None = None, ma
              generate_rows: int = 32, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Loss / perplexity / accuracy of the base model and (with ``adapter``) the adapted one; on a file whose
     rows have reference answers, also the generation score (``scorer``, on ``generate_rows`` rows)."""
-    if batch_size < 1 or max_length < 1:  # checked before the model loads (batch_size=0 divides by zero)
-        raise ConfigError(f"batch_size={batch_size} / max_length={max_length}: both must be ≥ 1.")
-    if isinstance(eval_rows, bool) or not isinstance(eval_rows, int) or eval_rows < 1:  # 0: encode got no rows
+    def count(v, low: int) -> bool:  # an int ≥ low ("8" was a TypeError in the comparison)
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if not (count(batch_size, 1) and count(max_length, 1)):  # before the model loads (0 divides by zero)
+        raise ConfigError(f"batch_size={batch_size!r} / max_length={max_length!r}: both must be integers ≥ 1.")
+    if not count(eval_rows, 1):  # 0: encode got no rows
         raise ConfigError(f"eval_rows={eval_rows!r} (--eval-rows): must be an integer ≥ 1, the rows drawn from a "
                           "built-in task (default 200).")
-    if generate_rows < 0 or (max_new_tokens is not None and max_new_tokens < 1):
+    if not count(generate_rows, 0) or (max_new_tokens is not None and not count(max_new_tokens, 1)):
         raise ConfigError(f"generate_rows={generate_rows} / max_new_tokens={max_new_tokens}: need generate_rows ≥ 0 "
                           "(0 = no generation) and max_new_tokens ≥ 1.")
     check_scorer_spec(scorer)
