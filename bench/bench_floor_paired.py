@@ -14,7 +14,8 @@ Models (same init, ``bench_lora.build``): ``floor`` — every weight frozen, the
 requires grad, so backward runs through every layer with input gradients only (what any LoRA step
 must pay at least); ``lorakit`` — lorakit LoRA r=16, alpha 32, dropout 0.05, all-linear, AdamW;
 ``full`` — full fine-tuning, AdamW; ``peft`` (``--peft``) — PEFT LoRA with the same config;
-``lorakit-p0`` (``--p0``) — lorakit LoRA without dropout, to split the overhead into dropout and the rest. The loss
+``lorakit-p0`` (``--p0``) — lorakit LoRA without dropout, to split the overhead into dropout and the rest;
+``lorakit-unfused`` (``--unfused``) — lorakit with the base Linear run as its own node (``branch.set_fusion(False)``). The loss
 is the model's own (full logits) in every mode; ``--ce`` gives lorakit the chunked CE instead.
 CPU time is ``time.process_time`` with one torch thread (``--threads``); wall time is printed too.
 Peak memory is not measured here (the models share one heap): ``bench_lora.py`` does that.
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_lora  # noqa: E402  (build(), lora_kwargs())
 
 GOALS = {("lorakit", "floor"): 1.10, ("lorakit", "full"): 0.75, ("lorakit", "peft"): 1.0,
+         ("lorakit-unfused", "floor"): 99, ("lorakit", "lorakit-unfused"): 99,
          ("lorakit-p0", "floor"): 99, ("lorakit", "lorakit-p0"): 99}
 
 
@@ -52,7 +54,7 @@ def make_steps(args) -> dict:
             import peft
 
             model = peft.get_peft_model(model, peft.LoraConfig(**bench_lora.lora_kwargs()))
-        elif mode in ("lorakit", "lorakit-p0"):
+        elif mode in ("lorakit", "lorakit-p0", "lorakit-unfused"):
             import lorakit
 
             kw = {**bench_lora.lora_kwargs(), **({"lora_dropout": 0.0} if mode == "lorakit-p0" else {})}
@@ -68,6 +70,10 @@ def _step(mode, model, ids, opt, ce: bool):
     embed = model.get_input_embeddings()
 
     def step() -> None:
+        if mode.startswith("lorakit"):
+            from lorakit.layers.branch import set_fusion
+
+            set_fusion(mode != "lorakit-unfused")
         if mode == "floor":
             loss = model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss
         elif mode == "lorakit" and ce:
@@ -138,16 +144,19 @@ def main() -> None:
     ap.add_argument("--peft", action="store_true", help="add PEFT LoRA as a mode")
     ap.add_argument("--p0", action="store_true", help="add lorakit LoRA without dropout (what dropout costs)")
     ap.add_argument("--ce", action="store_true", help="lorakit with the chunked cross-entropy")
+    ap.add_argument("--unfused", action="store_true",
+                    help="add lorakit with the base Linear and the branch as two nodes (branch.set_fusion(False))")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.modes = ["floor", "lorakit", "full"] + (["peft"] if args.peft else []) + (["lorakit-p0"] if args.p0 else [])
+    args.modes += ["lorakit-unfused"] if args.unfused else []
     if args.child:
         print(json.dumps(run_child(args)))
         return
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shape", args.shape, "--rounds", str(args.rounds),
            "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
-    cmd += [flag for flag, on in (("--quick", args.quick), ("--peft", args.peft), ("--ce", args.ce), ("--p0", args.p0))
+    cmd += [flag for flag, on in (("--quick", args.quick), ("--peft", args.peft), ("--ce", args.ce), ("--p0", args.p0), ("--unfused", args.unfused))
             if on]
     rounds = []
     for p in range(args.procs):

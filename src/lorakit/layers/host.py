@@ -87,6 +87,13 @@ class LoraLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.disabled and self.row_adapters is None and not args and not kwargs:
+            live = self.active if not self.merged else tuple(n for n in self.active if n not in self.merged)
+            if len(live) == 1:
+                adapter = self.lora[live[0]]
+                if adapter.fuses_with_base and self.kind.can_fuse(self.base_layer, x):
+                    # the base op and the branch in one node (protocol: forward_fused)
+                    return adapter.forward_fused(self.kind, self.base_layer, x, self._mask(adapter, x))
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
@@ -97,13 +104,16 @@ class LoraLayer(nn.Module):
                 out = self._run_adapter(self.lora[name], out, x)
         return out
 
+    def _mask(self, adapter: Adapter, x: torch.Tensor):
+        """The adapter's dropout mask for x while training (None: no dropout)."""
+        p = adapter.dropout
+        if self.training and p > 0.0 and not self.kind.embedding and torch.is_floating_point(x):
+            return self.masks.mask(x, p) if self.masks is not None else draw_mask(x, p)
+        return None
+
     def _run_adapter(self, adapter: Adapter, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out + the adapter's update of x, with the adapter's dropout on x while training."""
-        p = adapter.dropout
-        mask = None
-        if self.training and p > 0.0 and not self.kind.embedding and torch.is_floating_point(x):
-            mask = self.masks.mask(x, p) if self.masks is not None else draw_mask(x, p)
-        return adapter.forward_into(self.kind, self.base_layer, out, x, mask)
+        return adapter.forward_into(self.kind, self.base_layer, out, x, self._mask(adapter, x))
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row i of the batch uses adapter ``row_adapters[i]`` (None = base only)."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from .branch import lora_linear_branch
+from .branch import fusion_enabled, lora_linear_branch, lora_linear_fused
 from .dropout import apply_mask
 from .embed_scale import check_scaled_forward, embed_scale
 
@@ -68,6 +68,14 @@ class BaseKind:
                mask: torch.Tensor | None = None):
         """Return ``base_out + scaling · B(A(x ⊙ mask))`` (may reuse ``base_out``'s storage); ``mask``
         is the dropout mask (None: no dropout)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def can_fuse(self, module: nn.Module, x: torch.Tensor) -> bool:
+        """True when :meth:`fused` may stand in for calling ``module`` and then :meth:`branch`."""
+        return False
+
+    def fused(self, module: nn.Module, x: torch.Tensor, a, b, scaling: float, mask=None) -> torch.Tensor:
+        """``module(x) + scaling · B(A(x ⊙ mask))`` as one op; only where :meth:`can_fuse` said so."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def weight(self, module: nn.Module) -> torch.Tensor:
@@ -114,6 +122,31 @@ class LinearKind(BaseKind):
 
     def branch(self, module, base_out, x, a, b, scaling, mask=None):
         return lora_linear_branch(base_out, x, a, b, scaling, mask)
+
+    def can_fuse(self, module, x):
+        # Only a plain nn.Linear, computing exactly F.linear(x, W, b): not a subclass (bitsandbytes,
+        # Conv1D), not one with hooks of its own, an instance-level forward (accelerate's offload
+        # hooks) or global module hooks (whatever they do must still see the base module run), not a
+        # parametrized or distributed (DTensor) weight, and x already in W's dtype and device with
+        # autocast off (else F.linear's casts would differ from the fused op's).
+        if type(module) is not nn.Linear or "forward" in module.__dict__ or not fusion_enabled():
+            return False
+        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _global_hooks()):
+            return False
+        w = module.weight
+        return (type(w) is nn.Parameter or type(w) is torch.Tensor) and x.dtype == w.dtype \
+            and x.device == w.device and not torch.is_autocast_enabled(x.device.type)
+
+    def fused(self, module, x, a, b, scaling, mask=None):
+        return lora_linear_fused(x, module.weight, module.bias, a, b, scaling, mask)
+
+
+def _global_hooks() -> bool:
+    """Any module hook registered for every module (``nn.modules.module.register_module_*_hook``)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
 
 
 class Conv1DKind(LinearKind):

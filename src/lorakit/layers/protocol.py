@@ -32,6 +32,11 @@ What the host (``LoraLayer``) asks an :class:`Adapter`
       (the base's own op — linear / conv / embedding lookup — with weight ΔW and no bias);
     * a sliced adapter on a fused projection (qkv in one Linear): compute its factors' output and add
       it to the output columns it owns only (``base_out[..., sl] += ...``).
+``fuses_with_base`` / ``forward_fused(kind, base, x, mask)``
+    a kind on the default factor branch needs nothing here: when it is a layer's only live adapter
+    and the base kind can fuse (``kind.can_fuse``: a plain ``nn.Linear``), the host runs the base
+    product and the branch as one autograd node (``branch.lora_linear_fused``, the same formula with
+    two memory passes fewer). A kind that overrides ``forward_into`` is never fused.
 ``dropout: float``
     the dropout probability on this adapter's input; the host draws the mask (a fresh
     per-projection mask, PEFT's semantics) and never for a base whose ``kind.embedding`` is True.
@@ -102,6 +107,21 @@ class Adapter(nn.Module):
         if a.shape[0] == 0:  # rank 0 (an AdaLoRA matrix pruned away) adds nothing
             return base_out
         return kind.branch(base, base_out, x, a, b, s, mask)
+
+    @property
+    def fuses_with_base(self) -> bool:
+        """True for kinds on the default factor branch: the host may then run the base op and this
+        adapter as one node (:meth:`forward_fused`) when it is the layer's only live adapter."""
+        return type(self).forward_into is Adapter.forward_into
+
+    def forward_fused(self, kind: BaseKind, base: nn.Module, x: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        """``base(x)`` + this adapter's update, in one op (``kind.fused``); the host calls it only when
+        :attr:`fuses_with_base` and ``kind.can_fuse(base, x)`` hold. The same formula as forward_into."""
+        a, b, s = self.factors()
+        if a.shape[0] == 0:
+            return base(x)
+        return kind.fused(base, x, a, b, s, mask)
 
     def peft_tensors(self, kind: BaseKind) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} must define peft_tensors()")
