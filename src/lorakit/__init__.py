@@ -7,6 +7,9 @@
     model = lorakit.merge_and_unload(model)          # the plain model, zero inference overhead
 """
 
+import difflib
+import inspect
+
 from ._threads import apply_omp_defaults
 
 apply_omp_defaults()  # before anything imports torch: see _threads.py (OpenMP spin-waiting on busy CPUs)
@@ -27,7 +30,7 @@ from .adapters import (  # noqa: E402
 )
 from .combine import combine_adapters  # noqa: E402
 from .config import LoraConfig  # noqa: E402
-from .errors import LorakitError  # noqa: E402
+from .errors import LorakitError, QuantizationError  # noqa: E402
 from .inject import inject  # noqa: E402
 from .io import load_adapter, save_adapter  # noqa: E402
 from .summary import TrainableSummary, print_trainable_parameters, trainable_parameters  # noqa: E402
@@ -38,6 +41,13 @@ def quantize_model(model, quant_type: str = "nf4", **kwargs):
     :func:`lorakit.quant.quantize_model`. Imported lazily: quantization code loads only when used."""
     from .quant import quantize_model as _quantize_model
 
+    options = list(inspect.signature(_quantize_model).parameters)[2:]  # after model, quant_type
+    for k in kwargs:
+        if k not in options:  # a typo would be a bare TypeError
+            hint = difflib.get_close_matches(k, options, 1)
+            raise QuantizationError(f"quantize_model: unknown option {k!r}"
+                                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                    + f"; its options: {', '.join(options)}.")
     return _quantize_model(model, quant_type, **kwargs)
 
 

@@ -45,7 +45,12 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 
 def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
     check_bool("trainable", trainable)  # "no" would silently read as True
-    require_adapter(model, name).trainable = trainable
+    record = require_adapter(model, name)
+    if trainable and any(name in h.merged for _, h in lora_layers(model)):
+        # its update is inside the base weights: the factors no longer run, so they would get no gradient
+        raise AdapterStateError(f"adapter {name!r} is merged into the base weights, so its factors take no part "
+                                "in the forward pass; call lorakit.unmerge(model) before training it.")
+    record.trainable = trainable
     refresh_trainable(model)
 
 

@@ -41,6 +41,8 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
     """Add adapter ``new_name`` = the weighted combination of ``adapters`` (see the module docstring)."""
     if method not in METHODS:
         raise ConfigError(f"combine method {method!r}: use one of {', '.join(METHODS)}.")
+    if isinstance(adapters, str):  # one name, as set_adapter / merge take it ("ab" is not ['a', 'b'])
+        adapters = [adapters]
     try:
         adapters, weights = list(adapters), list(weights)
     except TypeError:

@@ -33,6 +33,7 @@ from .validate import (
 
 InitKind = Literal["kaiming", "gaussian"]
 BIAS_CHOICES = ("none", "all", "lora_only")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _WEIGHT_INIT = re.compile(r"^(pissa|pissa_niter_\d+|olora)$")
 COMMON_LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 
@@ -120,6 +121,10 @@ class LoraConfig:
             )
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora={self.use_dora!r}: must be True or False.")
+        if self.loftq_config is not None and not isinstance(self.loftq_config, Mapping):
+            raise ConfigError(f"loftq_config={self.loftq_config!r:.60}: must be a mapping such as "
+                              "{'loftq_bits': 4, 'loftq_iter': 1} (got a "
+                              f"{type(self.loftq_config).__name__}).")
         self.loftq_config = dict(self.loftq_config or {})
         if self.init_lora_weights == "loftq":
             bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
@@ -212,6 +217,9 @@ def validate_shared_fields(cfg: Any) -> None:
             "target_modules is not set: give a list of module names (e.g. ['q_proj', 'v_proj']), "
             "a regex matching whole module paths, or 'all-linear'."
         )
+    task = getattr(cfg, "task_type", None)
+    if task is not None and task not in TASK_TYPES:  # PEFT refuses it on load, and SEQ_CLS changes targets
+        raise ConfigError(f"task_type={task!r}: use one of {', '.join(TASK_TYPES)} (PEFT's TaskType), or None.")
     if not isinstance(cfg.bias, str) or cfg.bias not in BIAS_CHOICES:
         raise ConfigError(f"bias={cfg.bias!r}: must be one of {', '.join(BIAS_CHOICES)}.")
     modules = check_str_list("modules_to_save", cfg.modules_to_save or None)
@@ -262,6 +270,9 @@ def _check_regex(name: str, pattern: str) -> None:
 def _norm_targets(name: str, value: Any) -> list[str] | str | None:
     if value is None:
         return None
+    if isinstance(value, str) and not value.strip():  # a regex that matches nothing (or everything)
+        raise ConfigError(f"{name}={value!r}: give module names (e.g. ['q_proj', 'v_proj']), a regex matching "
+                          "whole module paths, or 'all-linear'.")
     if isinstance(value, str):
         if value != "all-linear":
             _check_regex(name, value)

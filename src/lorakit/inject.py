@@ -55,6 +55,9 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
     (inactive); activate several with :func:`lorakit.set_adapter`.
     """
     kind = kind_for_config(config) if kind is None else kind
+    if not isinstance(kind, AdapterKind):
+        raise ConfigError(f"kind={kind!r:.60}: must be an adapter kind of lorakit.adapter_kinds.ADAPTER_KINDS "
+                          "(e.g. lorakit.adapter_kinds.LORA), or None to pick it from the config.")
     if not isinstance(config, kind.config_type):
         raise ConfigError(f"adapter kind {kind.name!r} needs a {kind.config_type.__name__}, got {type(config).__name__}.")
     check_adapter_name(model, adapter_name)

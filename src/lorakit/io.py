@@ -38,7 +38,14 @@ from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, LorakitError
 from .inject import _excluded, _in_layers, candidate_modules, inject
 from .peft_compat import portable_patterns, present_names
-from .state import bias_parameters, lora_layers, model_state, require_adapter, trainable_copies
+from .state import (
+    bias_parameters,
+    lora_layers,
+    model_state,
+    require_adapter,
+    require_module,
+    trainable_copies,
+)
 from .validate import check_bool, check_file_ranks, check_float_tensors, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
@@ -205,6 +212,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     adapter active (frozen unless ``trainable``). On any mismatch nothing is changed and one
     ``AdapterFileError`` lists every problem.
     """
+    require_module(model)
     check_bool("trainable", trainable)
     raw = read_adapter_config(path)
     source = str(Path(path) / CONFIG_NAME)

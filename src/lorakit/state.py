@@ -34,10 +34,15 @@ class ModelState:
     active: list[str] = field(default_factory=list)
 
 
-def model_state(model: nn.Module, create: bool = False) -> ModelState | None:
-    if not isinstance(model, nn.Module):  # every public call reads the state first: one check for all
+def require_module(model: nn.Module) -> None:
+    """A ConfigError for a model that is not an ``nn.Module`` (None, a path, a pipeline object)."""
+    if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__} ({model!r:.60}); load it "
                           "first, e.g. transformers.AutoModelForCausalLM.from_pretrained(path).")
+
+
+def model_state(model: nn.Module, create: bool = False) -> ModelState | None:
+    require_module(model)  # every public call reads the state or walks the layers first: one check for all
     st = model.__dict__.get(_KEY)
     if st is None and create:
         st = ModelState()
@@ -64,6 +69,7 @@ def require_adapter(model: nn.Module, name: str) -> AdapterRecord:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    require_module(model)
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield path, module
@@ -81,6 +87,7 @@ def layer_adapters(model: nn.Module, name: str, adapter_type: type) -> list[tupl
 
 
 def trainable_copies(model: nn.Module) -> Iterator[tuple[str, TrainableCopies]]:
+    require_module(model)
     for path, module in model.named_modules():
         if isinstance(module, TrainableCopies):
             yield path, module

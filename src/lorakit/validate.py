@@ -15,6 +15,8 @@ import functools
 import json
 import math
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,60 @@ MAX_INT = (1 << 31) - 1
 
 
 # -- config fields -------------------------------------------------------------------------------
+def check_field_types(obj: Any) -> None:
+    """Every field of dataclass ``obj`` holds a value of its annotated type (strictly: ``True`` is not an
+    int, ``"0.1"`` not a float, ``"no"`` not a bool; a ``Literal`` field one of its choices; a path field
+    may be an ``os.PathLike``). Ranges are the class's own checks; this only stops a wrong type before
+    a comparison in them turns it into a bare ``TypeError`` (or a ``"no"`` reads as True)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _is_a(value, hints[f.name]):
+            raise ConfigError(f"{type(obj).__name__} {f.name}={value!r:.80}: must be {_describe(hints[f.name])} "
+                              f"(got a {type(value).__name__}).")
+
+
+def _is_a(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == c and type(value) is type(c) for c in args)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, (str, os.PathLike))
+    if origin is list:
+        return isinstance(value, list) and all(_is_a(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(_is_a(k, args[0]) and _is_a(v, args[1])
+                                                            for k, v in value.items()))
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(c) for c in args)
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_describe(args[0])}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
 def known_fields(cls):
     """Class decorator (on a config dataclass, above ``@dataclass``): an unknown keyword is a ConfigError
     naming it and the closest field, not a bare ``TypeError`` (``LoraConfig(lora_aplha=16)``)."""

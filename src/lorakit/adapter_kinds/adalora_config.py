@@ -25,7 +25,7 @@ from typing import Any
 
 from ..config import _check_int, validate_shared_fields
 from ..errors import AdaLoraBudgetError, AdaLoraScheduleError, ConfigError, RankPatternError
-from ..validate import known_fields
+from ..validate import MAX_ALPHA, check_bool, check_opt_str, known_fields
 
 ORTH_REG_FORMS = ("official", "paper")
 #: PEFT and the official code divide the update by (ranknum + 1e-5) with ranknum = init_r.
@@ -110,8 +110,11 @@ class AdaLoraConfig:
         if self.total_step is not None:
             check_schedule(self.total_step, self.tinit, self.tfinal)
         a = self.lora_alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
-            raise ConfigError(f"lora_alpha={a!r}: must be a finite number (e.g. 2 × init_r).")
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= MAX_ALPHA:
+            raise ConfigError(f"lora_alpha={a!r}: must be a number in [0, {MAX_ALPHA:g}] (e.g. 2 × init_r; 0 means "
+                              "init_r).")
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        check_opt_str("base_model_name_or_path", self.base_model_name_or_path)
         validate_shared_fields(self)
         if self.init_lora_weights not in (True, False):
             raise ConfigError(

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from ..config import _check_int, _check_number, _check_regex, validate_shared_fields
 from ..errors import ConfigError
-from ..validate import known_fields
+from ..validate import check_bool, check_number, check_opt_str, check_pattern_map, known_fields
 
 
 @known_fields
@@ -59,22 +59,25 @@ class LycorisConfig:
         _check_int("r", self.r, minimum=1)
         _check_number("alpha", self.alpha)
         validate_shared_fields(self)
+        for name in ("rank_dropout", "module_dropout"):  # [] or "0" read as "off" before
+            check_number(name, getattr(self, name), 0.0, 1.0, high_open=True, example=", e.g. 0.0")
         if self.rank_dropout or self.module_dropout:
             raise ConfigError(f"rank_dropout={self.rank_dropout}, module_dropout={self.module_dropout}: "
                               f"{self.peft_type} dropouts are not implemented in lorakit; set them to 0.")
+        check_bool("use_effective_conv2d", self.use_effective_conv2d)
         if self.use_effective_conv2d:
             raise ConfigError("use_effective_conv2d=True (Tucker-decomposed convolutions) is not implemented; "
                               "set it to False (convolutions use the flattened (out, in·k·k) layout).")
-        if self.init_weights not in self._inits():
+        # a real bool or a known string: 1 == True and 0.0 == False would pass a plain `in`
+        if not isinstance(self.init_weights, (bool, str)) or self.init_weights not in self._inits():
             raise ConfigError(f"init_weights={self.init_weights!r}: use one of {self._inits()}.")
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
-        for key, value in self.rank_pattern.items():
-            _check_regex(f"rank_pattern key {key!r}", key)
-            _check_int(f"rank_pattern[{key!r}]", value, minimum=1)
-        for key, value in self.alpha_pattern.items():
-            _check_regex(f"alpha_pattern key {key!r}", key)
-            _check_number(f"alpha_pattern[{key!r}]", value)
+        self.rank_pattern = check_pattern_map("rank_pattern", self.rank_pattern,
+                                              lambda n, v: _check_int(n, v, minimum=1) or v)
+        self.alpha_pattern = check_pattern_map("alpha_pattern", self.alpha_pattern,
+                                               lambda n, v: _check_number(n, v) or v)
+        for key in (*self.rank_pattern, *self.alpha_pattern):
+            _check_regex(f"pattern key {key!r}", key)
+        check_opt_str("base_model_name_or_path", self.base_model_name_or_path)
 
     def _inits(self) -> tuple:
         return (True, False)
@@ -136,6 +139,8 @@ class LoKrConfig(LycorisConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_bool("decompose_both", self.decompose_both)
+        check_bool("rank_dropout_scale", self.rank_dropout_scale)
         if isinstance(self.decompose_factor, bool) or not isinstance(self.decompose_factor, int) or (
                 self.decompose_factor < 1 and self.decompose_factor != -1):
             raise ConfigError(f"decompose_factor={self.decompose_factor!r}: use -1 (balanced) or a positive integer.")

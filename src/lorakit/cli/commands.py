@@ -6,16 +6,18 @@ forgetting harness uses it too, and eval sits below cli.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._fs import atomic_dir
+from ..adapter_kinds import kind_for_file
 from ..adapters import disabled, merge_and_unload
 from ..data.encode import encode, label_mapping
 from ..data.files import BUILTIN_PREFIX, read_data
-from ..errors import AdapterFileError, ConfigError
+from ..errors import AdapterFileError, ConfigError, OutputError
 from ..io import read_adapter_config, read_adapter_weights
 from ..train.gen_eval import GenerationEval, reference_prompts
 from ..train.generation import Generator
@@ -31,9 +33,15 @@ def evaluate(data: str, adapter: str | None = None, model: str | None = None, ma
              generate_rows: int = 32, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Loss / perplexity / accuracy of the base model and (with ``adapter``) the adapted one; on a file whose
     rows have reference answers, also the generation score (``scorer``, on ``generate_rows`` rows)."""
-    if batch_size < 1 or max_length < 1:  # checked before the model loads (batch_size=0 divides by zero)
-        raise ConfigError(f"batch_size={batch_size} / max_length={max_length}: both must be ≥ 1.")
-    if generate_rows < 0 or (max_new_tokens is not None and max_new_tokens < 1):
+    def count(v, low: int) -> bool:  # an int ≥ low ("8" was a TypeError in the comparison)
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if not (count(batch_size, 1) and count(max_length, 1)):  # before the model loads (0 divides by zero)
+        raise ConfigError(f"batch_size={batch_size!r} / max_length={max_length!r}: both must be integers ≥ 1.")
+    if not count(eval_rows, 1):  # 0: encode got no rows
+        raise ConfigError(f"eval_rows={eval_rows!r} (--eval-rows): must be an integer ≥ 1, the rows drawn from a "
+                          "built-in task (default 200).")
+    if not count(generate_rows, 0) or (max_new_tokens is not None and not count(max_new_tokens, 1)):
         raise ConfigError(f"generate_rows={generate_rows} / max_new_tokens={max_new_tokens}: need generate_rows ≥ 0 "
                           "(0 = no generation) and max_new_tokens ≥ 1.")
     check_scorer_spec(scorer)
@@ -98,6 +106,7 @@ def merge(adapter: str, out: str, model: str | None = None, requantize: bool = F
     The merge is computed in the loaded precision; ``dtype`` (fp32, bf16, fp16) casts the result."""
     from ..quant.load_qlora import read_qlora_record
 
+    check_merge_out(out, adapter, base_of(adapter, model))
     record = read_qlora_record(adapter)
     if record is not None:
         from ..train.merge_qlora import merge_qlora
@@ -124,6 +133,24 @@ def merge(adapter: str, out: str, model: str | None = None, requantize: bool = F
     return path
 
 
+def check_merge_out(out: str, adapter: str, model: str | None) -> None:
+    """``--out`` is replaced as a whole (atomically): it must not be the adapter or the base model (nor
+    inside them, nor hold them), nor a directory of other files. An earlier merge's output may be replaced."""
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise ConfigError(f"--out {out!r}: give the directory to write the merged model to.")
+    path = Path(out).resolve()
+    for flag, src in (("--adapter", adapter), ("--model", model)):
+        if src is None:
+            continue
+        src = Path(src).resolve()
+        if path == src or src in path.parents or path in src.parents:
+            raise OutputError(f"--out {out}: overlaps {flag} {src}; merge replaces --out as a whole, so it would "
+                              "destroy the input. Pass a new directory, e.g. --out merged-model.")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise OutputError(f"--out {out}: a non-empty directory that is not a model checkpoint (no config.json); "
+                          "merge replaces --out as a whole. Pass a new or empty directory.")
+
+
 # -- generate -----------------------------------------------------------------------------------------
 def generator(adapter: str | None = None, model: str | None = None, max_new_tokens: int = 64,
               temperature: float = 0.0, chat: bool = False, system: str | None = None, seed: int = 0) -> Generator:
@@ -145,6 +172,8 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
 def info(adapter_dir: str) -> dict[str, Any]:
     """What an adapter directory holds: its config, ranks per module, tensor count and size."""
     config = read_adapter_config(adapter_dir)
+    source = str(Path(adapter_dir) / "adapter_config.json")
+    kind_for_file(config, source).config_from_file(config, source)  # a broken field is named, not printed as-is
     weights = read_adapter_weights(adapter_dir)
     ranks: dict[str, int] = {}
     for key, t in weights.items():

@@ -71,6 +71,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 def forgetting_command(ns: argparse.Namespace) -> int:
     from ..eval.forgetting import RunSettings, measure_forgetting
 
+    if ns.lambda_orth is not None and not 0 <= ns.lambda_orth < float("inf"):  # also NaN; checked before any run
+        raise ConfigError(f"--lambda-orth {ns.lambda_orth}: must be a finite number ≥ 0 (O-LoRA's λ1, e.g. 0.5).")
     target = _csv(ns.target_modules) if "," in ns.target_modules else ns.target_modules
     settings = RunSettings(model=ns.model, steps=ns.steps, lr=ns.lr, full_lr=ns.full_lr, batch_size=ns.batch_size,
                            warmup_steps=ns.warmup_steps, builtin_rows=ns.builtin_rows, eval_rows=ns.eval_rows,
@@ -105,9 +107,13 @@ def load_check(spec: str):
 
 def distill_command(ns: argparse.Namespace) -> int:
     from ..train.inference import load_for_inference
-    from ..variants.sdft import distill_file
+    from ..variants.sdft import distill_file, get_template
 
     check = load_check(ns.check)
+    get_template(ns.template)
+    for flag, value in (("--rows", ns.rows), ("--batch-size", ns.batch_size), ("--max-new-tokens", ns.max_new_tokens)):
+        if value < 1:  # before builtin:TASK rows are written next to --out
+            raise ConfigError(f"{flag} {value}: must be ≥ 1.")
     data = ns.data
     if data.startswith("builtin:"):
         from ..tasks import write_jsonl

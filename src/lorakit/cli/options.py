@@ -60,11 +60,14 @@ def build(cls: type[T], *layers: tuple[str, Mapping[str, Any]]) -> T:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist; pass the path of a YAML file with TrainArgs keys.")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"recipe {path} {what}; pass the path of a YAML file with TrainArgs keys.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:  # a binary file passed as --config
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {exc.start}); pass a YAML file.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -15,6 +15,7 @@ from typing import Literal
 
 from ..config import LoraConfig
 from ..errors import ConfigError
+from ..validate import check_bool
 
 Kind = Literal["lora", "loha", "lokr"]
 KINDS = ("lora", "loha", "lokr")
@@ -49,7 +50,7 @@ class DiffusionLoraConfig:
     decompose_both: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ConfigError(f"kind={self.kind!r}: use one of {', '.join(KINDS)}.")
         for name in ("rank",) + (("conv_rank",) if self.conv_rank is not None else ()):
             v = getattr(self, name)
@@ -61,13 +62,16 @@ class DiffusionLoraConfig:
                 raise ConfigError(f"{name}={v!r}: must be a positive number.")
         if self.conv_alpha is not None and self.conv_rank is None:
             raise ConfigError("conv_alpha is set but conv_rank is not; set conv_rank to adapt convolutions.")
-        if not (0.0 <= float(self.dropout) < 1.0):
-            raise ConfigError(f"dropout={self.dropout!r}: must be in [0, 1).")
+        d = self.dropout  # float('x') was a bare ValueError, float(None) a TypeError
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ConfigError(f"dropout={d!r}: must be a number in [0, 1).")
+        for name in ("text_encoder", "unet", "decompose_both"):
+            check_bool(name, getattr(self, name))  # "no" would read as True
         if self.dropout and self.kind != "lora":
             raise ConfigError(f"dropout is only implemented for kind='lora', not {self.kind!r}; set dropout=0.")
         if not self.unet and not self.text_encoder:
             raise ConfigError("unet=False and text_encoder=False: nothing to adapt.")
-        if not isinstance(self.lokr_factor, int) or (self.lokr_factor < 1 and self.lokr_factor != -1):
+        if isinstance(self.lokr_factor, bool) or not isinstance(self.lokr_factor, int) or (self.lokr_factor < 1 and self.lokr_factor != -1):
             raise ConfigError(f"lokr_factor={self.lokr_factor!r}: use -1 (balanced) or a positive integer.")
 
     @property

@@ -33,6 +33,7 @@ from ..adapters import disabled
 from ..errors import ConfigError, TrainingError
 from ..state import model_state
 from ..train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
+from ..validate import check_bool
 from .config import DiffusionLoraConfig
 from .data import assign_buckets, load_image, scan
 from .inject import add_adapter
@@ -42,6 +43,10 @@ from .peft_files import save_diffusers
 from .preview import sample, save_grid
 
 ADAPTER = "default"
+
+
+def _real(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 @dataclass
@@ -85,11 +90,27 @@ class ImageTrainArgs:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be an integer ≥ 1.")
-        for name in ("save_every", "preview_every", "conv_rank"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must be ≥ 0 (0 turns it off).")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        for name in ("save_every", "preview_every", "conv_rank", "seed"):
+            v = getattr(self, name)  # a str was a TypeError in the comparison
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name}={v!r}: must be an integer ≥ 0"
+                                  + (" (0 turns it off)." if name != "seed" else "."))
+        if not (_real(self.lr) and self.lr > 0):
             raise ConfigError(f"lr={self.lr!r}: must be a positive number, e.g. 1e-4.")
+        for name in ("text_encoder_lr", "conv_alpha", "guidance"):  # NaN / inf / negative were accepted
+            v = getattr(self, name)
+            if not (_real(v) and v >= 0):
+                raise ConfigError(f"{name}={v!r}: must be a finite number ≥ 0.")
+        if self.missing_caption not in ("error", "skip", "folder"):  # checked before the model loads
+            raise ConfigError(f"missing_caption={self.missing_caption!r}: use error, skip or folder.")
+        for name in ("text_encoder", "buckets", "resume"):
+            check_bool(name, getattr(self, name))
+        seeds = self.preview_seeds
+        if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise ConfigError(f"preview_seeds={seeds!r}: must be a list of integers, e.g. [1, 2].")
+        prompts = self.preview_prompts
+        if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
+            raise ConfigError(f"preview_prompts={prompts!r}: must be a list of prompts.")
         if self.resolution % 8:
             raise ConfigError(f"resolution={self.resolution}: must be a multiple of 8.")
         self.adapter_config()  # validates kind / rank / alpha

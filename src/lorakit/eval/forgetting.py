@@ -42,7 +42,9 @@ from ..tasks import embedded_manifest
 from ..train.args import TrainArgs
 from ..train.inference import load_for_inference
 from ..train.loop import train as run_training
+from ..train.methods import check_options as check_method_options
 from ..train.model import model_dir
+from ..variants.expand import expansion_plan
 from ..variants.sdft import counts_path, distill_rows, hf_generator, write_rows
 
 # -- the metrics ------------------------------------------------------------------------------------
@@ -155,6 +157,8 @@ class MethodSpec:
 
 def parse_method(label: str) -> MethodSpec:
     """``"lora-r16"`` → MethodSpec(method="lora", r=16); see :data:`SPEC_HELP` for the forms."""
+    if not isinstance(label, str):
+        raise ConfigError(f"method {label!r}: a method label is a string; use {SPEC_HELP}.")
     tokens = label.strip().lower().split("-")
     distill = tokens[0] == "sdft"
     if distill:
@@ -187,7 +191,9 @@ def parse_method(label: str) -> MethodSpec:
 
 
 def parse_methods(labels: str | Sequence[str]) -> list[MethodSpec]:
-    items = [s for s in (labels.split(",") if isinstance(labels, str) else labels) if s.strip()]
+    if not isinstance(labels, (str, list, tuple)):
+        raise ConfigError(f"methods={labels!r:.60}: give comma-separated labels or a list, e.g. 'full,lora-r4'.")
+    items = [s for s in (labels.split(",") if isinstance(labels, str) else labels) if not isinstance(s, str) or s.strip()]
     if not items:
         raise ConfigError(f"no methods given; pass e.g. --methods full,lora-r4,lora-r16 ({SPEC_HELP}).")
     specs = [parse_method(s) for s in items]
@@ -254,6 +260,10 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
     """
 
     settings = settings or RunSettings()
+    if not isinstance(settings, RunSettings):
+        raise ConfigError(f"settings must be a lorakit.eval.forgetting.RunSettings, got {type(settings).__name__}.")
+    if isinstance(keep, str):  # "copy,rev" (the flag's form), not its characters
+        keep = [k.strip() for k in keep.split(",") if k.strip()]
     specs = parse_methods(methods)
     task_registry.get(train)  # ConfigError on a typo, before any training
     keep = list(keep) if keep is not None else default_keep(settings.model, exclude=train)
@@ -269,8 +279,9 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--output-dir {out} is a file; pass a directory (it is created if missing).")
-    for spec in specs:  # every run's settings are checked (TrainArgs) before the first one trains
-        settings.train_args(spec, f"builtin:{train}", out / "runs" / spec.label, [train, *keep])
+    check_expansions(specs, settings.model)
+    for spec in specs:  # every run's settings are checked (TrainArgs, method_options) before the first one trains
+        check_method_options(settings.train_args(spec, f"builtin:{train}", out / "runs" / spec.label, [train, *keep]))
     rows = []
     for spec in specs:
         run_dir = out / "runs" / spec.label
@@ -288,6 +299,38 @@ def measure_forgetting(train: str, keep: Sequence[str] | None = None,
             f"forgetting {100 * rows[-1].forgetting:+.1f} pts")
     files = write_report(rows, out, title=f"Learning {train} vs forgetting {', '.join(keep)}")
     return ForgettingReport(rows, files)
+
+
+def check_expansions(specs: Sequence[MethodSpec], model: str | None) -> None:
+    """Refuse an ``expand-N`` whose N does not split the model's blocks into equal groups now, from the
+    model's config.json, instead of after the earlier methods have trained and the model is loaded."""
+    n_blocks = None
+    for spec in specs:
+        n_new = dict(spec.options).get("n_new")
+        if spec.method != "expand" or n_new is None:
+            continue
+        if n_blocks is None:
+            n_blocks = _block_count(model)
+        if n_blocks is None:  # no config.json (e.g. a GGUF file): the expansion itself checks
+            return
+        try:
+            expansion_plan(n_blocks, n_new)
+        except ConfigError as exc:
+            raise ConfigError(f"--methods {spec.label!r}: {exc}") from None
+
+
+def _block_count(model: str | None) -> int | None:
+    """The decoder block count from the model directory's config.json, or None when it does not say."""
+    path, _ = model_dir(model)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = config.get(key) if isinstance(config, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
 
 
 def default_keep(model: str | None, exclude: str | None = None) -> list[str]:

@@ -46,6 +46,8 @@ def load_quantized(model_dir: str | os.PathLike, quant_type: str = "nf4", double
     tensors go (and are quantized). ``model_class`` overrides ``config.architectures[0]``.
     """
     check_options(quant_type, blocksize, compute_dtype)
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise QuantizationError(f"model_dir={model_dir!r:.60}: give the path of a transformers model directory.")
     model_dir = Path(model_dir)
     model = _empty_model(model_dir, model_class)
     targets = {path for path, _ in linears_to_quantize(model, skip, quantize_head)}

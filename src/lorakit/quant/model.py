@@ -93,8 +93,9 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
     ``quantize_head``. Each Linear's float weight is freed as soon as its replacement exists.
     """
     check_options(quant_type, blocksize, compute_dtype)
-    if not isinstance(double_quant, bool):  # "no" would read as True
-        raise QuantizationError(f"double_quant={double_quant!r}: must be True or False.")
+    for name, flag in (("double_quant", double_quant), ("quantize_head", quantize_head)):
+        if not isinstance(flag, bool):  # "no" would read as True (quantize_head="no" quantized the head)
+            raise QuantizationError(f"{name}={flag!r}: must be True or False.")
     for path, linear in linears_to_quantize(model, skip, quantize_head):
         if linear.weight.device.type == "meta":
             raise QuantizationError(f"{path}: the weight is on the meta device; load the model's weights first.")

@@ -28,7 +28,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_blocksize(blocksize: int) -> int:
-    if blocksize not in BLOCKSIZES or isinstance(blocksize, bool):
+    if blocksize not in BLOCKSIZES or not isinstance(blocksize, int) or isinstance(blocksize, bool):  # 64.0 == 64
         raise QuantizationError(
             f"blocksize={blocksize!r} is not supported; use a power of two from 32 to 4096 "
             f"({', '.join(map(str, BLOCKSIZES))}). QLoRA uses 64."

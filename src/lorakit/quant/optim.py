@@ -38,15 +38,25 @@ class Adam8bit(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, blocksize: int = 256, min_8bit_size: int = 4096,
                  offload_state: bool = False):
-        if not lr >= 0:
-            raise ConfigError(f"Adam8bit: lr={lr} must be ≥ 0.")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ConfigError(f"Adam8bit: betas={betas} must lie in [0, 1), e.g. (0.9, 0.999).")
-        if not eps >= 0 or not weight_decay >= 0:
-            raise ConfigError(f"Adam8bit: eps={eps} and weight_decay={weight_decay} must be ≥ 0.")
-        if blocksize < 16 or blocksize & (blocksize - 1):
-            raise ConfigError(f"Adam8bit: blocksize={blocksize} must be a power of two ≥ 16 (bitsandbytes uses 256).")
+        def number(v) -> bool:  # a finite real (a str was a TypeError in the comparison, inf passed)
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+        if not (number(lr) and lr >= 0):
+            raise ConfigError(f"Adam8bit: lr={lr!r} must be a finite number ≥ 0.")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"Adam8bit: betas={betas!r} must be two numbers in [0, 1), e.g. (0.9, 0.999).")
+        if not (number(eps) and eps >= 0 and number(weight_decay) and weight_decay >= 0):
+            raise ConfigError(f"Adam8bit: eps={eps!r} and weight_decay={weight_decay!r} must be finite numbers ≥ 0.")
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 16 or blocksize & (blocksize - 1):
+            raise ConfigError(f"Adam8bit: blocksize={blocksize!r} must be a power of two ≥ 16 (bitsandbytes uses 256).")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if isinstance(params, torch.Tensor) or not hasattr(params, "__iter__"):
+            raise ConfigError(f"Adam8bit: params must be an iterable of parameters or groups (model.parameters()), "
+                              f"got a {type(params).__name__}.")
+        params = list(params)
+        if not params:  # torch's "optimizer got an empty parameter list" does not say what to do
+            raise ConfigError("Adam8bit: no parameters to optimize; pass model.parameters() (or parameter groups) "
+                              "after an adapter is injected.")
         super().__init__(params, defaults)
         self.blocksize = blocksize
         self.min_8bit_size = min_8bit_size

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, QuantizationError
+from ..validate import check_bool
 from .autograd4 import recompute_context
 from .model import output_head
 
@@ -49,6 +50,11 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
                               upcast_head: bool = False) -> nn.Module:
     """Freeze ``model``, upcast its norms (and optionally its head) to fp32, enable gradient
     checkpointing; in place, returns the model."""
+    if not isinstance(model, nn.Module):
+        raise QuantizationError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    for name, flag in (("gradient_checkpointing", gradient_checkpointing), ("upcast_norms", upcast_norms),
+                       ("upcast_head", upcast_head)):
+        check_bool(name, flag, QuantizationError)  # "no" would read as True
     for p in model.parameters():
         p.requires_grad_(False)
     if upcast_norms:

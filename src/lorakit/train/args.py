@@ -12,14 +12,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..config import LoraConfig
 from ..data.files import BUILTIN_PREFIX
 from ..errors import ConfigError
-from ..validate import known_fields
+from ..validate import check_field_types, known_fields
 from .early_stop import check_best_args
 from .loggers_ext import LOGGERS
 from .scoring import check_scorer_spec
 
 SELF = "self"  # replay_data=self: the base model's own prompts and answers
+# The keys of ``train.methods.METHODS`` (which imports this module, so the names are repeated here to
+# refuse a typo on construction; tests/faults/test_sweep3_dec1.py keeps the two equal).
+METHOD_NAMES = ("lora", "loraplus", "full", "adalora", "olora", "expand")
 
 
 def _f(default: Any, help: str, *, factory: Any = None) -> Any:
@@ -50,8 +54,7 @@ class TrainArgs:
                                 "eval_data is given, e.g. 0.05")
     system_prompt: str = _f("auto", "system turn for conversations rendered by a chat template that have none: "
                                      "auto = the template's own default, '' = an empty one, or the text to use")
-    method: str = _f("lora", "fine-tuning method: lora, loraplus, full, or one registered by a variant "
-                              "(adalora, olora)")
+    method: str = _f("lora", "fine-tuning method: lora, loraplus, full, adalora, olora or expand (LLaMA-Pro)")
     method_options: dict[str, Any] = _f(None, "extra options for the method (YAML mapping, or "
                                               "method_options.KEY=VALUE)", factory=dict)
     # -- LoRA (names as in lorakit.LoraConfig) ----------------------------------------------------
@@ -165,6 +168,9 @@ class TrainArgs:
                                            "always written; default: csv and tensorboard when installed)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # "csv,mlflow" (the flag's form) is a list of names
+            self.report_to = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        check_field_types(self)  # TrainArgs(lora_dropout="0.1") was a TypeError in the checks below
         for name in ("r", "batch_size", "grad_accum", "max_length", "builtin_rows", "keep_checkpoints",
                      "log_every"):
             _positive_int(name, getattr(self, name))
@@ -221,8 +227,12 @@ class TrainArgs:
             raise ConfigError(f"columns={self.columns!r}: must be a mapping of lorakit field → column name.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1), e.g. 0.05.")
-        if not self.method or not isinstance(self.method, str):
-            raise ConfigError(f"method={self.method!r}: name a method, e.g. lora, loraplus or full.")
+        if not isinstance(self.method, str) or self.method not in METHOD_NAMES:
+            raise ConfigError(f"method={self.method!r}: not a lorakit method; choose one of "
+                              f"{', '.join(METHOD_NAMES)} (e.g. method=lora).")
+        if self.method != "full":  # the targets, checked now as the method's LoraConfig checks them at inject
+            LoraConfig(target_modules=self.target_modules, exclude_modules=self.exclude_modules,
+                       modules_to_save=self.modules_to_save)
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options={self.method_options!r}: must be a mapping of option → value.")
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():

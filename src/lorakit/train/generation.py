@@ -20,10 +20,11 @@ from ..errors import ConfigError
 class Generator:
     def __init__(self, net, tokenizer, max_new_tokens: int = 64, temperature: float = 0.0, chat: bool = False,
                  system: str | None = None, seed: int = 0):
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={max_new_tokens}: must be ≥ 1.")
-        if not temperature >= 0:  # also NaN, which every comparison fails
-            raise ConfigError(f"temperature={temperature}: must be ≥ 0 (0 = greedy).")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r}: must be an integer ≥ 1.")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0 <= temperature < float("inf"):  # also NaN, which every comparison fails; inf = uniform noise
+            raise ConfigError(f"temperature={temperature}: must be a finite number ≥ 0 (0 = greedy).")
         self.chat = chat or system is not None
         if self.chat and not tokenizer.chat_template:
             what = "--system" if system is not None else "--chat"
@@ -64,8 +65,14 @@ def read_prompts(path: str) -> list[str]:
     """One prompt per line of ``path``; blank lines are skipped. A literal ``\\n`` stays two characters."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--file {path} does not exist; pass a text file with one prompt per line.")
-    prompts = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise ConfigError(f"--file {path} {what}; pass a text file with one prompt per line.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--file {path} is not UTF-8 text (byte {exc.start}); pass a text file with one prompt "
+                          "per line.") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError(f"--file {path} holds no prompt; write one prompt per line.")
     return prompts

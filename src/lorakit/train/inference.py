@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import AdapterFileError, ConfigError
 from ..io import load_adapter, read_adapter_config
 from ..tasks import embedded_model_dir
 from .gguf_model import gguf_causal_lm, is_gguf
@@ -21,11 +21,17 @@ def base_of(adapter: str | None, model: str | None) -> str | None:
         return model
 
     base = read_adapter_config(adapter).get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterFileError(f"{Path(adapter) / 'adapter_config.json'}: base_model_name_or_path={base!r:.60} must "
+                               "be a path string or null; fix the field, or pass --model DIR.")
     if base and ((Path(base) / "config.json").is_file() or (is_gguf(base) and Path(base).is_file())):
         return base
 
     if base and Path(base).resolve() == embedded_model_dir(check=False).resolve():
         return None
+    if not base:
+        raise ConfigError(f"{adapter}: adapter_config.json names no base model (base_model_name_or_path is "
+                          f"{base!r}); pass --model DIR.")
     raise ConfigError(f"{adapter}: its base model {base!r} is not a local directory; pass --model DIR.")
 
 

@@ -54,12 +54,18 @@ class RunLock:
         self.dir = Path(output_dir)
         self.path = self.dir / LOCK_NAME
         self._fd: int | None = None
+        self._made: list[Path] = []  # directories acquire created, deepest first (removed again if left empty)
 
     # -- take / release ----------------------------------------------------------------------------
     def acquire(self) -> RunLock:
         if self.dir.exists() and not self.dir.is_dir():  # mkdir would say "File exists" about the lock file
             raise OutputError(f"output_dir {str(self.dir)!r} is a file, not a directory; give a directory "
                               "(new or one of an earlier run) for the run's checkpoints, log and adapter.")
+        missing = self.dir.absolute()
+        self._made = []
+        while not missing.exists() and missing != missing.parent:
+            self._made.append(missing)
+            missing = missing.parent
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             while True:
@@ -128,6 +134,14 @@ class RunLock:
             pass  # a read-only directory now: the flock below is what matters
         os.close(self._fd)  # closing drops the flock
         self._fd = None
+        # A run that failed before writing anything (bad data, no matching target) leaves no empty
+        # output directory behind; a directory that holds anything (or existed before) stays.
+        for d in self._made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self._made = []
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -58,6 +58,7 @@ from .loggers_ext import (
     tensorboard_wanted,
 )
 from .logs import StepLog
+from .methods import check_options as check_method_options
 from .metrics import evaluate_loss
 from .neftune import NEFTuneHook
 from .packing_check import mask_dtype_for, packing_mode
@@ -95,6 +96,7 @@ def train(args: TrainArgs, hooks: list[TrainHook] | tuple = ()) -> TrainResult:
         torch.set_num_threads(args.threads)
     try:
         args = resolve_defaults(args)
+        check_method_options(args)  # a bad method_options fails before the output directory is made
         mode = fsdp_mod.resolve_mode(args)  # "single", "ddp" or "fsdp"; refuses fsdp without a launcher
         if mode == "fsdp":
             fsdp_mod.check_fsdp_args(args)  # before anything is written

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .._fs import atomic_write_json
+from .._fs import atomic_dir, atomic_write_json
 
 REPORT_FILE = "lorakit_requant_report.json"
 
@@ -54,9 +54,10 @@ def merge_qlora(adapter: str, out: str, base: str, record: dict[str, Any], requa
     net.config.torch_dtype = dtype
     tokenizer = load_tokenizer(path)
     target = Path(out)
-    net.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
-    if report is not None:
-        atomic_write_json(target / REPORT_FILE, {"quant": record["quant"], "mean": report.mean, "max": report.max,
-                                                 "per_layer": report.per_layer})
+    with atomic_dir(target) as tmp:  # the previous --out (or none) until the whole checkpoint is written
+        net.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if report is not None:
+            atomic_write_json(tmp / REPORT_FILE, {"quant": record["quant"], "mean": report.mean, "max": report.max,
+                                                  "per_layer": report.per_layer})
     return target, report

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..hooks import TrainHook
 from ..inject import inject
 from ..io import save_adapter
+from ..validate import check_bool
 from ..variants import expand, olora
 from ..variants.adalora import AUTO_WARMUPS, AdaLoraHook, adalora_config, inject_adalora
 from ..variants.loraplus import loraplus_param_groups
@@ -116,23 +117,31 @@ def _full(model: nn.Module, args: TrainArgs) -> MethodSetup:
 
 def _adalora(model: nn.Module, args: TrainArgs) -> MethodSetup:
     """AdaLoRA (``lorakit.variants.adalora.method`` maps the run's flags onto ``AdaLoraConfig``)."""
-    if getattr(args, "use_rslora", False):
-        raise ConfigError("use_rslora does not apply to AdaLoRA (its scaling is α / init_r); drop --use-rslora.")
     config, auto = adalora_config(args)
     inject_adalora(model, config)
     return MethodSetup(model, hooks=[AdaLoraHook(model=model, auto_warmups=AUTO_WARMUPS if auto else None)])
+
+
+def _olora_options(args: TrainArgs) -> tuple[Any, olora.OLoraHook]:
+    """(past, the loss hook) from ``method_options``; a ConfigError names a bad one."""
+    opts = dict(args.method_options or {})
+    unknown = sorted(set(opts) - set(olora.OPTIONS))
+    if unknown:
+        raise ConfigError(f"method olora: unknown method_options {unknown}; valid: {', '.join(olora.OPTIONS)}.")
+    if args.use_dora or args.fused_slices:
+        raise ConfigError("method olora trains plain LoRA factors; use_dora / fused_slices do not apply. Drop them.")
+    past = opts.pop("past", None)
+    if past is not None and not isinstance(past, str):
+        raise ConfigError(f"method olora: method_options.past={past!r}: give the directory of the earlier tasks' "
+                          "adapter.")
+    return past, olora.OLoraHook(**opts, adapter_name=olora.KIND)
 
 
 def _olora(model: nn.Module, args: TrainArgs) -> MethodSetup:
     """O-LoRA. ``method_options``: lambda_orth (λ1, 0.5), lambda_l2 (λ2, 0), overlap (abs|square),
     l2 (square|norm), past (a LoRA adapter directory holding the earlier tasks' factors). Saves past +
     current factors (and modules_to_save) as one plain PEFT LoRA adapter."""
-    opts = dict(args.method_options or {})
-    unknown = sorted(set(opts) - set(olora.OPTIONS))
-    if unknown:
-        raise ConfigError(f"method olora: unknown method_options {unknown}; valid: {', '.join(olora.OPTIONS)}.")
-    past = opts.pop("past", None)
-    hook = olora.OLoraHook(**opts, adapter_name=olora.KIND)
+    past, hook = _olora_options(args)
     olora.add_olora(model, lora_config(args), olora.KIND)
     if past:
         olora.load_past(model, past, olora.KIND)
@@ -148,18 +157,12 @@ def _expand(model: nn.Module, args: TrainArgs) -> MethodSetup:
     these existing block indices, e.g. the new blocks of a model expanded earlier); lora (false: train
     the blocks fully; true: LoRA with the run's r/alpha on them only). Saves the whole model (with
     lora, the adapter merged into a copy) as a transformers checkpoint."""
-    opts = dict(args.method_options or {})
-    unknown = sorted(set(opts) - {"n_new", "blocks", "lora"})
-    if unknown:
-        raise ConfigError(f"method expand: unknown method_options {unknown}; valid: n_new, blocks, lora.")
-    if "blocks" in opts:
-        if "n_new" in opts:
-            raise ConfigError("method expand: give n_new (expand now) or blocks (train existing blocks), not both.")
-        new = [int(i) for i in opts["blocks"]]
+    blocks, n_new, use_lora = _expand_options(args)
+    if blocks is not None:
+        new = blocks
         expand.train_blocks(model, new)
     else:
-        new = expand.expand_blocks(model, int(opts.get("n_new", 1)), freeze=True)
-    use_lora = bool(opts.get("lora", False))
+        new = expand.expand_blocks(model, n_new, freeze=True)
     if use_lora:
         inject(model, lora_config(args, layers_to_transform=new))
 
@@ -171,6 +174,36 @@ def _expand(model: nn.Module, args: TrainArgs) -> MethodSetup:
             tokenizer.save_pretrained(path)
 
     return MethodSetup(model, save=save, artifact="model")
+
+
+def _expand_options(args: TrainArgs) -> tuple[list[int] | None, int, bool]:
+    """(blocks or None, n_new, lora) from ``method_options``; a ConfigError names a bad one (``int('x')``
+    and ``bool('false')`` used to raise or read wrongly)."""
+    opts = dict(args.method_options or {})
+    unknown = sorted(set(opts) - {"n_new", "blocks", "lora"})
+    if unknown:
+        raise ConfigError(f"method expand: unknown method_options {unknown}; valid: n_new, blocks, lora.")
+    use_lora = check_bool("method expand: method_options.lora", opts.get("lora", False))
+    if "blocks" in opts:
+        if "n_new" in opts:
+            raise ConfigError("method expand: give n_new (expand now) or blocks (train existing blocks), not both.")
+        blocks = opts["blocks"]
+        if not isinstance(blocks, list) or not blocks or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in blocks):
+            raise ConfigError(f"method expand: method_options.blocks={blocks!r}: give a list of block indices, "
+                              "e.g. [2, 5].")
+        return blocks, 0, use_lora
+    n_new = opts.get("n_new", 1)
+    if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 1:
+        raise ConfigError(f"method expand: method_options.n_new={n_new!r}: the number of blocks to add must be an "
+                          "integer ≥ 1 that divides the model's block count.")
+    return None, n_new, use_lora
+
+
+def check_options(args: TrainArgs) -> None:
+    """Refuse bad ``method_options`` for ``args.method`` before a run loads a model or writes anything
+    (the builders run the same checks again on the model)."""
+    OPTION_CHECKS[args.method](args)
 
 
 METHODS: dict[str, MethodBuilder] = {
@@ -187,3 +220,14 @@ def _no_options(args: TrainArgs) -> None:
     if args.method_options:
         raise ConfigError(f"method {args.method!r} takes no method_options, got {sorted(args.method_options)}; "
                           "remove them (they are for variants such as adalora).")
+
+
+#: The model-free part of each method: its ``method_options`` checks (same keys as METHODS).
+OPTION_CHECKS: dict[str, Callable[[TrainArgs], Any]] = {
+    "lora": _no_options,
+    "loraplus": _no_options,
+    "full": _no_options,
+    "adalora": adalora_config,
+    "olora": _olora_options,
+    "expand": _expand_options,
+}

@@ -71,7 +71,12 @@ def load_tokenizer(path: Path):
     if is_gguf(path):
         tokenizer = gguf_tokenizer(path)  # the file's own tokenizer and chat template
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:  # no tokenizer files there: transformers' message names neither
+            raise ConfigError(f"--model {path}: no tokenizer could be loaded from it ({type(exc).__name__} in "
+                              "transformers; tokenizer.json / tokenizer_config.json missing or broken?); save the "
+                              "tokenizer next to the model (tokenizer.save_pretrained(DIR)).") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works; eos is the usual pick.
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
@@ -89,8 +94,8 @@ def load_model(args: TrainArgs, data_format: str | None = None, label2id: dict[s
     if gguf:
         check_gguf_task(path, task)
     elif args.quant == "gguf":
-        raise ConfigError(f"quant=gguf keeps a GGUF file's quantized weights; --model {args.model} is not a .gguf "
-                          "file. Use quant=nf4 (or fp4/int8) for a transformers checkpoint.")
+        raise ConfigError(f"quant=gguf keeps a GGUF file's quantized weights; --model {args.model or '(the embedded model)'} is "
+                          "not a .gguf file. Use quant=nf4 (or fp4/int8) for a transformers checkpoint.")
     tokenizer = load_tokenizer(path)
     if args.bf16:
         from ..quant.load_qlora import check_compute_dtype_supported

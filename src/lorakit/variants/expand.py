@@ -61,10 +61,13 @@ def find_layout(model: nn.Module, blocks: str | None = None,
                 outputs: Sequence[str] | None = None) -> tuple[str, BlockLayout]:
     """(path of the block list, layout) for ``model``; explicit ``blocks``/``outputs`` override."""
     if blocks is not None or outputs is not None:
-        if blocks is None or not outputs:
-            raise ConfigError("give both blocks= (path of the block ModuleList) and outputs= (the output "
-                              "projections inside one block), e.g. blocks='model.layers', "
-                              "outputs=('self_attn.o_proj', 'mlp.down_proj').")
+        if isinstance(outputs, str):  # one projection, not its characters
+            outputs = (outputs,)
+        if not isinstance(blocks, str) or not blocks or not isinstance(outputs, (list, tuple)) or not outputs \
+                or not all(isinstance(o, str) and o for o in outputs):
+            raise ConfigError(f"blocks={blocks!r:.60}, outputs={outputs!r:.60}: give both blocks= (path of the block "
+                              "ModuleList) and outputs= (the output projections inside one block), e.g. "
+                              "blocks='model.layers', outputs=('self_attn.o_proj', 'mlp.down_proj').")
         layouts = [BlockLayout("custom", (blocks,), tuple(outputs))]
     else:
         layouts = LAYOUTS
@@ -102,6 +105,8 @@ def expansion_plan(n_blocks: int, n_new: int) -> list[tuple[int, bool]]:
     """
     if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 1:
         raise ConfigError(f"n_new={n_new!r}: the number of blocks to add must be an integer >= 1.")
+    if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
+        raise ConfigError(f"n_blocks={n_blocks!r}: the model's block count must be an integer >= 1.")
     if n_blocks % n_new:
         divisors = [d for d in range(1, n_blocks + 1) if n_blocks % d == 0]
         raise ConfigError(
@@ -226,5 +231,9 @@ def train_blocks(model: nn.Module, indices: Sequence[int]) -> None:
 def lora_config_for_new_blocks(new_layers: Sequence[int], r: int = 8, lora_alpha: float = 16,
                                target_modules: list[str] | str = "all-linear", **kwargs) -> LoraConfig:
     """A ``LoraConfig`` that adapts only the blocks :func:`expand_blocks` inserted."""
+    if isinstance(new_layers, (str, bytes)) or not isinstance(new_layers, Sequence) or not new_layers:
+        # [] would reach LoraConfig as "no layer filter": every block, old ones included, would get LoRA
+        raise ConfigError(f"new_layers={new_layers!r:.60}: give the non-empty list of block indices that "
+                          "expand_blocks returned.")
     return LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules,
                       layers_to_transform=list(new_layers), **kwargs)

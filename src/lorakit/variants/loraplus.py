@@ -21,6 +21,8 @@ Usage outside the CLI::
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any
 
 import torch
@@ -39,9 +41,15 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, embe
     Each group carries a ``"name"`` key (``"lora_A"``, ``"lora_B"``, ...) for logging; PyTorch
     optimizers keep extra group keys as they are.
     """
-    for name, value in (("lr", lr), ("ratio", ratio)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"loraplus {name}={value!r}: must be a positive number (ratio 16 is the paper's choice).")
+    checks = [("lr", lr, 0.0), ("ratio", ratio, 0.0)] + ([("embedding_lr", embedding_lr, 0.0)]
+                                                          if embedding_lr is not None else [])
+    for name, value, low in checks:  # inf passed `> 0` and made every step's update inf
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < math.inf:
+            raise ConfigError(f"loraplus {name}={value!r}: must be a positive finite number (ratio 16 is the "
+                              "paper's choice).")
+    wd = weight_decay
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not 0 <= wd < math.inf:
+        raise ConfigError(f"loraplus weight_decay={wd!r}: must be a finite number ≥ 0 (e.g. 0.0 or 0.01).")
     if embedding_lr is None:
         embedding_lr = DEFAULT_EMBEDDING_LR
     role: dict[int, str] = {}
@@ -84,5 +92,14 @@ def create_loraplus_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.
                               *, lr: float, ratio: float = 16.0, embedding_lr: float | None = None,
                               weight_decay: float = 0.0, **optimizer_kwargs: Any) -> torch.optim.Optimizer:
     """An optimizer (AdamW by default) over :func:`loraplus_param_groups`; extra kwargs go to it."""
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        raise ConfigError(f"optimizer_cls={optimizer_cls!r:.60}: give a torch.optim.Optimizer class, e.g. "
+                          "torch.optim.AdamW.")
+    params = inspect.signature(optimizer_cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(optimizer_kwargs) - set(params))
+        if unknown:  # the optimizer's own TypeError would not say which call
+            raise ConfigError(f"{optimizer_cls.__name__} takes no option(s) {unknown}; its options: "
+                              f"{', '.join(k for k in params if k not in ('self', 'params'))}.")
     groups = loraplus_param_groups(model, lr, ratio=ratio, embedding_lr=embedding_lr, weight_decay=weight_decay)
     return optimizer_cls(groups, lr=lr, **optimizer_kwargs)

@@ -55,6 +55,9 @@ def add_olora(model: nn.Module, config: LoraConfig, adapter_name: str = KIND) ->
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"config must be a lorakit.LoraConfig (r, lora_alpha, target_modules, ...), "
                           f"got {type(config).__name__}.")
+    if config.use_dora or config.fused_slices:  # OLORA builds plain factor pairs: both were silently dropped
+        raise ConfigError("O-LoRA adapters are plain LoRA factors (past + new); use_dora / fused_slices do not "
+                          "apply to them. Drop them from the config.")
     return inject(model, config, adapter_name, kind=OLORA)
 
 
@@ -97,10 +100,28 @@ def overlap(past_a: torch.Tensor, new_a: torch.Tensor, mode: Overlap = "abs") ->
     raise ConfigError(f"overlap mode {mode!r}: use 'abs' (the authors' code) or 'square' (the paper's Eq. 4).")
 
 
+def check_loss_options(owner: str, lambda_orth: Any, lambda_l2: Any, mode: Any, l2: Any) -> None:
+    """λ1, λ2 finite and ≥ 0 (a NaN λ turns every step's loss into NaN, a negative one rewards overlap),
+    ``mode`` and ``l2`` one of their names; ``owner`` starts the message."""
+    for name, v in (("lambda_orth", lambda_orth), ("lambda_l2", lambda_l2)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{owner} {name}={v!r}: must be a finite number >= 0 (the paper uses 0.5 for λ1).")
+    if mode not in ("abs", "square"):
+        raise ConfigError(f"{owner} overlap={mode!r}: use 'abs' (the authors' code) or 'square' (the paper's Eq. 4).")
+    if l2 not in ("square", "norm"):
+        raise ConfigError(f"{owner} l2={l2!r}: use 'square' (‖·‖²) or 'norm' (‖·‖, the authors' code).")
+
+
 def olora_loss(model: nn.Module, lambda_orth: float = 0.5, lambda_l2: float = 0.0,
                mode: Overlap = "abs", l2: Literal["square", "norm"] = "square",
                adapter_name: str | None = None) -> torch.Tensor | None:
     """λ1 Σ_layers overlap(A_past, A_t) + λ2 Σ_layers r2(A_t) + r2(B_t); None when there is nothing."""
+    check_loss_options("olora_loss", lambda_orth, lambda_l2, mode, l2)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"olora_loss: model must be a torch.nn.Module with an O-LoRA adapter, "
+                          f"got {type(model).__name__}.")
+    if adapter_name is not None and not isinstance(adapter_name, str):
+        raise ConfigError(f"olora_loss: adapter_name={adapter_name!r} must be an adapter name (str) or None.")
     terms = []
     for _, ad in olora_adapters(model, adapter_name):
         if lambda_orth and ad.past_rank:
@@ -128,14 +149,7 @@ class OLoraHook(BaseHook):
     adapter_name: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("lambda_orth", "lambda_l2"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"OLoraHook {name}={v!r}: must be a finite number >= 0 (the paper uses 0.5 for λ1).")
-        if self.overlap not in ("abs", "square"):
-            raise ConfigError(f"OLoraHook overlap={self.overlap!r}: use 'abs' or 'square'.")
-        if self.l2 not in ("square", "norm"):
-            raise ConfigError(f"OLoraHook l2={self.l2!r}: use 'square' (‖·‖²) or 'norm' (‖·‖, the authors' code).")
+        check_loss_options("OLoraHook", self.lambda_orth, self.lambda_l2, self.overlap, self.l2)
 
     def on_train_start(self, ctx) -> None:
         if next(olora_adapters(ctx.model, self.adapter_name), None) is None:

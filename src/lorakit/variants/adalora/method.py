@@ -27,14 +27,22 @@ AUTO_WARMUPS = (0.1, 0.3)
 
 def adalora_config(args: Any) -> tuple[AdaLoraConfig, bool]:
     """The ``AdaLoraConfig`` that ``TrainArgs`` describe, and whether the hook sets the schedule."""
+    if getattr(args, "use_rslora", False):
+        raise ConfigError("use_rslora does not apply to AdaLoRA (its scaling is α / init_r); drop --use-rslora.")
+    if getattr(args, "use_dora", False) or getattr(args, "fused_slices", None):  # were silently ignored
+        raise ConfigError("use_dora / fused_slices do not apply to AdaLoRA (its adapters are P·Λ·Q); drop them.")
     opts = dict(args.method_options or {})
     unknown = sorted(set(opts) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"method_options {unknown} are not AdaLoRA options; valid: {', '.join(OPTIONS)}.")
-    target_r = int(opts.pop("target_r", args.r))
+    # AdaLoraConfig checks each value's type and range, naming the field (int('x') was a bare ValueError)
+    target_r = opts.pop("target_r", args.r)
+    if isinstance(target_r, bool) or not isinstance(target_r, int):
+        raise ConfigError(f"method adalora: method_options.target_r={target_r!r}: must be an integer ≥ 1 "
+                          "(the final average rank).")
     auto = not any(k in opts for k in ("total_step", "tinit", "tfinal"))
     config = AdaLoraConfig(
-        init_r=int(opts.pop("init_r", math.ceil(1.5 * target_r))),
+        init_r=opts.pop("init_r", math.ceil(1.5 * target_r)),
         target_r=target_r,
         lora_alpha=opts.pop("lora_alpha", args.lora_alpha),
         lora_dropout=args.lora_dropout,
