@@ -4,6 +4,7 @@ autograd summing the two ∂x), interleaved in one process.
 
     python bench/bench_fused_linear.py                  # SmolLM2-135M's four projection shapes, N = 1024
     python bench/bench_fused_linear.py --rounds 60 --dropout 0
+    python bench/bench_fused_linear.py --profile --dropout 0   # torch.profiler op tables, 576 -> 576
 
 Per round, each shape runs floor, fused and unfused back to back (order rotating); the figures are the
 medians of per-round CPU-time ratios (``time.process_time``, one thread), with their interquartile range,
@@ -25,6 +26,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: torch.profiler self-CPU op tables of 20 fwd+bwd, floor and fused, 576 -> 576")
     args = ap.parse_args()
 
     import torch
@@ -55,6 +58,20 @@ def main() -> None:
         for p in model.parameters():
             p.grad = None
         return dt
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        _, floor, lora, x, g = setups[0]
+        for name, model in (("floor", floor), ("fused", lora)):
+            for _ in range(5):
+                step(model, x, g)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(20):
+                    step(model, x, g)
+            print(name, "(20 fwd + bwd)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        return
 
     modes = ["floor", "fused", "unfused"]
     times: dict = {}

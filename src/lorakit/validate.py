@@ -43,9 +43,12 @@ def check_field_types(obj: Any) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if not _is_a(value, hints[f.name]):
-            raise ConfigError(f"{type(obj).__name__} {f.name}={value!r:.80}: must be {_describe(hints[f.name])} "
-                              f"(got a {type(value).__name__}).")
+        tp = hints[f.name]
+        if not _is_a(value, tp):
+            # a right-typed value outside a Literal's choices: the choices are the fix, "(got a str)" is noise
+            literal = typing.get_origin(tp) is typing.Literal and any(type(value) is type(c) for c in typing.get_args(tp))
+            got = "" if literal else f" (got a {type(value).__name__})"
+            raise ConfigError(f"{type(obj).__name__} {f.name}={value!r:.80}: must be {_describe(tp)}{got}.")
 
 
 def _is_a(value: Any, tp: Any) -> bool:
