@@ -3,6 +3,7 @@
     python bench/bench_floor_paired.py --rounds 20                  # the bench shape (issue 15 §1)
     python bench/bench_floor_paired.py --shape smollm2 --rounds 8   # SmolLM2-135M's shape, random init
     python bench/bench_floor_paired.py --procs 3 --rounds 10        # the same in 3 fresh processes
+    python bench/bench_floor_paired.py --unfused --only lorakit,lorakit-unfused --rounds 40   # an A/B alone
 
 Why a second bench beside ``bench_lora.py``: there every mode runs in its own subprocess, and on this
 VM one thread's CPU time for the same step differs 40-50 % between subprocesses (and between minutes,
@@ -146,16 +147,24 @@ def main() -> None:
     ap.add_argument("--ce", action="store_true", help="lorakit with the chunked cross-entropy")
     ap.add_argument("--unfused", action="store_true",
                     help="add lorakit with the base Linear and the branch as two nodes (branch.set_fusion(False))")
+    ap.add_argument("--only", help="run only these modes, comma-separated (e.g. lorakit,lorakit-unfused for an A/B)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.modes = ["floor", "lorakit", "full"] + (["peft"] if args.peft else []) + (["lorakit-p0"] if args.p0 else [])
     args.modes += ["lorakit-unfused"] if args.unfused else []
+    if args.only:
+        wanted = [m.strip() for m in args.only.split(",") if m.strip()]
+        unknown = sorted(set(wanted) - set(args.modes))
+        if unknown or not wanted:
+            sys.exit(f"--only {args.only!r}: choose among {args.modes} (add --peft / --p0 / --unfused for those modes)")
+        args.modes = wanted
     if args.child:
         print(json.dumps(run_child(args)))
         return
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shape", args.shape, "--rounds", str(args.rounds),
            "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+    cmd += ["--only", ",".join(args.modes)]
     cmd += [flag for flag, on in (("--quick", args.quick), ("--peft", args.peft), ("--ce", args.ce), ("--p0", args.p0), ("--unfused", args.unfused))
             if on]
     rounds = []
@@ -165,8 +174,9 @@ def main() -> None:
             sys.exit(f"child process failed:\n{out.stderr[-4000:]}")
         got = json.loads(out.stdout.strip().splitlines()[-1])
         rounds += got
-        print(f"process {p + 1}: {len(got)} rounds, lorakit / floor per-round median "
-              f"{statistics.median(r['lorakit'][0] / r['floor'][0] for r in got):.3f}", flush=True)
+        a, b = ("lorakit", "floor") if "floor" in args.modes else (args.modes[0], args.modes[-1])
+        print(f"process {p + 1}: {len(got)} rounds, {a} / {b} per-round median "
+              f"{statistics.median(r[a][0] / r[b][0] for r in got):.3f}", flush=True)
     summarize(args.modes, rounds)
 
 
