@@ -69,7 +69,11 @@ def linears_to_quantize(model: nn.Module, skip: Iterable[str] = (), quantize_hea
                 + (f", e.g. {linears[0][0]!r}." if linears else " (the model has no nn.Linear).")
             )
     head = output_head(model)
-    chosen = [(p, m) for p, m in linears if not name_matches(p, skip) and (quantize_head or m is not head)]
+    # Modules the model class asks to keep in fp32 (T5's FFN output ``wo``: its forward casts activations
+    # to wo.weight.dtype) are not quantized — transformers' bitsandbytes path leaves them as Linear too.
+    keep = [*(getattr(model, "_keep_in_fp32_modules", None) or ()), *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]
+    chosen = [(p, m) for p, m in linears
+              if not name_matches(p, skip) and not name_matches(p, keep) and (quantize_head or m is not head)]
     shared = shared_parameters(model)
     for path, m in chosen:
         if id(m.weight) in shared:

@@ -10,7 +10,7 @@ from ..errors import AdapterFileError, ConfigError
 from ..io import load_adapter, read_adapter_config
 from ..tasks import embedded_model_dir
 from .gguf_model import gguf_causal_lm, is_gguf
-from .model import load_tokenizer, model_dir
+from .model import check_model_class, load_tokenizer, model_dir
 
 LABELS_FILE = "lorakit_labels.json"  # label2id of a classifier's adapter, written next to it
 
@@ -50,6 +50,8 @@ def load_for_inference(model: str | None, adapter: str | None):
         return net.eval(), tokenizer, "causal-lm"
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     is_cls = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+    check_model_class(config, path, "seq-cls" if is_cls or (labels_file is not None and labels_file.is_file())
+                      else "causal-lm")
     if labels_file is not None and labels_file.is_file():
         label2id = json.loads(labels_file.read_text())
         net = AutoModelForSequenceClassification.from_pretrained(

@@ -65,6 +65,26 @@ def resolve_task(requested: str, architectures: list[str] | None, data_format: s
     return requested
 
 
+def check_model_class(config, path: Path, task: str) -> None:
+    """Refuse, before anything loads, a checkpoint transformers cannot build for ``task``: an
+    encoder-decoder such as T5 has no ``AutoModelForCausalLM`` class (transformers' ValueError would
+    end the run in a traceback, or the quantized path would build the seq2seq model and fail later)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    seq_cls = task == "seq-cls"
+    mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING if seq_cls else MODEL_FOR_CAUSAL_LM_MAPPING
+    if type(config) in mapping:
+        return
+    arch = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+    raise ConfigError(
+        f"--model {path}: a {getattr(config, 'model_type', '?')!r} model ({arch}) has no "
+        f"{'AutoModelForSequenceClassification' if seq_cls else 'AutoModelForCausalLM'} class in transformers. "
+        "lorakit's train / eval / generate / merge commands run decoder-only causal LMs (task=causal-lm) and "
+        "sequence classifiers (task=seq-cls); adapt an encoder-decoder such as T5 from Python with "
+        "lorakit.inject(model, LoraConfig(...)) and your own loop."
+    )
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -96,6 +116,8 @@ def load_model(args: TrainArgs, data_format: str | None = None, label2id: dict[s
     elif args.quant == "gguf":
         raise ConfigError(f"quant=gguf keeps a GGUF file's quantized weights; --model {args.model or '(the embedded model)'} is "
                           "not a .gguf file. Use quant=nf4 (or fp4/int8) for a transformers checkpoint.")
+    else:
+        check_model_class(config, path, task)
     tokenizer = load_tokenizer(path)
     if args.bf16:
         from ..quant.load_qlora import check_compute_dtype_supported
