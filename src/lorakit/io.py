@@ -37,7 +37,7 @@ from .adapters import delete_adapter, set_adapter, set_trainable
 from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, LorakitError
 from .inject import _excluded, _in_layers, candidate_modules, inject
-from .peft_compat import portable_patterns, present_names
+from .peft_compat import portable_patterns, present_names, suffix_copy_tensors
 from .state import (
     bias_parameters,
     lora_layers,
@@ -86,6 +86,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     path = _dir_path(path)
     tensors = dict(adapter_tensors(model, adapter_name))
     tensors.update(kind.file_extra_tensors(model, adapter_name, rec.config))
+    for key, t in suffix_copy_tensors(model, rec.config).items():  # PEFT copies these too (peft_compat)
+        tensors.setdefault(key, t)
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     config = peft_config_dict(model, adapter_name, kind.file_config(model, adapter_name, rec.config),
                               paths=kind.file_paths(model, adapter_name, rec.config))
@@ -218,8 +220,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     source = str(Path(path) / CONFIG_NAME)
     kind = kind_for_file(raw, source)
     config = kind.config_from_file(raw, source)
-    config = present_names(model, config)  # a file's names are read leniently (PEFT's SEQ_CLS heads)
     weights = read_adapter_weights(path)
+    # a file's names are read leniently (PEFT's SEQ_CLS heads, its bare-suffix modules_to_save match)
+    config = present_names(model, config, {normalize_key(k) or k for k in weights})
     if hasattr(config, "rank_for"):  # ranks checked against the file before anything is allocated
         check_file_ranks(config.rank_for, {normalize_key(k) or k: v for k, v in weights.items()}, str(path),
                          AdapterFileError, per_expert=bool(getattr(config, "target_parameters", None)
