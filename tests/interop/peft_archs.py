@@ -93,3 +93,5 @@ _SPECS = {
 }
 
 ARCHS = {name: (_seeded(_build(m, c, **kw)), inputs) for name, (m, c, kw, inputs) in _SPECS.items()}
+#: name → transformers ``config.model_type`` (read from the config class: nothing is built)
+MODEL_TYPES = {name: getattr(T, c).model_type for name, (_, c, _, _) in _SPECS.items()}

@@ -9,7 +9,7 @@ independent reference), and checks that the adapter changes the base model's out
 import pytest
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-from peft_archs import ARCHS
+from peft_archs import ARCHS, MODEL_TYPES
 from peft_models import adapted_paths, assert_close, lorakit_config, output, peft, peft_config, perturb
 
 import lorakit
@@ -29,14 +29,10 @@ EXPLICIT = {
 PEFT_DEFAULT_BROKEN = {"mixtral"}
 
 
-def _model_type(name):
-    return ARCHS[name][0]().config.model_type
-
-
 def _cases():
     out = []
     for name in sorted(ARCHS):
-        if _model_type(name) in PEFT_DEFAULTS:
+        if MODEL_TYPES[name] in PEFT_DEFAULTS:
             out.append((name, "default"))
         out.append((name, "all-linear" if name != "mamba" else "explicit"))
         if name in EXPLICIT and name != "mamba":
@@ -82,12 +78,12 @@ def test_lorakit_saved_loads_in_peft(name, which, tmp_path):
     assert adapted_paths(theirs.base_model.model) == adapted_paths(ours)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in ARCHS if _model_type(n) in PEFT_DEFAULTS))
+@pytest.mark.parametrize("name", sorted(n for n in ARCHS if MODEL_TYPES[n] in PEFT_DEFAULTS))
 def test_default_targets_are_peft_defaults(name):
     """target_modules=None adapts what PEFT's table names for the model type, and is recorded resolved."""
     make, _ = ARCHS[name]
     ours = lorakit.inject(make(), lorakit_config(target_modules=None))
-    want = PEFT_DEFAULTS[_model_type(name)]
+    want = PEFT_DEFAULTS[MODEL_TYPES[name]]
     assert model_state(ours).adapters["default"].config.target_modules == sorted(want)
     assert {p.rpartition(".")[2] for p in adapted_paths(ours)} == set(want)
 
@@ -99,10 +95,8 @@ VARIANTS = {
     "rslora-patterns": lambda targets: dict(use_rslora=True, r=4, lora_alpha=6, rank_pattern={targets[0]: 2},
                                             alpha_pattern={targets[-1]: 3}),
 }
-VARIANT_MODELS = {  # arch: targets (fused qkv, Conv1D-free GPT-style, encoder, conv, seq2seq)
+VARIANT_MODELS = {  # arch: targets (fused qkv, GPT-style, encoder, conv, seq2seq)
     "bloom": ["query_key_value", "dense_4h_to_h"],
-    "falcon-old": ["query_key_value", "dense_h_to_4h"],
-    "codegen": ["qkv_proj", "fc_in"],
     "gpt_bigcode": ["c_attn", "c_fc"],
     "mpt": ["Wqkv", "up_proj"],
     "phi": ["q_proj", "dense", "fc1"],
