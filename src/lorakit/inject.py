@@ -48,6 +48,7 @@ from .state import (  # noqa: F401  (refresh_trainable, bias_parameters: re-expo
     set_submodule,
 )
 
+SEQ_CLS_HEADS = ("classifier", "score")  # PEFT's names for a sequence-classification head
 HEAD_NAMES = frozenset({"lm_head", "score", "classifier", "qa_outputs", "cls", "embed_out", "output"})
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -71,6 +72,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
     check_adapter_name(model, adapter_name)
     if getattr(config, "target_modules", []) is None:  # PEFT's default for the model type; recorded resolved
         config = dataclasses.replace(config, target_modules=default_targets(model))
+    config = with_seq_cls_heads(model, config)
     plan = []
     module_targets = find_targets(model, config) if config.target_modules != [] else []
     for path, module in module_targets:  # build everything before changing the model
@@ -109,6 +111,19 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
     add_trainable_copies(model, copies, adapter_name)
     register_adapter(model, adapter_name, AdapterRecord(config=config, trainable=True, kind=kind.name))
     return model
+
+
+def with_seq_cls_heads(model: nn.Module, config):
+    """``config`` with the model's classification head (``classifier`` / ``score``) added to
+    ``modules_to_save`` when ``task_type="SEQ_CLS"``, as PEFT's PeftModelForSequenceClassification does:
+    the head trains in full, nothing inside it is a LoRA target, and PEFT (which adds them on load and
+    then needs their tensors) reads the file."""
+    if getattr(config, "task_type", None) != "SEQ_CLS" or not hasattr(config, "modules_to_save"):
+        return config
+    saved = list(config.modules_to_save or [])
+    heads = [n for n in SEQ_CLS_HEADS if n not in saved and any(
+        (p == n or p.endswith("." + n)) and not isinstance(m, LoraLayer) for p, m in candidate_modules(model))]
+    return dataclasses.replace(config, modules_to_save=saved + heads) if heads else config
 
 
 def register_adapter(model: nn.Module, name: str, record: AdapterRecord, activate_it: bool = True) -> None:

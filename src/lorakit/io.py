@@ -309,11 +309,13 @@ def check_and_copy(expected: dict[str, torch.Tensor], given: dict[str, torch.Ten
 
 
 def _base_layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    # PEFT ≥ 0.7 also saves the base weights of targeted embeddings and of lm_head
-    # (save_embedding_layers): accept them for any host with a dense weight, and copy them as PEFT does.
+    # PEFT ≥ 0.7 also saves the base weights of targeted embeddings and of lm_head (save_embedding_layers),
+    # with lm_head's bias where it has one (GPT-J, Phi): accept them for any host with a dense weight, and
+    # copy them as PEFT does.
     out = {}
     for path, host in lora_layers(model):
-        w = host.base_layer.__dict__.get("_parameters", {}).get("weight")
-        if isinstance(w, torch.Tensor):
-            out[f"{PREFIX}{path}.base_layer.weight"] = w
+        params = host.base_layer.__dict__.get("_parameters", {})
+        for name in ("weight", "bias"):
+            if isinstance(params.get(name), torch.Tensor):
+                out[f"{PREFIX}{path}.base_layer.{name}"] = params[name]
     return out

@@ -245,3 +245,32 @@ def test_no_default_targets_for_the_model_type_is_a_config_error():
     make, _ = ARCHS["mamba"]
     with pytest.raises(ConfigError, match="model_type 'mamba' has no default targets"):
         lorakit.inject(make(), lorakit_config(target_modules=None))
+
+
+# -- SEQ_CLS heads and lm_head biases -------------------------------------------------------------
+@pytest.mark.parametrize("model", ["roberta-cls", "qwen2-cls", "deberta-v2-cls"])
+def test_seq_cls_all_linear_both_ways(model, tmp_path):
+    """task_type="SEQ_CLS" makes the head a trained copy (PEFT adds classifier/score to modules_to_save),
+    so nothing inside it (RoBERTa's classifier.dense) is a LoRA target, and PEFT finds the head's tensors
+    in lorakit's file (it raised KeyError before)."""
+    make, inputs = ARCHS[model]
+    kw = dict(target_modules="all-linear", task_type="SEQ_CLS")
+    ours = lorakit.inject(make(), lorakit_config(**kw))
+    assert model_state(ours).adapters["default"].config.modules_to_save == [HEADS[model][1]]
+    assert adapted_paths(ours) == adapted_paths(peft.get_peft_model(make(), peft_config(**kw)).base_model.model)
+    perturb(ours)
+    want = output(ours, inputs())
+    lorakit.save_adapter(ours, tmp_path / "k")
+    assert_close(output(peft.PeftModel.from_pretrained(make(), tmp_path / "k").eval(), inputs()), want)
+
+
+@pytest.mark.parametrize("model, targets", [("gptj", ["wte", "lm_head"]), ("phi", ["embed_tokens", "lm_head"])])
+def test_peft_saved_lm_head_bias_loads(model, targets, tmp_path):
+    """PEFT saves lm_head.base_layer.bias next to its weight when lm_head has a bias (GPT-J, Phi)."""
+    make, inputs = ARCHS[model]
+    theirs = peft.get_peft_model(make(), peft_config(target_modules=targets))
+    perturb(theirs)
+    theirs.eval()
+    want = output(theirs, inputs())
+    theirs.save_pretrained(tmp_path / "p")
+    assert_close(output(lorakit.load_adapter(make(), tmp_path / "p"), inputs()), want)
