@@ -274,3 +274,24 @@ def test_peft_saved_lm_head_bias_loads(model, targets, tmp_path):
     want = output(theirs, inputs())
     theirs.save_pretrained(tmp_path / "p")
     assert_close(output(lorakit.load_adapter(make(), tmp_path / "p"), inputs()), want)
+
+
+# -- a Linear subclass that is not a linear map: Phi-MoE's router returns a tuple ---------------------
+def _phimoe():
+    from peft_archs import _MOE, _build
+    from peft_models import _seeded
+
+    kw = {k: v for k, v in _MOE.items() if k not in ("num_experts", "moe_intermediate_size")}
+    return _seeded(_build("PhimoeForCausalLM", "PhimoeConfig", num_local_experts=4, **kw))
+
+
+def test_router_returning_a_tuple_is_a_lorakit_error_naming_it(tmp_path):
+    make, inputs = _phimoe(), ARCHS["qwen2"][1]
+    ours = lorakit.inject(make(), lorakit_config(target_modules="all-linear"))  # PEFT's all-linear fails alike
+    with pytest.raises(UnsupportedModuleError, match="PhimoeTopKRouter returned a tuple.*exclude_modules"):
+        output(ours, inputs())
+    ours = lorakit.inject(make(), lorakit_config(target_modules="all-linear", exclude_modules=["router"]))
+    perturb(ours)
+    want = output(ours, inputs())
+    lorakit.save_adapter(ours, tmp_path / "k")
+    assert_close(output(peft.PeftModel.from_pretrained(make(), tmp_path / "k").eval(), inputs()), want)
