@@ -295,3 +295,19 @@ def test_router_returning_a_tuple_is_a_lorakit_error_naming_it(tmp_path):
     want = output(ours, inputs())
     lorakit.save_adapter(ours, tmp_path / "k")
     assert_close(output(peft.PeftModel.from_pretrained(make(), tmp_path / "k").eval(), inputs()), want)
+
+
+# -- merging: lorakit's merged model equals PEFT's merged model -----------------------------------
+MERGE = {"bloom": dict(target_modules=["query_key_value", "dense_4h_to_h"], use_dora=True),
+         "swin": dict(target_modules=["projection", "q_proj"]),
+         "qwen3_moe": dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"])}
+
+
+@pytest.mark.parametrize("model", sorted(MERGE))
+def test_merge_matches_peft_merge(model, tmp_path):
+    make, inputs = ARCHS[model]
+    ours = lorakit.inject(make(), lorakit_config(**MERGE[model]))
+    perturb(ours)
+    lorakit.save_adapter(ours, tmp_path / "k")
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "k").eval().merge_and_unload()
+    assert_close(output(lorakit.merge_and_unload(ours), inputs()), output(theirs, inputs()))
