@@ -37,7 +37,7 @@ from .adapters import delete_adapter, set_adapter, set_trainable
 from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, LorakitError
 from .inject import _excluded, _in_layers, candidate_modules, inject
-from .peft_compat import portable_patterns, present_names, suffix_copy_tensors
+from .peft_compat import portable_patterns, present_names, refuse_per_expert_names, suffix_copy_tensors
 from .state import (
     bias_parameters,
     lora_layers,
@@ -220,6 +220,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     source = str(Path(path) / CONFIG_NAME)
     kind = kind_for_file(raw, source)
     config = kind.config_from_file(raw, source)
+    refuse_per_expert_names(model, config, source)
     weights = read_adapter_weights(path)
     # a file's names are read leniently (PEFT's SEQ_CLS heads, its bare-suffix modules_to_save match)
     config = present_names(model, config, {normalize_key(k) or k for k in weights})

@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, pattern_key, pattern_overlaps
+from .errors import AdapterFileError
 from .inject import candidate_modules
+from .peft_defaults import moe_parameter_name
 from .layers.host import LoraLayer
 from .layers.saved import TrainableCopies
 
@@ -50,6 +52,21 @@ def present_names(model: nn.Module, config: LoraConfig, file_keys=()) -> LoraCon
         if kept != config.modules_to_save:
             changes["modules_to_save"] = kept or None
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def refuse_per_expert_names(model: nn.Module, config, source: str) -> None:
+    """A file whose ``target_modules`` name per-expert Linear layers (Mixtral's ``w1``, Qwen-MoE's
+    ``gate_proj``) that this model stacks into 3-D expert parameters was saved for transformers 4; PEFT
+    converts such files on load (fusing the experts' factors), lorakit does not: say so, by name."""
+    names = config.target_modules if isinstance(config.target_modules, list) else []
+    paths = [p for p, _ in candidate_modules(model)]
+    stale = [n for n in names if moe_parameter_name(model, n) and not _matches(n, paths)]
+    if stale:
+        raise AdapterFileError(
+            f"{source}: target_modules {stale} are per-expert Linear layers of transformers 4; this model stores "
+            f"its experts stacked ({', '.join(sorted({moe_parameter_name(model, n) for n in stale}))} in "
+            "target_parameters). lorakit does not convert such adapters: load it once with PEFT (which fuses the "
+            "experts' factors) and save it again, or train a new adapter with target_parameters.")
 
 
 def _suffix_only(names, path: str) -> bool:

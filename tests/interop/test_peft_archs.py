@@ -311,3 +311,25 @@ def test_merge_matches_peft_merge(model, tmp_path):
     lorakit.save_adapter(ours, tmp_path / "k")
     theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "k").eval().merge_and_unload()
     assert_close(output(lorakit.merge_and_unload(ours), inputs()), output(theirs, inputs()))
+
+
+def test_transformers4_per_expert_file_is_refused_by_name(tmp_path):
+    """A Mixtral adapter saved on transformers 4 (experts.N.w1 layers) cannot fit the stacked experts."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lorakit.errors import AdapterFileError
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "w1"]}))
+    pre = "base_model.model.model.layers.0."
+    save_file({f"{pre}self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+               f"{pre}self_attn.q_proj.lora_B.weight": torch.zeros(32, 4),
+               f"{pre}block_sparse_moe.experts.0.w1.lora_A.weight": torch.zeros(4, 32),
+               f"{pre}block_sparse_moe.experts.0.w1.lora_B.weight": torch.zeros(64, 4)},
+              str(tmp_path / "adapter_model.safetensors"))
+    model = ARCHS["mixtral"][0]()
+    with pytest.raises(AdapterFileError, match=r"\['w1'\] are per-expert Linear layers of transformers 4.*gate_up_proj"):
+        lorakit.load_adapter(model, tmp_path)
+    assert model_state(model) is None
