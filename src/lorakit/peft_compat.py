@@ -25,9 +25,9 @@ from torch import nn
 from .config import LoraConfig, pattern_key, pattern_overlaps
 from .errors import AdapterFileError
 from .inject import candidate_modules
-from .peft_defaults import moe_parameter_name
 from .layers.host import LoraLayer
 from .layers.saved import TrainableCopies
+from .peft_defaults import moe_parameter_name
 
 
 def _matches(name: str, paths: list[str]) -> bool:
