@@ -121,8 +121,9 @@ def with_seq_cls_heads(model: nn.Module, config):
     if getattr(config, "task_type", None) != "SEQ_CLS" or not hasattr(config, "modules_to_save"):
         return config
     saved = list(config.modules_to_save or [])
-    heads = [n for n in SEQ_CLS_HEADS if n not in saved and any(
-        (p == n or p.endswith("." + n)) and not isinstance(m, LoraLayer) for p, m in candidate_modules(model))]
+    heads = [n for n in SEQ_CLS_HEADS if any(  # a head not yet covered by a saved name ("model.score")
+        (p == n or p.endswith("." + n)) and not isinstance(m, LoraLayer) and not in_saved_module(p, saved)
+        for p, m in candidate_modules(model))]
     return dataclasses.replace(config, modules_to_save=saved + heads) if heads else config
 
 

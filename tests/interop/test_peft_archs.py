@@ -333,3 +333,9 @@ def test_transformers4_per_expert_file_is_refused_by_name(tmp_path):
     with pytest.raises(AdapterFileError, match=r"\['w1'\] are per-expert Linear layers of transformers 4.*gate_up_proj"):
         lorakit.load_adapter(model, tmp_path)
     assert model_state(model) is None
+
+
+def test_seq_cls_head_already_saved_is_not_added_again():
+    make, _ = ARCHS["qwen2-cls"]
+    ours = lorakit.inject(make(), lorakit_config(target_modules=["q_proj"], task_type="SEQ_CLS", modules_to_save=["score"]))
+    assert model_state(ours).adapters["default"].config.modules_to_save == ["score"]
