@@ -9,7 +9,6 @@ from lorakit.errors import ConfigError
     (dict(r=0, target_modules=["q"]), "r=0"),
     (dict(r=4, lora_alpha=-1, target_modules=["q"]), "lora_alpha"),
     (dict(lora_dropout=1.0, target_modules=["q"]), "lora_dropout"),
-    (dict(target_modules=None), "target_modules is not set"),
     (dict(target_modules=["q"], bias="some"), "bias='some'"),
     (dict(target_modules=["q"], init_lora_weights="pissa_niter_x"), "init_lora_weights"),
     (dict(target_modules=["q"], init_lora_weights="loftq", loftq_config={"loftq_bits": 8}), "loftq_bits"),

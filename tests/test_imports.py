@@ -25,7 +25,7 @@ LAYERS = {
     # core
     "errors": 0, "_fs": 0, "config": 0, "layers": 0, "adapter_kinds": 0, "state": 0, "inject": 0,
     "adapters": 0, "io": 0, "combine": 0, "summary": 0, "hooks": 0, "config_slices": 0,
-    "_threads": 0, "_txn": 0, "_cbuild": 0, "validate": 0, "losses": 0, "offload": 0, "peft_compat": 0, "peft_fields": 0, "peft_rules": 0, "tied": 0, "init_conversion": 0,
+    "_threads": 0, "_txn": 0, "_cbuild": 0, "validate": 0, "losses": 0, "offload": 0, "peft_compat": 0, "peft_fields": 0, "peft_rules": 0, "peft_defaults": 0, "tied": 0, "init_conversion": 0,
     "quant": 1,
     "__init__": 1,  # the public API facade: core, plus quantize_model (imported when called)
     "variants": 2,

@@ -50,7 +50,8 @@ class LoraConfig:
         target_modules: which modules to adapt: a list of names (exact module path, or a suffix that
             matches after a ``.``), a regex string (must match the whole module path), or
             ``"all-linear"`` (every Linear / GPT-2 Conv1D except the output embedding and a
-            classification head).
+            classification head), or None: PEFT's default for the model's ``config.model_type``
+            (``peft_defaults.DEFAULT_TARGETS``, e.g. q_proj and v_proj for Llama), resolved by inject.
         exclude_modules: the same forms, removed from the targets.
         fan_in_fan_out: kept for PEFT compatibility; lorakit reads the layout from the layer type
             (GPT-2's Conv1D stores its weight as (in, out)) and writes True when it adapted a Conv1D.
@@ -110,7 +111,7 @@ class LoraConfig:
         _check_number("lora_alpha", self.lora_alpha)
         check_bool("fan_in_fan_out", self.fan_in_fan_out)
         check_bool("use_rslora", self.use_rslora)
-        validate_shared_fields(self)
+        validate_shared_fields(self, targets_optional=True)
         init = self.init_lora_weights  # a real bool or a known string: 1 or 1.0 is not True here
         if not (isinstance(init, bool) or (isinstance(init, str) and (init in ("gaussian", "loftq")
                                                                        or _WEIGHT_INIT.match(init)))):
@@ -200,10 +201,11 @@ class LoraConfig:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def validate_shared_fields(cfg: Any) -> None:
+def validate_shared_fields(cfg: Any, targets_optional: bool = False) -> None:
     """Check and normalise the fields every LoRA-family config shares (LoraConfig, AdaLoraConfig):
     lora_dropout, target_modules, exclude_modules, bias, modules_to_save, layers_to_transform,
-    layers_pattern."""
+    layers_pattern. ``targets_optional``: ``target_modules=None`` means PEFT's default targets for the
+    model's type, resolved at inject (``peft_defaults.default_targets``)."""
     check_number("lora_dropout", cfg.lora_dropout, 0.0, 1.0, high_open=True, example=", e.g. 0.05")
     _norm_extra_targets(cfg)
     if cfg.target_modules in (None, [], ()) and (getattr(cfg, "target_parameters", None)
@@ -212,7 +214,7 @@ def validate_shared_fields(cfg: Any) -> None:
     else:
         cfg.target_modules = _norm_targets("target_modules", cfg.target_modules)
     cfg.exclude_modules = _norm_targets("exclude_modules", cfg.exclude_modules)
-    if cfg.target_modules is None:
+    if cfg.target_modules is None and not targets_optional:
         raise ConfigError(
             "target_modules is not set: give a list of module names (e.g. ['q_proj', 'v_proj']), "
             "a regex matching whole module paths, or 'all-linear'."

@@ -7,7 +7,12 @@ Matching rules (PEFT's, except that lorakit refuses names that match nothing):
 * a list of names: a module matches a name if its path equals it or ends with ``"." + name``;
 * a string: a regular expression that must match the whole module path;
 * ``"all-linear"``: every linear base kind (Linear / GPT-2 Conv1D / quantized linear) except the
-  output embedding and a classification head.
+  output embedding and a classification head;
+* ``None`` (LoraConfig): PEFT's default names for ``model.config.model_type`` (``peft_defaults``).
+
+Modules a model's fused kernels bypass (Mamba's ``out_proj`` / ``conv1d``) and dense modules whose names
+PEFT rewrites into MoE expert parameters (Qwen3-MoE's dense ``down_proj``) are refused when named and
+skipped by ``"all-linear"`` (``peft_defaults.peft_unreachable``).
 
 Every check (targets, the kind's ``refuses``, geometry, ``modules_to_save`` names) runs before the
 model is changed, so a refused injection leaves the model as it was.
@@ -15,8 +20,10 @@ model is changed, so a refused injection leaves the model as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -30,6 +37,7 @@ from .layers.host import LoraLayer
 from .layers.kinds import BaseKind, kind_of, supported_type_names
 from .layers.protocol import AdapterKind
 from .layers.saved import TrainableCopies
+from .peft_defaults import default_targets, moe_parameter_name, peft_unreachable
 from .peft_rules import in_saved_module, layer_index
 from .state import (  # noqa: F401  (refresh_trainable, bias_parameters: re-exported for callers)
     AdapterRecord,
@@ -40,6 +48,7 @@ from .state import (  # noqa: F401  (refresh_trainable, bias_parameters: re-expo
     set_submodule,
 )
 
+SEQ_CLS_HEADS = ("classifier", "score")  # PEFT's names for a sequence-classification head
 HEAD_NAMES = frozenset({"lm_head", "score", "classifier", "qa_outputs", "cls", "embed_out", "output"})
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -61,6 +70,9 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
     if not isinstance(config, kind.config_type):
         raise ConfigError(f"adapter kind {kind.name!r} needs a {kind.config_type.__name__}, got {type(config).__name__}.")
     check_adapter_name(model, adapter_name)
+    if getattr(config, "target_modules", []) is None:  # PEFT's default for the model type; recorded resolved
+        config = dataclasses.replace(config, target_modules=default_targets(model))
+    config = with_seq_cls_heads(model, config)
     plan = []
     module_targets = find_targets(model, config) if config.target_modules != [] else []
     for path, module in module_targets:  # build everything before changing the model
@@ -99,6 +111,20 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
     add_trainable_copies(model, copies, adapter_name)
     register_adapter(model, adapter_name, AdapterRecord(config=config, trainable=True, kind=kind.name))
     return model
+
+
+def with_seq_cls_heads(model: nn.Module, config):
+    """``config`` with the model's classification head (``classifier`` / ``score``) added to
+    ``modules_to_save`` when ``task_type="SEQ_CLS"``, as PEFT's PeftModelForSequenceClassification does:
+    the head trains in full, nothing inside it is a LoRA target, and PEFT (which adds them on load and
+    then needs their tensors) reads the file."""
+    if getattr(config, "task_type", None) != "SEQ_CLS" or not hasattr(config, "modules_to_save"):
+        return config
+    saved = list(config.modules_to_save or [])
+    heads = [n for n in SEQ_CLS_HEADS if any(  # a head not yet covered by a saved name ("model.score")
+        (p == n or p.endswith("." + n)) and not isinstance(m, LoraLayer) and not in_saved_module(p, saved)
+        for p, m in candidate_modules(model))]
+    return dataclasses.replace(config, modules_to_save=saved + heads) if heads else config
 
 
 def register_adapter(model: nn.Module, name: str, record: AdapterRecord, activate_it: bool = True) -> None:
@@ -159,13 +185,20 @@ def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         for name in targets:
             hits = [(p, m) for p, m in modules if p == name or p.endswith("." + name)]
             if not hits:
-                raise TargetNotFoundError(_not_found_message(name, modules))
+                raise TargetNotFoundError(_not_found_message(name, modules) + _parameter_hint(model, name))
             chosen.extend(hits)
         chosen = list({p: (p, m) for p, m in chosen}.values())
     chosen = [(p, m) for p, m in chosen if not _excluded(p, config.exclude_modules)]
     chosen = [(p, m) for p, m in chosen if _in_layers(p, config)]
     # As PEFT: never a target inside (or equal to) a modules_to_save module.
     chosen = [(p, m) for p, m in chosen if not in_saved_module(p, config.modules_to_save)]
+    bypassed = {p: why for p, _ in chosen if (why := peft_unreachable(model, p))}
+    if bypassed and targets != "all-linear":  # named on purpose: say why not (all-linear just skips them)
+        raise UnsupportedModuleError(next(iter(bypassed.values())))
+    if bypassed:
+        warnings.warn(f"target_modules='all-linear' leaves out {len(bypassed)} module(s): "
+                      f"{next(iter(bypassed.values()))}", stacklevel=3)
+    chosen = [(p, m) for p, m in chosen if p not in bypassed]
     if not chosen:
         raise TargetNotFoundError(
             f"no module is left to adapt: target_modules={targets!r} matched only modules removed by "
@@ -222,6 +255,20 @@ def _not_found_message(name: str, modules) -> str:
         f"target module {name!r} matches no module of the model.{hint} "
         f"Adaptable module names: {', '.join(suffixes[:20])}{' …' if len(suffixes) > 20 else ''}."
     )
+
+
+def _parameter_hint(model: nn.Module, name: str) -> str:
+    """A hint when ``name`` is a parameter, not a module: MoE experts stored as one 3-D tensor
+    (transformers 5: ``mlp.experts.down_proj`` (E, out, in)) are adapted through target_parameters."""
+    param = moe_parameter_name(model, name) or name  # Qwen3-MoE 'gate_proj' → the stacked 'gate_up_proj'
+    hits = [(p, tuple(t.shape)) for p, t in model.named_parameters() if p == param or p.endswith("." + param)]
+    if not hits:
+        return ""
+    path, shape = hits[0]
+    owner = path.rpartition(".")[0].rpartition(".")[2]
+    what = f"{name!r} is a parameter" if param == name else f"{name!r} is part of the parameter"
+    return (f" {what} ({path}, shape {shape}), not a module: adapt it with "
+            f"target_parameters=[{owner + '.' + path.rpartition('.')[2]!r}] (MoE expert weights; PEFT's field).")
 
 
 def _sample_paths(modules, n: int = 5) -> str:

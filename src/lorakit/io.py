@@ -37,7 +37,7 @@ from .adapters import delete_adapter, set_adapter, set_trainable
 from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, LorakitError
 from .inject import _excluded, _in_layers, candidate_modules, inject
-from .peft_compat import portable_patterns, present_names
+from .peft_compat import portable_patterns, present_names, refuse_per_expert_names, suffix_copy_tensors
 from .state import (
     bias_parameters,
     lora_layers,
@@ -86,6 +86,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     path = _dir_path(path)
     tensors = dict(adapter_tensors(model, adapter_name))
     tensors.update(kind.file_extra_tensors(model, adapter_name, rec.config))
+    for key, t in suffix_copy_tensors(model, rec.config).items():  # PEFT copies these too (peft_compat)
+        tensors.setdefault(key, t)
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     config = peft_config_dict(model, adapter_name, kind.file_config(model, adapter_name, rec.config),
                               paths=kind.file_paths(model, adapter_name, rec.config))
@@ -218,8 +220,10 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     source = str(Path(path) / CONFIG_NAME)
     kind = kind_for_file(raw, source)
     config = kind.config_from_file(raw, source)
-    config = present_names(model, config)  # a file's names are read leniently (PEFT's SEQ_CLS heads)
+    refuse_per_expert_names(model, config, source)
     weights = read_adapter_weights(path)
+    # a file's names are read leniently (PEFT's SEQ_CLS heads, its bare-suffix modules_to_save match)
+    config = present_names(model, config, {normalize_key(k) or k for k in weights})
     if hasattr(config, "rank_for"):  # ranks checked against the file before anything is allocated
         check_file_ranks(config.rank_for, {normalize_key(k) or k: v for k, v in weights.items()}, str(path),
                          AdapterFileError, per_expert=bool(getattr(config, "target_parameters", None)
@@ -306,11 +310,13 @@ def check_and_copy(expected: dict[str, torch.Tensor], given: dict[str, torch.Ten
 
 
 def _base_layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    # PEFT ≥ 0.7 also saves the base weights of targeted embeddings and of lm_head
-    # (save_embedding_layers): accept them for any host with a dense weight, and copy them as PEFT does.
+    # PEFT ≥ 0.7 also saves the base weights of targeted embeddings and of lm_head (save_embedding_layers),
+    # with lm_head's bias where it has one (GPT-J, Phi): accept them for any host with a dense weight, and
+    # copy them as PEFT does.
     out = {}
     for path, host in lora_layers(model):
-        w = host.base_layer.__dict__.get("_parameters", {}).get("weight")
-        if isinstance(w, torch.Tensor):
-            out[f"{PREFIX}{path}.base_layer.weight"] = w
+        params = host.base_layer.__dict__.get("_parameters", {})
+        for name in ("weight", "bias"):
+            if isinstance(params.get(name), torch.Tensor):
+                out[f"{PREFIX}{path}.base_layer.{name}"] = params[name]
     return out

@@ -50,8 +50,9 @@ def _ref(feature: str, reason: str) -> Decision:
 PEFT_FIELDS: dict[str, Decision] = {
     # -- metadata -------------------------------------------------------------------------------
     "peft_type": _i("must be 'LORA' (AdaLoRA files go to lorakit.variants.adalora)"),
-    "task_type": _i("carried through save/load; with SEQ_CLS PEFT adds 'classifier' and 'score' to "
-                    "modules_to_save, which load leniently (only names present in the model are kept)"),
+    "task_type": _i("carried through save/load; with SEQ_CLS, inject adds the model's 'classifier' / 'score' "
+                    "to modules_to_save (as PEFT), and a file's names load leniently (only names present in "
+                    "the model are kept)"),
     "base_model_name_or_path": _i("carried; written from model.config._name_or_path when unset"),
     "auto_mapping": _ign("PEFT's custom-model class mapping; lorakit is given the model object"),
     "peft_version": _ign("informational"),

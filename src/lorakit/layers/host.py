@@ -97,6 +97,8 @@ class LoraLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
+        if not isinstance(out, torch.Tensor):
+            raise _not_a_linear_map(self.base_layer, out)
         if self.row_adapters is not None:
             return self._forward_rows(x, out)
         for name in self.active:
@@ -187,3 +189,11 @@ def share_dropout_masks(model: nn.Module, share: bool = True) -> SharedMasks | N
         if isinstance(module, LoraLayer):
             module.masks = masks
     return masks
+
+
+def _not_a_linear_map(base: nn.Module, out) -> UnsupportedModuleError:
+    # e.g. Phi-MoE's router: an nn.Linear subclass whose forward returns (logits, weights, experts)
+    return UnsupportedModuleError(
+        f"a LoRA-wrapped {type(base).__name__} returned a {type(out).__name__}, not a tensor: its forward is more "
+        "than the linear map (an MoE router?), so the LoRA update cannot be added to its output. Remove it from "
+        "target_modules (with 'all-linear', add its name to exclude_modules).")
