@@ -18,12 +18,13 @@ from ..errors import ConfigError
 from ..validate import check_field_types, known_fields
 from .early_stop import check_best_args
 from .loggers_ext import LOGGERS
+from .methods import METHODS
 from .scoring import check_scorer_spec
 
 SELF = "self"  # replay_data=self: the base model's own prompts and answers
-# The keys of ``train.methods.METHODS`` (which imports this module, so the names are repeated here to
-# refuse a typo on construction; tests/faults/test_sweep3_dec1.py keeps the two equal).
-METHOD_NAMES = ("lora", "loraplus", "full", "adalora", "olora", "expand")
+#: The ``--method`` names: the keys of ``train.methods.METHODS``, the one table of methods (it does not
+#: import this module, so ``method`` is checked against it on construction).
+METHOD_NAMES = tuple(METHODS)
 
 
 def _f(default: Any, help: str, *, factory: Any = None) -> Any:
