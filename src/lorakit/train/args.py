@@ -163,7 +163,8 @@ class TrainArgs:
     resume_override: list[str] | None = _f(None, "settings a resume may change from the checkpoint's "
                                                  "(e.g. lr,max_steps); any other contradicting flag is an error")
     log_every: int = _f(10, "refresh the progress bar's loss every N steps (the CSV log gets every step)")
-    eval_every: int = _f(0, "evaluate the eval data every N steps (0 = before and after only)")
+    eval_every: int = _f(0, "evaluate the eval data every N steps (0 = before and after only); needs eval data "
+                            "(eval_data, eval_split or a builtin task)")
     progress: bool = _f(True, "show a progress bar")
     report_to: list[str] | None = _f(None, "loggers: csv, tensorboard, mlflow, wandb (comma-separated; log.csv is "
                                            "always written; default: csv and tensorboard when installed)")
