@@ -1,0 +1,248 @@
+"""Bad-input sweep 4 (Dec 1): LoRA-only fields in LoHa/LoKr files, eval_every without eval data, the one
+table of methods; then the multi-adapter API, weight-based inits, combine, save, losses, data files, GGUF
+and kohya files, and the CLI. Each case was a raw traceback, a silent acceptance or a file lorakit itself
+refuses to read before; now it is a LorakitError naming the bad value and the fix, and the model / files
+are as they were."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.errors import AdapterStateError, ConfigError
+
+from fault_helpers import assert_same, picture, tiny_llama
+
+
+def with_adapter(name="a", targets=("q_proj", "v_proj"), r=4):
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=r, target_modules=list(targets), init_lora_weights=False), name)
+    return model
+
+
+def tree(path):
+    """Every file under ``path`` with its bytes (directories included as None)."""
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+# -- leftover 1: LoRA-only fields in a LoHa / LoKr adapter_config.json ---------------------------------------
+@pytest.fixture(scope="module", params=["loha", "lokr"])
+def lycoris_dir(request, tmp_path_factory):
+    make = lorakit.LoHaConfig if request.param == "loha" else lorakit.LoKrConfig
+    model = tiny_llama()
+    lorakit.inject(model, make(r=2, alpha=4, target_modules=["q_proj"], init_weights=False), "a")
+    path = tmp_path_factory.mktemp(request.param) / "ad"
+    lorakit.save_adapter(model, path, "a")
+    return path
+
+
+def _edited(src, dst, **changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = dst / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **changes}))
+    return dst
+
+
+@pytest.mark.parametrize("field,value", [
+    ("use_dora", True), ("use_rslora", True), ("lora_alpha", 16), ("bias", "all"), ("lora_bias", True),
+    ("layer_replication", [[0, 2]]), ("target_parameters", ["experts.down_proj"]), ("trainable_token_indices", [1]),
+    ("alora_invocation_tokens", [3]), ("use_qalora", True), ("ensure_weight_tying", True), ("use_rslora", 1),
+])
+def test_lora_only_fields_that_change_the_meaning_are_refused(lycoris_dir, tmp_path, field, value):
+    ad = _edited(lycoris_dir, tmp_path / "ad", **{field: value})
+    files = tree(tmp_path)
+    model = tiny_llama()
+    before = picture(model)
+    # before: silently dropped — DoRA / rsLoRA / α from lora_alpha were never applied
+    with pytest.raises(ConfigError, match=rf"(?s)adapter_config\.json: peft_type LO(HA|KR) with LoRA-only .*{field}="):
+        lorakit.load_adapter(model, ad, "x")
+    assert_same(before, picture(model))
+    assert tree(tmp_path) == files
+
+
+@pytest.mark.parametrize("field,value", [("lora_dropout", 0.1), ("init_lora_weights", "gaussian"),
+                                         ("loftq_config", {"loftq_bits": 4}), ("fan_in_fan_out", True),
+                                         ("megatron_core", "mc")])
+def test_training_time_lora_fields_load_with_a_warning_naming_them(lycoris_dir, tmp_path, field, value):
+    ad = _edited(lycoris_dir, tmp_path / "ad", **{field: value})
+    ref = tiny_llama()
+    lorakit.load_adapter(ref, lycoris_dir, "x")
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match=rf"ignores the LoRA-only field\(s\) {field}="):
+        lorakit.load_adapter(model, ad, "x")
+    x = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)  # the same adapter as without the field
+
+
+def test_lora_fields_at_peft_defaults_pass_silently(lycoris_dir, tmp_path):
+    """What a tool dumping every LoRA field with PEFT's defaults writes: nothing to say."""
+    alpha = json.loads((lycoris_dir / "adapter_config.json").read_text())["alpha"]
+    ad = _edited(lycoris_dir, tmp_path / "ad", use_dora=False, use_rslora=False, lora_dropout=0.0, bias="none",
+                 init_lora_weights=True, loftq_config={}, layer_replication=None, lora_alpha=alpha,
+                 runtime_config={"ephemeral_gpu_offload": False}, megatron_core="megatron.core")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.load_adapter(tiny_llama(), ad, "x")
+
+
+def test_unknown_lycoris_fields_warn_and_bad_objects_are_refused(lycoris_dir, tmp_path):
+    ad = _edited(lycoris_dir, tmp_path / "ad", rank_droput=0.1)
+    with pytest.warns(UserWarning, match="ignoring fields lorakit does not know for LO(HA|KR).*rank_droput"):
+        lorakit.load_adapter(tiny_llama(), ad, "x")  # dropped silently before
+    for data in ([], None, "x"):  # AttributeError: 'list' object has no attribute 'items' before
+        with pytest.raises(ConfigError, match="must hold a JSON object of LOHA settings"):
+            lorakit.LoHaConfig.from_peft_dict(data)
+    with pytest.raises(ConfigError, match="peft_type is 'LOKR', not 'LOHA'"):  # read as LoHa before
+        lorakit.LoHaConfig.from_peft_dict({"peft_type": "LOKR", "target_modules": ["q_proj"]})
+
+
+def test_the_lycoris_decisions_cover_peft_and_the_docs():
+    from pathlib import Path
+
+    from lorakit.adapter_kinds.lycoris_fields import LORA_ONLY_FIELDS
+
+    peft = pytest.importorskip("peft")
+    lora = {f.name for f in __import__("dataclasses").fields(peft.LoraConfig)}
+    for cls in (peft.LoHaConfig, peft.LoKrConfig):
+        own = {f.name for f in __import__("dataclasses").fields(cls)}
+        assert set(LORA_ONLY_FIELDS) == lora - own
+    text = (Path(__file__).resolve().parents[2] / "docs" / "PEFT_FIELDS.md").read_text(encoding="utf-8")
+    section = text[text.index("## LoHa / LoKr files"):]
+    for name, (status, _, _) in LORA_ONLY_FIELDS.items():
+        assert f"| `{name}` | {status} |" in section, name
+
+
+# -- leftover 2: eval_every without eval data -------------------------------------------------------------
+@pytest.mark.parametrize("kw,msg", [
+    (dict(eval_every=2), r"eval_every=2 evaluates the eval data during training, but this run has none \(data=.*"
+                         r"rows\.jsonl is a file and neither eval_data nor eval_split is set\); give eval_data"),
+    (dict(eval_every=2, save_best=True), "save_best needs eval data; give eval_data or eval_split"),
+    (dict(early_stopping_patience=1, eval_every=1), "early_stopping_patience needs eval data"),
+])
+def test_eval_every_without_eval_data_is_refused_before_anything_is_written(tmp_path, kw, msg):
+    from lorakit.train import TrainArgs
+    from lorakit.train.loop import train
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "hello"}\n' * 4)
+    out = tmp_path / "runs" / "r"
+    with pytest.raises(ConfigError, match=msg):  # ran with no evaluation at all before (eval_every alone)
+        train(TrainArgs(data=str(data), output_dir=str(out), max_steps=1, progress=False, **kw))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_builtin_eval_rows_zero_with_eval_every_is_refused(tmp_path):
+    from lorakit.train import TrainArgs
+    from lorakit.train.setup import check_eval_settings, has_eval_data, resolve_defaults
+
+    args = resolve_defaults(TrainArgs(data="builtin:shift", eval_rows=0, eval_every=5, output_dir=str(tmp_path / "o")))
+    assert not has_eval_data(args)
+    with pytest.raises(ConfigError, match="eval_every=5 .*eval_rows=0 turns off the eval split of builtin:shift"):
+        check_eval_settings(args)
+    for ok in (dict(data="builtin:shift"), dict(data="f.jsonl", eval_split=0.1), dict(data="f.jsonl", eval_data="e.jsonl")):
+        check_eval_settings(resolve_defaults(TrainArgs(eval_every=5, **ok)))
+
+
+# -- leftover 3: one table of methods ---------------------------------------------------------------------
+def test_methods_are_one_table_that_trainargs_reads():
+    import ast
+    from pathlib import Path
+
+    from lorakit.train import methods
+    from lorakit.train.args import METHOD_NAMES
+
+    assert METHOD_NAMES == tuple(methods.METHODS)
+    assert methods.OPTION_CHECKS == {n: m.check_options for n, m in methods.METHODS.items()}
+    src = Path(methods.__file__).read_text(encoding="utf-8")
+    imported = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)}
+    assert "args" not in imported  # methods.py does not import args.py: no cycle, no second list
+    with pytest.raises(ConfigError, match="method='dora': not a lorakit method; choose one of lora, loraplus"):
+        from lorakit.train import TrainArgs
+
+        TrainArgs(method="dora")
+
+
+# -- multi-adapter API: combine ---------------------------------------------------------------------------
+def _two():
+    model = with_adapter()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "b")
+    return model
+
+
+@pytest.mark.parametrize("method,weights,half", [
+    ("cat", [1e300, 1e300], False), ("svd", [1e300, 1e300], False), ("linear", [1e300, 1e300], False),
+    ("cat", [1e12, 1e12], True), ("linear", [1e12, 1e12], True),  # fp16 factors (svd's new factors are fp32)
+])
+def test_combine_weights_that_overflow_are_refused(method, weights, half):
+    model = _two()
+    if half:
+        model.half()
+    before = picture(model)
+    # before: an adapter 'c' with inf factors was added (svd: torch's _LinAlgError)
+    with pytest.raises(ConfigError, match=r"combine_adapters at model\.layers\.0\.self_attn\.q_proj: weights .* give "
+                                          "inf/NaN values .*use smaller weights"):
+        lorakit.combine_adapters(model, ["a", "a"], weights, "c", method=method)
+    assert_same(before, picture(model))
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(weights=[True]), r"weights\[0\]=True: must be a number, not a bool"),
+                                    (dict(weights=[1.0], method="svd", svd_rank=True), "svd_rank=True")])
+def test_combine_bools_are_not_numbers(kw, msg):
+    model = _two()
+    before = picture(model)
+    with pytest.raises(ConfigError, match=msg):  # read as 1.0 / rank 1 before
+        lorakit.combine_adapters(model, ["a"], new_name="c", **kw)
+    assert_same(before, picture(model))
+
+
+# -- save: a file lorakit itself would refuse -------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_save_adapter_refuses_nan_factors_and_writes_nothing(tmp_path, bad):
+    model = with_adapter()
+    lorakit.save_adapter(model, tmp_path / "ad", "a")
+    files = tree(tmp_path)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.lora["a"].lora_B[0, 0] = bad
+    # before: written, and then refused by load_adapter ("tensors hold NaN or inf")
+    with pytest.raises(AdapterStateError, match=r"adapter 'a' not saved to .*NaN or inf.*layers\.1\.self_attn\.v_proj"
+                                                r"\.lora_B\.weight"):
+        lorakit.save_adapter(model, tmp_path / "ad", "a")
+    with pytest.raises(AdapterStateError, match="NaN or inf"):
+        lorakit.save_adapter(model, tmp_path / "new", "a")
+    assert tree(tmp_path) == files
+
+
+# -- PiSSA / OLoRA: factors from the weight ---------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["pissa", "pissa_niter_2", "olora"])
+def test_weight_inits_with_a_rank_above_the_weights_directions(mode):
+    model = tiny_llama()  # k_proj: (16, 32)
+    before = picture(model)
+    with pytest.raises(ConfigError, match=rf"init_lora_weights='{mode}' at module 'model\.layers\.0\.self_attn\.k_proj'"
+                                          r": r=32 is more than the 16 directions .*at most 16"):
+        lorakit.inject(model, lorakit.LoraConfig(r=32, target_modules=["k_proj"], init_lora_weights=mode))
+    assert_same(before, picture(model))  # RuntimeError "shape '[32, 32]' is invalid" before
+
+
+@pytest.mark.parametrize("mode", ["pissa", "olora"])
+def test_weight_inits_on_a_non_finite_weight(mode):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[0, 0] = math.inf
+    before = picture(model)
+    with pytest.raises(ConfigError, match=r"k_proj': its weight holds NaN or inf values"):  # _LinAlgError before
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=mode))
+    assert_same(before, picture(model))
+
+
+def test_loftq_config_typo_is_named():
+    with pytest.raises(ConfigError, match="loftq_config key 'loftq_itr': not a LoftQ setting \\(did you mean "
+                                          "'loftq_iter'\\?\\)"):  # one iteration ran instead of 5, silently
+        lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq", loftq_config={"loftq_itr": 5})
