@@ -246,3 +246,81 @@ def test_loftq_config_typo_is_named():
     with pytest.raises(ConfigError, match="loftq_config key 'loftq_itr': not a LoftQ setting \\(did you mean "
                                           "'loftq_iter'\\?\\)"):  # one iteration ran instead of 5, silently
         lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq", loftq_config={"loftq_itr": 5})
+
+
+# -- chunked cross-entropy: inputs checked before the kernels -----------------------------------------------
+def _heads():
+    from torch import nn
+
+    torch.manual_seed(0)
+    trainable = nn.Linear(8, 20)
+    frozen = nn.Linear(8, 20).requires_grad_(False)
+    wrapped = tiny_llama()
+    lorakit.inject(wrapped, lorakit.LoraConfig(r=2, target_modules=["lm_head"]))
+    return {"fused": trainable, "tiled": frozen, "checkpointed": wrapped.lm_head}
+
+
+@pytest.mark.parametrize("path", ["fused", "tiled", "checkpointed"])
+@pytest.mark.parametrize("case,msg", [
+    ("float-labels", "labels must be an integer tensor of target ids .*got a torch.float32 tensor"),
+    ("bool-labels", "labels must be an integer tensor .*torch.bool"),      # read as ids 0 / 1 before
+    ("list-labels", "labels must be an integer tensor .*got a list"),
+    ("int-hidden", "hidden must be a floating-point tensor .*torch.int64"),  # the head's weight was cast to int
+    ("0d-hidden", r"hidden must be a floating-point tensor .*shape \(\)"),
+    ("head-none", "head=None must be the output head module"),
+    ("ignore-none", "ignore_index=None; give an integer"),
+    ("ignore-float", "ignore_index=1.5"),
+    ("wide-hidden", "hidden states have 9 features but the head .* takes"),
+    ("label-vocab", r"label (20|100) is outside the head's vocabulary of (20|100)"),
+    ("label-negative", "label -5 is outside the head's vocabulary"),
+])
+def test_chunked_ce_bad_inputs(path, case, msg):
+    from lorakit.losses import chunked_cross_entropy
+
+    head = _heads()[path]
+    width, vocab = (32, 100) if path == "checkpointed" else (8, 20)
+    h = torch.randn(2, 3, width, requires_grad=True)
+    y = torch.randint(0, vocab, (2, 3))
+    kw = {}
+    if case == "float-labels":
+        y = y.float()
+    elif case == "bool-labels":
+        y = y.bool()
+    elif case == "list-labels":
+        y = y.tolist()
+    elif case == "int-hidden":
+        h = torch.randint(0, 3, (2, 3, width))
+    elif case == "0d-hidden":
+        h, y = torch.tensor(1.0), torch.tensor(1)
+    elif case == "head-none":
+        head = None
+    elif case in ("ignore-none", "ignore-float"):
+        kw["ignore_index"] = None if case == "ignore-none" else 1.5
+    elif case == "wide-hidden":
+        h = torch.randn(2, 3, 9)
+    elif case == "label-vocab":
+        y[1, 2] = vocab
+    elif case == "label-negative":
+        y[0, 0] = -5
+    # before: RuntimeError / IndexError / TypeError / AttributeError from torch, or a wrong loss
+    with pytest.raises(ConfigError, match=f"chunked_cross_entropy: {msg}"):
+        chunked_cross_entropy(h, head, y, **kw)
+
+
+def test_chunked_ce_dtype_mismatch_on_a_wrapped_head_and_the_edge_cases_that_work():
+    from torch import nn
+
+    from lorakit.losses import chunked_cross_entropy
+
+    head = _heads()["checkpointed"]
+    with pytest.raises(ConfigError, match="hidden states are torch.float16 but the head LoraLayer's weight is "
+                                          "torch.float32"):  # "mat1 and mat2 must have the same dtype" before
+        chunked_cross_entropy(torch.randn(2, 3, 32).half(), head, torch.randint(0, 100, (2, 3)))
+    lin = nn.Linear(4, 10)
+    empty = chunked_cross_entropy(torch.randn(0, 5, 4), lin, torch.zeros(0, 5, dtype=torch.long), reduction="mean")
+    ignored = chunked_cross_entropy(torch.randn(3, 4), lin, torch.full((3,), -100), reduction="mean")
+    assert float(empty.detach()) == 0.0 and float(ignored.detach()) == 0.0
+    y = torch.tensor([1, 7, 3], dtype=torch.int32)  # int32 ids are ids
+    h = torch.randn(3, 4)
+    ref = torch.nn.functional.cross_entropy(lin(h), y.long(), reduction="sum")
+    torch.testing.assert_close(chunked_cross_entropy(h, lin, y), ref)
