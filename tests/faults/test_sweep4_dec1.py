@@ -324,3 +324,64 @@ def test_chunked_ce_dtype_mismatch_on_a_wrapped_head_and_the_edge_cases_that_wor
     h = torch.randn(3, 4)
     ref = torch.nn.functional.cross_entropy(lin(h), y.long(), reduction="sum")
     torch.testing.assert_close(chunked_cross_entropy(h, lin, y), ref)
+
+
+# -- GGUF metadata that transformers would reject with a raw error --------------------------------------------
+def _gguf_with(path, **meta_changes):
+    """A tiny dense (F32) Llama GGUF whose metadata keys (gguf-py's add_* names) are replaced by ``meta_changes``
+    (None: left out)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from tests.quant.gguf_helpers import GGUF_OF, tiny_llama_model
+
+    model = tiny_llama_model(0)
+    cfg = model.config
+    meta = dict(block_count=cfg.num_hidden_layers, context_length=cfg.max_position_embeddings,
+                embedding_length=cfg.hidden_size, feed_forward_length=cfg.intermediate_size,
+                head_count=cfg.num_attention_heads, head_count_kv=cfg.num_key_value_heads,
+                layer_norm_rms_eps=cfg.rms_norm_eps, vocab_size=cfg.vocab_size)
+    meta.update(meta_changes)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, v in meta.items():
+        if v is not None:
+            getattr(w, f"add_{k}")(v)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].astype(np.float32))
+    for i in range(cfg.num_hidden_layers):
+        for hf, g in GGUF_OF.items():
+            if f"model.layers.{i}.{hf}.weight" in sd:
+                w.add_tensor(f"blk.{i}.{g}.weight", sd[f"model.layers.{i}.{hf}.weight"].astype(np.float32))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].astype(np.float32))
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"].astype(np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+@pytest.mark.parametrize("meta,msg", [
+    (dict(head_count=0), r"llama\.attention\.head_count=0 must be an integer ≥ 1"),      # ZeroDivisionError
+    (dict(head_count_kv=0), r"llama\.attention\.head_count_kv=0 must be an integer ≥ 1"),  # ZeroDivisionError
+    (dict(head_count=3), r"llama\.attention\.head_count=3 / head_count_kv=2 do not divide embedding_length"),  # transformers' ValueError
+    (dict(layer_norm_rms_eps=-1.0), r"llama\.attention\.layer_norm_rms_epsilon=-1\.0 must be a finite number > 0"),
+    (dict(context_length=0), r"llama\.context_length=0 must be an integer ≥ 1"),
+])
+def test_gguf_metadata_that_cannot_build_a_model(tmp_path, meta, msg):
+    from lorakit.errors import QuantizationError
+    from lorakit.quant.gguf_load import load_gguf
+
+    path = _gguf_with(tmp_path / "m.gguf", **meta)
+    for keep in (True, False):
+        with pytest.raises(QuantizationError, match=rf"m\.gguf: metadata {msg}"):
+            load_gguf(path, keep_quantized=keep)
+
+
+def test_load_gguf_flag_and_dtype_types(tmp_path):
+    from lorakit.errors import QuantizationError
+    from lorakit.quant.gguf_load import load_gguf
+
+    path = _gguf_with(tmp_path / "m.gguf")
+    with pytest.raises(QuantizationError, match="keep_quantized='no': must be true or false"):  # read as True
+        load_gguf(path, keep_quantized="no")
+    with pytest.raises(QuantizationError, match="dtype=torch.int32: the dtype of the dense tensors"):  # int norms
+        load_gguf(path, dtype=torch.int32)
