@@ -385,3 +385,26 @@ def test_load_gguf_flag_and_dtype_types(tmp_path):
         load_gguf(path, keep_quantized="no")
     with pytest.raises(QuantizationError, match="dtype=torch.int32: the dtype of the dense tensors"):  # int norms
         load_gguf(path, dtype=torch.int32)
+
+
+# -- typed fields: the message names the wrong entry of a list / mapping -------------------------------------
+@pytest.mark.parametrize("kw,msg", [
+    (dict(columns={"instruction": 1}), r"columns=\{'instruction': 1\}: must be a mapping of strings to strings "
+                                       r"\(entry 'instruction': 1 is not a string\)"),  # "(got a dict)" before
+    (dict(report_to=["csv", 3]), r"report_to=\['csv', 3\]: must be a list of strings or null \(entry 1: 3 is not"),
+    (dict(method_options={3: 1}), r"method_options=\{3: 1\}: must be a mapping of strings to values \(key 3"),
+])
+def test_trainargs_names_the_wrong_entry(kw, msg):
+    from lorakit.train import TrainArgs
+
+    with pytest.raises(ConfigError, match=f"TrainArgs {msg}"):
+        TrainArgs(**kw)
+
+
+def test_cli_dotted_column_override_names_the_entry(tmp_path, capsys):
+    from lorakit.cli import main
+
+    code = main(["train", "--data", "builtin:shift", "--output-dir", str(tmp_path / "o"), "columns.output=7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "entry 'output': 7 is not a string" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
