@@ -408,3 +408,20 @@ def test_cli_dotted_column_override_names_the_entry(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "entry 'output': 7 is not a string" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+# -- AdaLoRA's budget schedule: a public pure function ------------------------------------------------------
+@pytest.mark.parametrize("kw,msg", [
+    (dict(step="3"), "budget_schedule step='3'"), (dict(step=1.5), "budget_schedule step=1.5"),  # TypeError before
+    (dict(step=-1), "budget_schedule step=-1"),                                                # b(0) returned
+    (dict(deltaT=0), "budget_schedule deltaT=0"),                                              # ZeroDivisionError
+    (dict(target_budget=20), "target_budget=20 is above init_budget=10"),                      # a growing "budget"
+])
+def test_budget_schedule_arguments(kw, msg):
+    from lorakit.variants.adalora.schedule import budget_schedule
+
+    args = dict(step=3, init_budget=10, target_budget=5, tinit=1, tfinal=1, total_step=10, deltaT=1, **{})
+    args.update(kw)
+    step = args.pop("step")
+    with pytest.raises(ConfigError, match=msg):
+        budget_schedule(step, **args)
