@@ -25,6 +25,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..config import LoraConfig
@@ -35,19 +36,46 @@ from ..validate import check_bool
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where a family keeps its blocks and which modules of a block write into the residual stream."""
+    """Where a family keeps its blocks and which modules of a block write into the residual stream.
+
+    An output is a module path (its weight and bias are zeroed) or a parameter path (an MoE's stacked
+    expert weights, e.g. Mixtral's ``mlp.experts.down_proj``, one (experts, ·, ·) tensor: zeroed whole).
+    """
 
     family: str
     blocks: tuple[str, ...]  # candidate paths of the block ModuleList, e.g. "model.layers"
     outputs: tuple[str, ...]  # paths inside one block whose outputs are added to the residual
 
 
-# First match wins; extend with :func:`register_layout`.
+_LLAMA_BLOCKS = ("model.layers", "layers")
+# First match wins; extend with :func:`register_layout`. For one block path the more specific layout
+# (more outputs) comes first: a block is zeroed by the first layout whose outputs it has *all* of, so
+# an MoE block with a shared expert never matches the plain-MoE layout, which would leave it live.
 LAYOUTS: list[BlockLayout] = [
-    # Llama, Mistral, Qwen2/3, Gemma, Phi-3, ... (decoder layer = self_attn + mlp)
-    BlockLayout("llama", ("model.layers", "layers"), ("self_attn.o_proj", "mlp.down_proj")),
+    # Qwen2-MoE / Qwen3-Next: routed experts (stacked) + one gated shared expert
+    BlockLayout("qwen2-moe", _LLAMA_BLOCKS,
+                ("self_attn.o_proj", "mlp.experts.down_proj", "mlp.shared_expert.down_proj")),
+    # DeepSeek-V2/V3 (MLA attention, routed + shared experts; its first blocks may be dense: llama row)
+    BlockLayout("deepseek-moe", _LLAMA_BLOCKS,
+                ("self_attn.o_proj", "mlp.experts.down_proj", "mlp.shared_experts.down_proj")),
+    # Mixtral, Qwen3-MoE, OLMoE, ...: routed experts only, stacked (transformers >= 5)
+    BlockLayout("mixtral", _LLAMA_BLOCKS, ("self_attn.o_proj", "mlp.experts.down_proj")),
+    # Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo 2, Granite, StableLM, Cohere, ...
+    BlockLayout("llama", _LLAMA_BLOCKS, ("self_attn.o_proj", "mlp.down_proj")),
+    # Starcoder2 (model.layers, GPT-2-style MLP names)
+    BlockLayout("starcoder2", _LLAMA_BLOCKS, ("self_attn.o_proj", "mlp.c_proj")),
+    # Phi-1/1.5/2 (parallel attention + MLP on one LayerNorm)
+    BlockLayout("phi", _LLAMA_BLOCKS, ("self_attn.dense", "mlp.fc2")),
     # GPT-2 family: Conv1D projections, weight stored (in, out)
     BlockLayout("gpt2", ("transformer.h", "h"), ("attn.c_proj", "mlp.c_proj")),
+    # GPT-J, CodeGen (parallel attention + MLP)
+    BlockLayout("gptj", ("transformer.h", "h"), ("attn.out_proj", "mlp.fc_out")),
+    # Falcon, BLOOM
+    BlockLayout("falcon", ("transformer.h", "h"), ("self_attention.dense", "mlp.dense_4h_to_h")),
+    # GPT-NeoX, Pythia
+    BlockLayout("gpt-neox", ("gpt_neox.layers", "layers"), ("attention.dense", "mlp.dense_4h_to_h")),
+    # OPT (pre-LayerNorm configs only: see _check_pre_norm)
+    BlockLayout("opt", ("model.decoder.layers", "decoder.layers"), ("self_attn.out_proj", "fc2")),
 ]
 
 
@@ -90,11 +118,33 @@ def find_layout(model: nn.Module, blocks: str | None = None,
     )
 
 
-def _get(module: nn.Module, path: str) -> nn.Module | None:
+def _get(module: nn.Module, path: str) -> nn.Module | nn.Parameter | None:
+    """The submodule, or else the parameter, at ``path`` (None if neither)."""
     try:
         return module.get_submodule(path)
     except AttributeError:
+        pass
+    try:
+        return module.get_parameter(path)
+    except AttributeError:
         return None
+
+
+def _block_outputs(block: nn.Module, path: str, layout: BlockLayout, where: str) -> tuple[str, ...]:
+    """The outputs to zero in ``block``: ``layout``'s, or — for a block of another kind in the same list
+    (DeepSeek's dense first blocks before its MoE blocks) — those of the first layout of the same block
+    path that the block has all of."""
+    if all(_get(block, o) is not None for o in layout.outputs):
+        return layout.outputs
+    if layout.family != "custom":
+        for other in LAYOUTS:
+            if path in other.blocks and all(_get(block, o) is not None for o in other.outputs):
+                return other.outputs
+    raise UnsupportedModuleError(
+        f"{where} ({type(block).__name__}) lacks {[o for o in layout.outputs if _get(block, o) is None]}, and no "
+        "known layout names every module of it that writes into the residual stream; pass them: "
+        "expand_blocks(model, n, blocks=..., outputs=(...)) — a module path or a parameter path each."
+    )
 
 
 def expansion_plan(n_blocks: int, n_new: int) -> list[tuple[int, bool]]:
@@ -127,9 +177,9 @@ def expand_blocks(model: nn.Module, n_new: int, *, freeze: bool = True, blocks: 
     """Insert ``n_new`` identity blocks into ``model`` in place (LLaMA-Pro §3.2); return their indices.
 
     Args:
-        model: a Llama-family (``model.layers``, ``o_proj``/``down_proj``) or GPT-2-family
-            (``transformer.h``, ``attn.c_proj``/``mlp.c_proj``) causal LM, or any model whose layout
-            ``blocks``/``outputs`` name.
+        model: a pre-norm causal LM of a family in ``LAYOUTS`` (Llama family and its MoE
+            variants, Phi, Starcoder2, GPT-2, GPT-J, Falcon, BLOOM, GPT-NeoX, OPT), or any model whose
+            layout ``blocks``/``outputs`` name (module or parameter paths inside one block).
         n_new: blocks to add; must divide the number of blocks.
         freeze: leave only the new blocks trainable (the paper's recipe).
 
@@ -152,6 +202,7 @@ def expand_blocks(model: nn.Module, n_new: int, *, freeze: bool = True, blocks: 
             "on the block index, so moving blocks would change the model after a reload; expansion "
             "supports only models with that option off."
         )
+    _check_pre_norm(model, config)
     layers: nn.ModuleList = model.get_submodule(path)
     plan = expansion_plan(len(layers), n_new)
     new_list, new_idx = [], []
@@ -160,8 +211,10 @@ def expand_blocks(model: nn.Module, n_new: int, *, freeze: bool = True, blocks: 
             new_list.append(layers[src])
             continue
         block = copy.deepcopy(layers[src])
-        for out in layout.outputs:
-            _zero_output(block.get_submodule(out), f"{path}.{src}.{out}")
+        outs = _block_outputs(block, path, layout, f"{path}.{src}")
+        for out in outs:
+            _zero_output(_get(block, out), f"{path}.{src}.{out}")
+        _check_silent(block, outs, getattr(config, "hidden_size", None), f"{path}.{src}")
         new_idx.append(len(new_list))
         new_list.append(block)
     parent_path, _, attr = path.rpartition(".")
@@ -179,17 +232,58 @@ def expand_blocks(model: nn.Module, n_new: int, *, freeze: bool = True, blocks: 
     return new_idx
 
 
-def _zero_output(module: nn.Module, where: str) -> None:
-    weight = getattr(module, "weight", None)
+def _zero_output(target: nn.Module | nn.Parameter, where: str) -> None:
+    if isinstance(target, nn.Parameter):  # an MoE's stacked expert weights (experts, out, in)
+        weight, bias = target, None
+    else:
+        weight, bias = getattr(target, "weight", None), getattr(target, "bias", None)
     if not isinstance(weight, nn.Parameter) or not weight.is_floating_point():
         raise UnsupportedModuleError(
-            f"{where} is a {type(module).__name__} without a floating-point weight (quantized?); expand "
+            f"{where} is a {type(target).__name__} without a floating-point weight (quantized?); expand "
             "the full-precision model, then quantize."
         )
     weight.data.zero_()
-    bias = getattr(module, "bias", None)
     if isinstance(bias, nn.Parameter):
         bias.data.zero_()  # GPT-2's c_proj has a bias: it too must be zero for an exact identity
+
+
+def _check_pre_norm(model: nn.Module, config) -> None:
+    """Refuse post-LayerNorm blocks: h ← LN(h + f(h)) is not h when f = 0, so a zeroed copy would
+    change the model (the paper's identity needs pre-norm residual blocks)."""
+    post = None
+    if getattr(config, "apply_residual_connection_post_layernorm", False):  # BLOOM's option
+        post = "apply_residual_connection_post_layernorm=True"
+    elif getattr(config, "do_layer_norm_before", True) is False:  # OPT-350m
+        post = "do_layer_norm_before=False"
+    if post is not None:
+        raise UnsupportedModuleError(
+            f"{type(model).__name__} has {post}: its blocks normalise after the residual add, so a copied "
+            "block with zeroed outputs is not an identity (LLaMA-Pro needs pre-norm blocks); expansion "
+            "supports only pre-norm models."
+        )
+
+
+def _check_silent(block: nn.Module, outputs: tuple[str, ...], hidden: int | None, where: str) -> None:
+    """For an MoE output (a stacked expert parameter): run the block's MLP on a random input and require
+    an exact zero — a part of it no layout names (a shared expert under another name) would leave the
+    copy live. MLPs take the hidden states alone; attention needs more, and its outputs are modules."""
+    if not isinstance(hidden, int) or isinstance(hidden, bool):
+        return
+    for out in outputs:
+        if "." not in out or not isinstance(_get(block, out), nn.Parameter):
+            continue
+        name = out.split(".")[0]
+        mlp = block.get_submodule(name)
+        p = next(mlp.parameters())
+        with torch.no_grad():
+            y = mlp(torch.randn(1, 3, hidden, dtype=p.dtype, device=p.device))
+        y = y[0] if isinstance(y, tuple) else y
+        if not isinstance(y, torch.Tensor) or bool(y.ne(0).any()):
+            raise UnsupportedModuleError(
+                f"{where}.{name} ({type(mlp).__name__}) still writes into the residual stream after its "
+                f"known outputs {[o for o in outputs if o.startswith(name + '.')]} were zeroed (a shared "
+                "expert under another name?); pass every output: expand_blocks(model, n, blocks=..., outputs=(...))."
+            )
 
 
 def _renumber(blocks: list[nn.Module]) -> None:
