@@ -332,7 +332,6 @@ def _gguf_with(path, **meta_changes):
     (None: left out)."""
     gguf = pytest.importorskip("gguf")
     import numpy as np
-
     from tests.quant.gguf_helpers import GGUF_OF, tiny_llama_model
 
     model = tiny_llama_model(0)
