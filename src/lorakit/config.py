@@ -148,6 +148,12 @@ class LoraConfig:
         check_opt_str("task_type", self.task_type)
         check_opt_str("base_model_name_or_path", self.base_model_name_or_path)
         self.fused_slices = normalize_fused_slices(self.fused_slices, self.target_modules)
+        if self.fused_slices and (self.use_dora or isinstance(self.init_lora_weights, str)
+                                  and self.init_lora_weights != "gaussian"):
+            # the sliced kind is plain LoRA factors on chosen output slices: DoRA / PiSSA were dropped silently
+            what = "use_dora=True" if self.use_dora else f"init_lora_weights={self.init_lora_weights!r}"
+            raise ConfigError(f"fused_slices and {what} exclude each other: fused slices are plain LoRA factors on "
+                              "chosen output slices of a fused projection (loralib's MergedLinear). Drop one of them.")
 
     # -- per-module values ------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:

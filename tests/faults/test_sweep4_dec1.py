@@ -424,3 +424,13 @@ def test_budget_schedule_arguments(kw, msg):
     step = args.pop("step")
     with pytest.raises(ConfigError, match=msg):
         budget_schedule(step, **args)
+
+
+@pytest.mark.parametrize("kw", [dict(use_dora=True), dict(init_lora_weights="pissa"), dict(init_lora_weights="olora")])
+def test_fused_slices_refuse_what_the_sliced_kind_would_drop(kw):
+    model = tiny_llama()
+    before = picture(model)
+    # before: a plain SlicedAdapter was made — no magnitude vector (DoRA) / no PiSSA factors, silently
+    with pytest.raises(ConfigError, match="fused_slices and .* exclude each other"):
+        lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"], fused_slices={"q_proj": [True, False]}, **kw))
+    assert_same(before, picture(model))
