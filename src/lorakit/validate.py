@@ -279,12 +279,16 @@ def check_file_ranks(rank_for, tensors: Mapping[str, torch.Tensor], source: str,
     the rank is accepted."""
     problems = []
     for key, t in tensors.items():
-        for suffix in (".lora_A.weight", ".lora_embedding_A"):
-            if key.endswith(suffix) and t.dim() >= 1:
+        # (suffix, the dimension that holds r): LoRA's A (r, in); LoHa's w1_a / w2_a (out, r), which would be
+        # allocated at the config's rank before the shape check. LoKr needs none: at a large r its w2 is full.
+        for suffix, dim in ((".lora_A.weight", 0), (".lora_embedding_A", 0), (".hada_w1_a", 1), (".hada_w2_a", 1)):
+            if key.endswith(suffix) and t.dim() > dim:
                 path = key[: -len(suffix)].removeprefix("base_model.model.")
                 r = rank_for(path)
-                if r != t.shape[0] and not (per_expert and r and t.shape[0] % r == 0):
-                    problems.append(f"{path}: config rank {rank_for(path)}, file rank {t.shape[0]}")
+                problem = f"{path}: config rank {rank_for(path)}, file rank {t.shape[dim]}"
+                if r != t.shape[dim] and not (per_expert and r and t.shape[dim] % r == 0) and problem not in problems:
+                    problems.append(problem)
+                break
     if problems:
         raise error(f"{source}: adapter_config.json does not match its weights: {'; '.join(problems[:10])}"
                     f"{' …' if len(problems) > 10 else ''}. Fix r / rank_pattern or save the adapter again.")

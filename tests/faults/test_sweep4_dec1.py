@@ -434,3 +434,24 @@ def test_fused_slices_refuse_what_the_sliced_kind_would_drop(kw):
     with pytest.raises(ConfigError, match="fused_slices and .* exclude each other"):
         lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"], fused_slices={"q_proj": [True, False]}, **kw))
     assert_same(before, picture(model))
+
+
+def test_loha_file_rank_is_checked_before_allocation(tmp_path, monkeypatch):
+    from lorakit.adapter_kinds.loha import LoHaAdapter
+    from lorakit.errors import AdapterFileError
+
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoHaConfig(r=2, target_modules=["q_proj"], init_weights=False), "a")
+    lorakit.save_adapter(model, tmp_path / "ad", "a")
+    cfg = tmp_path / "ad" / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "r": 60000}))
+    made = []
+    real = LoHaAdapter.__init__
+    monkeypatch.setattr(LoHaAdapter, "__init__", lambda self, *a, **k: (made.append(a), real(self, *a, **k))[1])
+    fresh = tiny_llama()
+    before = picture(fresh)
+    # before: four (32, 60000)-sized factors per module were allocated, then the shapes were compared
+    with pytest.raises(AdapterFileError, match=r"q_proj: config rank 60000, file rank 2"):
+        lorakit.load_adapter(fresh, tmp_path / "ad", "x")
+    assert made == [] and before["adapters"] == []
+    assert_same(before, picture(fresh))
