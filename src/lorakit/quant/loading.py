@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import QuantizationError
 from ..validate import inside, read_json_object
+from .checkpoint_keys import CheckpointKeys
 from .linear import QuantLinear, quantize_weight
 from .model import check_options, linears_to_quantize
 
@@ -61,7 +62,15 @@ def load_quantized(model_dir: str | os.PathLike, quant_type: str = "nf4", double
     filled: set[str] = set()
     unexpected: list[str] = []
     quantize = dict(quant_type=quant_type, double_quant=double_quant, blocksize=blocksize)
-    for shard, names in _shards(model_dir):
+    shards = _shards(model_dir)
+    keys = CheckpointKeys(model)  # transformers' renames and MoE stacking, as from_pretrained applies them
+    for shard, names in shards:
+        if names is None:
+            with _open_shard(shard) as f:
+                keys.plan(f.keys())
+        else:
+            keys.plan(names)
+    for shard, names in shards:
         log.info("load_quantized: reading %s", shard.name)
         with _open_shard(shard) as f:
             present = set(f.keys())
@@ -73,15 +82,16 @@ def load_quantized(model_dir: str | os.PathLike, quant_type: str = "nf4", double
                     f"{shard.name} lacks {len(missing)} tensor(s) that {INDEX} places there, e.g. "
                     f"{missing[:5]}; the checkpoint is incomplete or the index is stale — re-save it."
                 )
-            for name in names:
-                if name in filled:
-                    continue  # the other name of a tied pair; the first one wins
-                placed = _place(model, name, f.get_tensor(name), shard.name, targets, ties, quantize,
-                                compute_dtype, dtype, device)
-                if placed:
-                    filled.update(ties.get(name, (name,)))
-                else:
-                    unexpected.append(name)
+            for key in names:
+                for name, tensor in keys.take(key, f.get_tensor(key)):  # model names; [] while a stack fills
+                    if name in filled:
+                        continue  # the other name of a tied pair; the first one wins
+                    placed = _place(model, name, tensor, shard.name, targets, ties, quantize,
+                                    compute_dtype, dtype, device)
+                    if placed:
+                        filled.update(ties.get(name, (name,)))
+                    else:
+                        unexpected.append(key)
     _init_missing(model, init_missing, dtype, device)
     _check_complete(model, model_dir)
     if unexpected:
