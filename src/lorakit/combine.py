@@ -62,7 +62,7 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
                 f"adapters {owners} train full copies of modules (modules_to_save); such copies cannot be "
                 "combined. Combine adapters without modules_to_save."
             )
-    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise ConfigError(f"svd_rank={svd_rank!r}: must be a positive integer.")
     check_adapter_name(model, new_name)
 
@@ -73,13 +73,14 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
         present = [(host.lora[n], w) for n, w in zip(adapters, weights) if n in host.lora]
         if not present:
             continue
-        a, b, s = _combine_layer(path, host, present, len(adapters), method, svd_rank)
+        a, b, s = _combine_layer(path, host, present, len(adapters), method, svd_rank, weights)
         r = a.shape[0]
         new = host.add(new_name, new_lora_adapter(host.kind, host.base_layer, r, _alpha_for(s, r, rslora), s,
                                                   float(first.lora_dropout)))
         with torch.no_grad():
             new.lora_A.copy_(a.reshape(new.lora_A.shape))
             new.lora_B.copy_(b.reshape(new.lora_B.shape))
+        _check_finite(path, (new.lora_A, new.lora_B), weights, method)  # in the adapter's dtype (fp16 overflows)
         ranks[path], alphas[path] = r, new.alpha
 
     paths = sorted(ranks)
@@ -96,6 +97,8 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
 
 def _weight(i: int, w) -> float:
     """A finite real weight: a NaN/inf would make every factor of the new adapter NaN/inf."""
+    if isinstance(w, bool):  # True would read as 1.0
+        raise ConfigError(f"weights[{i}]={w!r}: must be a number, not a bool.")
     try:
         v = float(w)
     except (TypeError, ValueError):
@@ -105,11 +108,17 @@ def _weight(i: int, w) -> float:
     return v
 
 
+def _check_finite(path: str, tensors, weights: list[float], method: str) -> None:
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):  # e.g. weights=[1e300]: inf factors
+        raise ConfigError(f"combine_adapters at {path}: weights {weights} give inf/NaN values (method {method!r}); "
+                          "use smaller weights.")
+
+
 def _alpha_for(scaling: float, r: int, rslora: bool) -> float:
     return scaling * (math.sqrt(r) if rslora else r)
 
 
-def _combine_layer(path, host, present, n_inputs, method, svd_rank):
+def _combine_layer(path, host, present, n_inputs, method, svd_rank, weights):
     s0 = float(present[0][0].scaling)
     if method == "cat":
         a = torch.cat([ad.lora_A.detach().flatten(1) for ad, _ in present], dim=0)
@@ -128,6 +137,7 @@ def _combine_layer(path, host, present, n_inputs, method, svd_rank):
         b = sum(math.sqrt(abs(w * ad.scaling / s0)) * ad.lora_B.detach().flatten(1) for ad, w in present)
         return a, b, s0
     dense = sum(w * ad.delta_2d().detach().float() for ad, w in present)  # (fan_out, fan_in)
+    _check_finite(path, (dense,), weights, method)  # the SVD of an inf matrix fails inside torch
     k = min(svd_rank or max(ad.r for ad, _ in present), *dense.shape)
     u, sv, vh = torch.linalg.svd(dense, full_matrices=False)
     root = sv[:k].sqrt()

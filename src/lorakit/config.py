@@ -8,6 +8,7 @@ update ΔW = B·A scaled by α/r; rsLoRA (Kalajdzievski 2023, arXiv 2312.03732) 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import warnings
@@ -35,6 +36,7 @@ InitKind = Literal["kaiming", "gaussian"]
 BIAS_CHOICES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _WEIGHT_INIT = re.compile(r"^(pissa|pissa_niter_\d+|olora)$")
+_LOFTQ_KEYS = ("loftq_bits", "loftq_iter")  # the fields of PEFT's LoftQConfig
 COMMON_LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 
 
@@ -127,6 +129,12 @@ class LoraConfig:
                               "{'loftq_bits': 4, 'loftq_iter': 1} (got a "
                               f"{type(self.loftq_config).__name__}).")
         self.loftq_config = dict(self.loftq_config or {})
+        unknown = [k for k in self.loftq_config if k not in _LOFTQ_KEYS]
+        if unknown:  # {'loftq_itr': 5} ran one iteration, silently
+            hint = difflib.get_close_matches(str(unknown[0]), _LOFTQ_KEYS, 1)
+            raise ConfigError(f"loftq_config key {unknown[0]!r}: not a LoftQ setting"
+                              + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                              + f"; use {' and '.join(_LOFTQ_KEYS)} (PEFT's LoftQConfig).")
         if self.init_lora_weights == "loftq":
             bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
             if bits != 4:
@@ -141,6 +149,12 @@ class LoraConfig:
         check_opt_str("task_type", self.task_type)
         check_opt_str("base_model_name_or_path", self.base_model_name_or_path)
         self.fused_slices = normalize_fused_slices(self.fused_slices, self.target_modules)
+        if self.fused_slices and (self.use_dora or isinstance(self.init_lora_weights, str)
+                                  and self.init_lora_weights != "gaussian"):
+            # the sliced kind is plain LoRA factors on chosen output slices: DoRA / PiSSA were dropped silently
+            what = "use_dora=True" if self.use_dora else f"init_lora_weights={self.init_lora_weights!r}"
+            raise ConfigError(f"fused_slices and {what} exclude each other: fused slices are plain LoRA factors on "
+                              "chosen output slices of a fused projection (loralib's MergedLinear). Drop one of them.")
 
     # -- per-module values ------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:

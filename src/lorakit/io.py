@@ -35,7 +35,7 @@ from ._txn import all_or_nothing
 from .adapter_kinds import adapter_kind, kind_for_file
 from .adapters import delete_adapter, set_adapter, set_trainable
 from .config import LoraConfig
-from .errors import AdapterFileError, ConfigError, LorakitError
+from .errors import AdapterFileError, AdapterStateError, ConfigError, LorakitError
 from .inject import _excluded, _in_layers, candidate_modules, inject
 from .peft_compat import portable_patterns, present_names, refuse_per_expert_names, suffix_copy_tensors
 from .state import (
@@ -89,6 +89,13 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     for key, t in suffix_copy_tensors(model, rec.config).items():  # PEFT copies these too (peft_compat)
         tensors.setdefault(key, t)
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    # load_adapter refuses NaN/inf tensors, so writing them would make a file lorakit (and PEFT users) cannot use
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and t.numel()
+           and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())]
+    if bad:
+        raise AdapterStateError(f"adapter {adapter_name!r} not saved to {path}: its tensors hold NaN or inf values: "
+                                f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}. Training diverged or a "
+                                "weight was set by hand; save an earlier checkpoint's adapter instead.")
     config = peft_config_dict(model, adapter_name, kind.file_config(model, adapter_name, rec.config),
                               paths=kind.file_paths(model, adapter_name, rec.config))
     write_adapter_dir(path, tensors, config)

@@ -111,14 +111,13 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.T
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"chunked_cross_entropy: {name}={value!r}; give a positive integer (or None for "
                               "the default).")
-    if hidden.shape[:-1] != labels.shape:
-        raise ConfigError(
-            f"chunked_cross_entropy: hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} "
-            "do not line up; labels must have the hidden states' shape without the last (hidden) dimension."
-        )
+    _check_inputs(hidden, head, labels, ignore_index)
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-    y = labels.reshape(-1).to(h.device)  # (N,)
+    y = labels.reshape(-1).to(h.device, torch.long)  # (N,)
     vocab = _vocab_size(head)
+    known = _known_vocab(head)
+    if known is not None and not torch.compiler.is_compiling():  # a host check: no data-dependent branch there
+        _check_labels(y, known, ignore_index)
     # Under torch.compile a frozen head takes the untiled path: the tiled one checks its labels on the
     # host (a data-dependent branch that would break the graph) and iterates a Python tile generator.
     tiles = None if torch.compiler.is_compiling() else frozen_weight_tiles(head)
@@ -135,18 +134,69 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.T
     if type(head) is nn.Linear:
         total = _FusedLinearCE.apply(h, head.weight, head.bias, y, c, ignore_index)
     else:
+        w = getattr(head, "weight", None)  # a LoRA-wrapped head answers its base's weight
+        if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype != h.dtype \
+                and not torch.is_autocast_enabled(h.device.type):
+            raise ConfigError(f"chunked_cross_entropy: hidden states are {h.dtype} but the head "
+                              f"{type(head).__name__}'s weight is {w.dtype}; cast them (hidden.to({w.dtype})) or "
+                              "run under torch.autocast.")
         total = _checkpointed_ce(h, head, y, c, ignore_index)
     if reduction == "mean":
         total = total / (y != ignore_index).sum().clamp(min=1)
     return total
 
 
-def _vocab_size(head: nn.Module) -> int:
+def _known_vocab(head: nn.Module) -> int | None:
     out = getattr(head, "out_features", None)
     if out is None:
         w = getattr(head, "weight", None)
-        out = w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 2 else 32_000
-    return int(out)
+        out = w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+    return None if out is None else int(out)
+
+
+def _vocab_size(head: nn.Module) -> int:
+    known = _known_vocab(head)
+    return 32_000 if known is None else known  # a guess for chunk sizes only
+
+
+def _check_inputs(hidden, head, labels, ignore_index) -> None:
+    """What the kernels below would otherwise reject with a raw torch error, or silently misread (bool
+    labels read as ids 0/1, integer hidden states casting the head's weight to integers)."""
+    if not isinstance(head, nn.Module):
+        raise ConfigError(f"chunked_cross_entropy: head={head!r:.60} must be the output head module (e.g. "
+                          "model.get_output_embeddings()), got a {type(head).__name__}.")
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
+        what = f"a {hidden.dtype} tensor of shape {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) \
+            else f"a {type(hidden).__name__}"
+        raise ConfigError(f"chunked_cross_entropy: hidden must be a floating-point tensor (..., H) of the head's "
+                          f"inputs, got {what}.")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        what = f"a {labels.dtype} tensor" if isinstance(labels, torch.Tensor) else f"a {type(labels).__name__}"
+        raise ConfigError(f"chunked_cross_entropy: labels must be an integer tensor of target ids (torch.long), "
+                          f"got {what}.")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ConfigError(f"chunked_cross_entropy: ignore_index={ignore_index!r}; give an integer (default -100).")
+    if hidden.shape[:-1] != labels.shape:
+        raise ConfigError(
+            f"chunked_cross_entropy: hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} "
+            "do not line up; labels must have the hidden states' shape without the last (hidden) dimension."
+        )
+    w = getattr(head, "weight", None)
+    fan_in = getattr(head, "in_features", None)
+    if fan_in is None and isinstance(w, torch.Tensor) and w.dim() == 2:
+        fan_in = w.shape[1]
+    if fan_in is not None and hidden.shape[-1] != fan_in:
+        raise ConfigError(f"chunked_cross_entropy: hidden states have {hidden.shape[-1]} features but the head "
+                          f"{type(head).__name__} takes {fan_in}; pass the head's inputs (its last dimension "
+                          f"must be {fan_in}).")
+
+
+def _check_labels(y: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (y != ignore_index) & ((y < 0) | (y >= vocab))
+    if bool(bad.any()):
+        raise ConfigError(f"chunked_cross_entropy: label {int(y[bad][0])} is outside the head's vocabulary of "
+                          f"{vocab}; labels must be in [0, {vocab}) or {ignore_index} (ignored).")
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -250,7 +300,10 @@ class _TiledFrozenCE(torch.autograd.Function):
 
 
 def _chunk_loss(head: nn.Module, hc: torch.Tensor, yc: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return F.cross_entropy(head(hc).float(), yc, ignore_index=ignore_index, reduction="sum")
+    z = head(hc).float()  # (C, V)
+    if _known_vocab(head) is None and not torch.compiler.is_compiling():  # only the logits tell V
+        _check_labels(yc, z.shape[-1], ignore_index)
+    return F.cross_entropy(z, yc, ignore_index=ignore_index, reduction="sum")
 
 
 def _checkpointed_ce(h, head, y, chunk, ignore_index) -> torch.Tensor:

@@ -47,7 +47,7 @@ def check_field_types(obj: Any) -> None:
         if not _is_a(value, tp):
             # a right-typed value outside a Literal's choices: the choices are the fix, "(got a str)" is noise
             literal = typing.get_origin(tp) is typing.Literal and any(type(value) is type(c) for c in typing.get_args(tp))
-            got = "" if literal else f" (got a {type(value).__name__})"
+            got = "" if literal else (_bad_entry(value, tp) or f" (got a {type(value).__name__})")
             raise ConfigError(f"{type(obj).__name__} {f.name}={value!r:.80}: must be {_describe(tp)}{got}.")
 
 
@@ -77,6 +77,28 @@ def _is_a(value: Any, tp: Any) -> bool:
     return isinstance(value, tp) if isinstance(tp, type) else True
 
 
+def _bad_entry(value: Any, tp: Any) -> str | None:
+    """For a list / dict of the right container type: which entry is wrong ("(got a dict)" said nothing)."""
+    for alt in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)):
+        origin, args = typing.get_origin(alt), typing.get_args(alt)
+        if origin is dict and args and isinstance(value, dict):
+            for k, v in value.items():
+                if not _is_a(k, args[0]):
+                    return f" (key {k!r} is not {_describe(args[0])})"
+                if not _is_a(v, args[1]):
+                    return f" (entry {k!r}: {v!r:.40} is not {_describe(args[1])})"
+        if origin is list and args and isinstance(value, list):
+            for i, v in enumerate(value):
+                if not _is_a(v, args[0]):
+                    return f" (entry {i}: {v!r:.40} is not {_describe(args[0])})"
+    return None
+
+
+def _plural(tp: Any) -> str:
+    simple = {bool: "booleans", int: "integers", float: "numbers", str: "strings", Any: "values"}
+    return simple.get(tp) or _describe(tp)
+
+
 def _describe(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -86,9 +108,9 @@ def _describe(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if origin is list:
-        return f"a list of {_describe(args[0])}s" if args else "a list"
+        return f"a list of {_plural(args[0])}" if args else "a list"
     if origin is dict:
-        return "a mapping"
+        return f"a mapping of {_plural(args[0])} to {_plural(args[1])}" if args else "a mapping"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -257,12 +279,16 @@ def check_file_ranks(rank_for, tensors: Mapping[str, torch.Tensor], source: str,
     the rank is accepted."""
     problems = []
     for key, t in tensors.items():
-        for suffix in (".lora_A.weight", ".lora_embedding_A"):
-            if key.endswith(suffix) and t.dim() >= 1:
+        # (suffix, the dimension that holds r): LoRA's A (r, in); LoHa's w1_a / w2_a (out, r), which would be
+        # allocated at the config's rank before the shape check. LoKr needs none: at a large r its w2 is full.
+        for suffix, dim in ((".lora_A.weight", 0), (".lora_embedding_A", 0), (".hada_w1_a", 1), (".hada_w2_a", 1)):
+            if key.endswith(suffix) and t.dim() > dim:
                 path = key[: -len(suffix)].removeprefix("base_model.model.")
                 r = rank_for(path)
-                if r != t.shape[0] and not (per_expert and r and t.shape[0] % r == 0):
-                    problems.append(f"{path}: config rank {rank_for(path)}, file rank {t.shape[0]}")
+                problem = f"{path}: config rank {rank_for(path)}, file rank {t.shape[dim]}"
+                if r != t.shape[dim] and not (per_expert and r and t.shape[dim] % r == 0) and problem not in problems:
+                    problems.append(problem)
+                break
     if problems:
         raise error(f"{source}: adapter_config.json does not match its weights: {'; '.join(problems[:10])}"
                     f"{' …' if len(problems) > 10 else ''}. Fix r / rank_pattern or save the adapter again.")

@@ -3,7 +3,8 @@
 
 Not implemented (refused with the fix): rank/module dropout during training and Tucker-decomposed
 convolutions (``use_effective_conv2d``); loading a PEFT file that set the dropouts keeps the weights and
-drops the (training-only) dropouts with a warning.
+drops the (training-only) dropouts with a warning. LoRA-only fields in a LOHA / LOKR file (``use_dora``,
+``lora_dropout``, ``layer_replication``, …) are refused or warned about per field (``lycoris_fields``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 from ..config import _check_int, _check_number, _check_regex, validate_shared_fields
 from ..errors import ConfigError
 from ..validate import check_bool, check_number, check_opt_str, check_pattern_map, known_fields
+from .lycoris_fields import LORA_ONLY_FIELDS, check_lora_only_fields
 
 
 @known_fields
@@ -97,7 +99,23 @@ class LycorisConfig:
 
     @classmethod
     def from_peft_dict(cls, data: Mapping[str, Any], source: str = "adapter_config.json"):
+        """Read a PEFT ``adapter_config.json`` with ``peft_type`` LOHA / LOKR. LoRA-only fields
+        (``use_dora``, ``lora_dropout``, …) are refused or warned about by ``lycoris_fields``; fields
+        nothing knows (a newer PEFT's) are ignored with a warning, as PEFT does."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: must hold a JSON object of {cls.peft_type} settings, not a "
+                              f"{type(data).__name__}; save the adapter again.")
+        peft_type = data.get("peft_type", cls.peft_type)
+        if peft_type != cls.peft_type:
+            raise ConfigError(f"{source}: peft_type is {peft_type!r}, not {cls.peft_type!r}; read it with "
+                              "lorakit.load_adapter, which picks the adapter kind from peft_type.")
         known = {f.name for f in dataclasses.fields(cls)} - set(cls._lorakit_only)
+        check_lora_only_fields(data, source, cls.peft_type, data.get("alpha", cls.alpha))
+        unknown = sorted(k for k in data if k not in known and k not in LORA_ONLY_FIELDS
+                         and k not in _PEFT_METADATA)
+        if unknown:
+            warnings.warn(f"{source}: ignoring fields lorakit does not know for {cls.peft_type} (written by a "
+                          f"newer PEFT?): {', '.join(unknown)}.", stacklevel=2)
         kwargs = {k: v for k, v in data.items() if k in known}
         if kwargs.get("rank_dropout") or kwargs.get("module_dropout"):
             warnings.warn(f"{source}: rank_dropout/module_dropout only act in training and are not implemented; "
@@ -107,6 +125,10 @@ class LycorisConfig:
             return cls(**kwargs)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+
+
+#: PEFT's fields of every config (metadata lorakit does not use: it is given the model object).
+_PEFT_METADATA = frozenset({"peft_type", "task_type", "inference_mode", "revision", "auto_mapping", "peft_version"})
 
 
 @known_fields

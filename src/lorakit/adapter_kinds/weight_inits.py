@@ -85,7 +85,15 @@ def init_from_weight(adapter, base_kind, base, path: str, mode) -> None:
             f"module {path!r} is a {type(base).__name__}: init_lora_weights={mode!r} initialises linear layers "
             "only (as PEFT); remove it from target_modules or use init_lora_weights=True for it in another adapter."
         )
-    a, b = factors_from_weight(base_kind.weight_2d(base).detach(), adapter.r, adapter.scaling, mode)
+    w = base_kind.weight_2d(base).detach()  # (fan_out, fan_in)
+    if adapter.r > min(w.shape):  # the SVD / QR has only min(fan_out, fan_in) directions to give
+        raise ConfigError(f"init_lora_weights={mode!r} at module {path!r}: r={adapter.r} is more than the "
+                          f"{min(w.shape)} directions its {tuple(w.shape)} weight has; lower r (or set rank_pattern "
+                          f"for this module) to at most {min(w.shape)}.")
+    if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+        raise ConfigError(f"init_lora_weights={mode!r} at module {path!r}: its weight holds NaN or inf values, which "
+                          "have no SVD / QR; fix the model's weights or use init_lora_weights=True.")
+    a, b = factors_from_weight(w, adapter.r, adapter.scaling, mode)
     with torch.no_grad():
         adapter.lora_A.copy_(a.reshape(adapter.lora_A.shape))
         adapter.lora_B.copy_(b.reshape(adapter.lora_B.shape))

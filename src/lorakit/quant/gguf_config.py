@@ -12,6 +12,9 @@ parses the whole vocabulary first). Keys are ``<arch>.<key>`` (gguf-py constants
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from ..errors import QuantizationError
 from .gguf_read import GGUFFile
 
@@ -36,18 +39,38 @@ def config_from_gguf(f: GGUFFile):
             f"{f.path}: the model uses RoPE scaling ({arch}.rope.scaling / rope_freqs), which lorakit's GGUF reader "
             "does not rebuild; start from the original transformers checkpoint of this model."
         )
-    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    def whole(name, default=None, required=True, minimum=1):
+        """An integer metadata value ≥ ``minimum``: a 0 or a string used to fail deep in transformers."""
+        value = key(name, default, required)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                or value != int(value) or value < minimum:
+            raise QuantizationError(f"{f.path}: metadata {arch}.{name}={value!r} must be an integer ≥ {minimum}; the "
+                                    "GGUF file is damaged or was written by another tool.")
+        return int(value)
+
+    def positive(name, default=None, required=True):
+        value = key(name, default, required)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+            raise QuantizationError(f"{f.path}: metadata {arch}.{name}={value!r} must be a finite number > 0; the "
+                                    "GGUF file is damaged or was written by another tool.")
+        return float(value)
+
+    hidden, heads = whole("embedding_length"), whole("attention.head_count")
+    kv_heads = whole("attention.head_count_kv", heads, required=False)
+    if hidden % heads or heads % kv_heads:  # transformers' own check is a raw ValueError / ZeroDivisionError
+        raise QuantizationError(f"{f.path}: metadata {arch}.attention.head_count={heads} / head_count_kv={kv_heads} "
+                                f"do not divide embedding_length={hidden} / head_count; the GGUF file is damaged.")
     vocab = f.field(f"{arch}.vocab_size") or f.shape("token_embd.weight")[0]
     kwargs = dict(
-        num_hidden_layers=int(key("block_count")),
+        num_hidden_layers=whole("block_count", minimum=0),
         hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        max_position_embeddings=int(key("context_length", 2048, required=False)),
+        intermediate_size=whole("feed_forward_length"),
+        max_position_embeddings=whole("context_length", 2048, required=False),
         num_attention_heads=heads,
-        num_key_value_heads=int(key("attention.head_count_kv", heads, required=False)),
-        head_dim=int(key("attention.key_length", hidden // heads, required=False)),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(key("rope.freq_base", 10000.0, required=False)),
+        num_key_value_heads=kv_heads,
+        head_dim=whole("attention.key_length", hidden // heads, required=False),
+        rms_norm_eps=positive("attention.layer_norm_rms_epsilon"),
+        rope_theta=positive("rope.freq_base", 10000.0, required=False),
         vocab_size=int(vocab),
         tie_word_embeddings=not f.has("output.weight"),
         bos_token_id=f.field("tokenizer.ggml.bos_token_id"),

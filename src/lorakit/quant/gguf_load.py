@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantizationError
+from ..validate import check_bool
 from .gguf_codecs import DENSE, FORMATS, check_format
 from .gguf_config import config_from_gguf
 from .gguf_linear import GGUFEmbedding, GGUFLayout, GGUFWeight, gguf_linear
@@ -38,6 +39,10 @@ def load_gguf(path: str | os.PathLike, keep_quantized: bool = True, compute_dtyp
     from ``dequantize_weight`` by default.
     """
     check_compute_dtype(compute_dtype)
+    check_bool("keep_quantized", keep_quantized, QuantizationError)  # "no" read as True before
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise QuantizationError(f"dtype={dtype!r}: the dtype of the dense tensors must be a floating-point "
+                                "torch.dtype, e.g. torch.float32 or torch.bfloat16.")
     f = GGUFFile(path)
     try:
         f.require_supported()

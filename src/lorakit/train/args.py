@@ -18,12 +18,13 @@ from ..errors import ConfigError
 from ..validate import check_field_types, known_fields
 from .early_stop import check_best_args
 from .loggers_ext import LOGGERS
+from .methods import METHODS
 from .scoring import check_scorer_spec
 
 SELF = "self"  # replay_data=self: the base model's own prompts and answers
-# The keys of ``train.methods.METHODS`` (which imports this module, so the names are repeated here to
-# refuse a typo on construction; tests/faults/test_sweep3_dec1.py keeps the two equal).
-METHOD_NAMES = ("lora", "loraplus", "full", "adalora", "olora", "expand")
+#: The ``--method`` names: the keys of ``train.methods.METHODS``, the one table of methods (it does not
+#: import this module, so ``method`` is checked against it on construction).
+METHOD_NAMES = tuple(METHODS)
 
 
 def _f(default: Any, help: str, *, factory: Any = None) -> Any:
@@ -162,7 +163,8 @@ class TrainArgs:
     resume_override: list[str] | None = _f(None, "settings a resume may change from the checkpoint's "
                                                  "(e.g. lr,max_steps); any other contradicting flag is an error")
     log_every: int = _f(10, "refresh the progress bar's loss every N steps (the CSV log gets every step)")
-    eval_every: int = _f(0, "evaluate the eval data every N steps (0 = before and after only)")
+    eval_every: int = _f(0, "evaluate the eval data every N steps (0 = before and after only); needs eval data "
+                            "(eval_data, eval_split or a builtin task)")
     progress: bool = _f(True, "show a progress bar")
     report_to: list[str] | None = _f(None, "loggers: csv, tensorboard, mlflow, wandb (comma-separated; log.csv is "
                                            "always written; default: csv and tensorboard when installed)")

@@ -71,6 +71,7 @@ from .setup import (
     EvalTasks,
     build_method,
     build_optimizer,
+    check_eval_settings,
     check_output_dir,
     eval_tasks,
     fingerprint,
@@ -100,6 +101,7 @@ def train(args: TrainArgs, hooks: list[TrainHook] | tuple = ()) -> TrainResult:
         mode = fsdp_mod.resolve_mode(args)  # "single", "ddp" or "fsdp"; refuses fsdp without a launcher
         if mode == "fsdp":
             fsdp_mod.check_fsdp_args(args)  # before anything is written
+        check_eval_settings(args)  # eval_every / save_best / early stopping without eval data
         # One run per output directory, held until this call returns or raises (rank 0 of a launch).
         with RunLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext(), \
                 ExitStack() as closing:  # experiment trackers end as failed when the run raises

@@ -28,7 +28,10 @@ from ..validate import check_bool
 from ..variants import expand, olora
 from ..variants.adalora import AUTO_WARMUPS, AdaLoraHook, adalora_config, inject_adalora
 from ..variants.loraplus import loraplus_param_groups
-from .args import TrainArgs
+
+#: The run's settings, a ``lorakit.train.TrainArgs``. Not imported: ``args.py`` reads :data:`METHODS` to
+#: refuse an unknown ``method`` on construction, so this table is the one list of method names.
+RunArgs = Any
 
 
 def _save_adapter(model: nn.Module, path: Path, tokenizer: Any) -> None:
@@ -56,7 +59,7 @@ class MethodSetup:
     artifact: str = "adapter"
 
 
-MethodBuilder = Callable[[nn.Module, TrainArgs], MethodSetup]
+MethodBuilder = Callable[[nn.Module, RunArgs], MethodSetup]
 
 
 def get(name: str) -> MethodBuilder:
@@ -69,7 +72,7 @@ def available() -> list[str]:
     return sorted(METHODS)
 
 
-def lora_config(args: TrainArgs, **overrides: Any) -> LoraConfig:
+def lora_config(args: RunArgs, **overrides: Any) -> LoraConfig:
     """The ``LoraConfig`` the LoRA settings of ``args`` describe (variants may reuse it)."""
     kwargs = dict(
         r=args.r,
@@ -88,13 +91,13 @@ def lora_config(args: TrainArgs, **overrides: Any) -> LoraConfig:
 
 
 # -- the methods ------------------------------------------------------------------------------------
-def _lora(model: nn.Module, args: TrainArgs) -> MethodSetup:
+def _lora(model: nn.Module, args: RunArgs) -> MethodSetup:
     _no_options(args)
     inject(model, lora_config(args))
     return MethodSetup(model)
 
 
-def _loraplus(model: nn.Module, args: TrainArgs) -> MethodSetup:
+def _loraplus(model: nn.Module, args: RunArgs) -> MethodSetup:
     _no_options(args)
     inject(model, lora_config(args))
     groups = loraplus_param_groups(model, args.lr, ratio=args.loraplus_ratio,
@@ -102,7 +105,7 @@ def _loraplus(model: nn.Module, args: TrainArgs) -> MethodSetup:
     return MethodSetup(model, param_groups=groups)
 
 
-def _full(model: nn.Module, args: TrainArgs) -> MethodSetup:
+def _full(model: nn.Module, args: RunArgs) -> MethodSetup:
     _no_options(args)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -115,14 +118,14 @@ def _full(model: nn.Module, args: TrainArgs) -> MethodSetup:
     return MethodSetup(model, save=save, artifact="model")
 
 
-def _adalora(model: nn.Module, args: TrainArgs) -> MethodSetup:
+def _adalora(model: nn.Module, args: RunArgs) -> MethodSetup:
     """AdaLoRA (``lorakit.variants.adalora.method`` maps the run's flags onto ``AdaLoraConfig``)."""
     config, auto = adalora_config(args)
     inject_adalora(model, config)
     return MethodSetup(model, hooks=[AdaLoraHook(model=model, auto_warmups=AUTO_WARMUPS if auto else None)])
 
 
-def _olora_options(args: TrainArgs) -> tuple[Any, olora.OLoraHook]:
+def _olora_options(args: RunArgs) -> tuple[Any, olora.OLoraHook]:
     """(past, the loss hook) from ``method_options``; a ConfigError names a bad one."""
     opts = dict(args.method_options or {})
     unknown = sorted(set(opts) - set(olora.OPTIONS))
@@ -137,7 +140,7 @@ def _olora_options(args: TrainArgs) -> tuple[Any, olora.OLoraHook]:
     return past, olora.OLoraHook(**opts, adapter_name=olora.KIND)
 
 
-def _olora(model: nn.Module, args: TrainArgs) -> MethodSetup:
+def _olora(model: nn.Module, args: RunArgs) -> MethodSetup:
     """O-LoRA. ``method_options``: lambda_orth (λ1, 0.5), lambda_l2 (λ2, 0), overlap (abs|square),
     l2 (square|norm), past (a LoRA adapter directory holding the earlier tasks' factors). Saves past +
     current factors (and modules_to_save) as one plain PEFT LoRA adapter."""
@@ -152,7 +155,7 @@ def _olora(model: nn.Module, args: TrainArgs) -> MethodSetup:
     return MethodSetup(model, hooks=[hook], save=save)
 
 
-def _expand(model: nn.Module, args: TrainArgs) -> MethodSetup:
+def _expand(model: nn.Module, args: RunArgs) -> MethodSetup:
     """LLaMA-Pro. ``method_options``: n_new (blocks to add, default 1); blocks (instead of n_new: train
     these existing block indices, e.g. the new blocks of a model expanded earlier); lora (false: train
     the blocks fully; true: LoRA with the run's r/alpha on them only). Saves the whole model (with
@@ -176,7 +179,7 @@ def _expand(model: nn.Module, args: TrainArgs) -> MethodSetup:
     return MethodSetup(model, save=save, artifact="model")
 
 
-def _expand_options(args: TrainArgs) -> tuple[list[int] | None, int, bool]:
+def _expand_options(args: RunArgs) -> tuple[list[int] | None, int, bool]:
     """(blocks or None, n_new, lora) from ``method_options``; a ConfigError names a bad one (``int('x')``
     and ``bool('false')`` used to raise or read wrongly)."""
     opts = dict(args.method_options or {})
@@ -200,34 +203,40 @@ def _expand_options(args: TrainArgs) -> tuple[list[int] | None, int, bool]:
     return None, n_new, use_lora
 
 
-def check_options(args: TrainArgs) -> None:
+def check_options(args: RunArgs) -> None:
     """Refuse bad ``method_options`` for ``args.method`` before a run loads a model or writes anything
     (the builders run the same checks again on the model)."""
-    OPTION_CHECKS[args.method](args)
+    METHODS[args.method].check_options(args)
 
 
-METHODS: dict[str, MethodBuilder] = {
-    "lora": _lora,
-    "loraplus": _loraplus,
-    "full": _full,
-    "adalora": _adalora,
-    "olora": _olora,
-    "expand": _expand,
-}
-
-
-def _no_options(args: TrainArgs) -> None:
+def _no_options(args: RunArgs) -> None:
     if args.method_options:
         raise ConfigError(f"method {args.method!r} takes no method_options, got {sorted(args.method_options)}; "
                           "remove them (they are for variants such as adalora).")
 
 
-#: The model-free part of each method: its ``method_options`` checks (same keys as METHODS).
-OPTION_CHECKS: dict[str, Callable[[TrainArgs], Any]] = {
-    "lora": _no_options,
-    "loraplus": _no_options,
-    "full": _no_options,
-    "adalora": adalora_config,
-    "olora": _olora_options,
-    "expand": _expand_options,
+@dataclass(frozen=True)
+class Method:
+    """One entry of :data:`METHODS`: ``build(model, args)`` prepares the model (calling the entry does the
+    same), ``check_options(args)`` is the model-free part — the ``method_options`` checks run before a
+    run makes its output directory."""
+
+    build: MethodBuilder
+    check_options: Callable[[RunArgs], Any]
+
+    def __call__(self, model: nn.Module, args: RunArgs) -> MethodSetup:
+        return self.build(model, args)
+
+
+#: Every method, by its ``--method`` name: the one list of names (``TrainArgs`` checks ``method`` against it).
+METHODS: dict[str, Method] = {
+    "lora": Method(_lora, _no_options),
+    "loraplus": Method(_loraplus, _no_options),
+    "full": Method(_full, _no_options),
+    "adalora": Method(_adalora, adalora_config),
+    "olora": Method(_olora, _olora_options),
+    "expand": Method(_expand, _expand_options),
 }
+
+#: Each method's ``method_options`` check (a view of :data:`METHODS`, for callers that want only that part).
+OPTION_CHECKS: dict[str, Callable[[RunArgs], Any]] = {name: m.check_options for name, m in METHODS.items()}

@@ -59,6 +59,30 @@ def resolve_defaults(args: TrainArgs) -> TrainArgs:
     return args
 
 
+def has_eval_data(args: TrainArgs) -> bool:
+    """Whether a run with ``args`` (after :func:`resolve_defaults`) evaluates on some rows: ``eval_split``
+    of the training file, or ``eval_data`` (a built-in task's eval split unless ``eval_rows=0``)."""
+    if args.eval_split and args.eval_data is None:
+        return True
+    return args.eval_data is not None and not (args.eval_builtin_task and args.eval_rows == 0)
+
+
+def check_eval_settings(args: TrainArgs) -> None:
+    """Settings that evaluate during training need eval data: refused before the run loads or writes
+    anything. ``eval_every`` without eval data used to run no evaluation at all, silently — an error, not a
+    warning, because the user asked for evaluations (as ``save_best`` / ``early_stopping_patience`` do)."""
+    if has_eval_data(args):
+        return
+    why = (f"eval_rows=0 turns off the eval split of {args.eval_data}" if args.eval_data is not None
+           else f"data={args.data} is a file and neither eval_data nor eval_split is set")
+    for name in ("early_stopping_patience", "save_best"):
+        if getattr(args, name):
+            raise ConfigError(f"{name} needs eval data; give eval_data or eval_split ({why}).")
+    if args.eval_every:
+        raise ConfigError(f"eval_every={args.eval_every} evaluates the eval data during training, but this run has "
+                          f"none ({why}); give eval_data=FILE or eval_split=0.05, or drop eval_every.")
+
+
 def check_output_dir(args: TrainArgs) -> Path:
     """Refuse to mix two runs in one directory; ``overwrite`` clears the old one first."""
     out = Path(args.output_dir)

@@ -18,6 +18,8 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import NamedTuple
 
+from ...errors import AdaLoraBudgetError
+from ...validate import check_int
 from .config import check_schedule
 
 
@@ -30,6 +32,12 @@ class BudgetStep(NamedTuple):
 def budget_schedule(step: int, *, init_budget: int, target_budget: int, tinit: int, tfinal: int,
                     total_step: int, deltaT: int = 1) -> BudgetStep:
     """b(t) and whether to mask at optimizer step ``step`` (1-based), per §3.3 (see module docstring)."""
+    for name, value, low in (("step", step, 0), ("init_budget", init_budget, 0), ("target_budget", target_budget, 0),
+                             ("tinit", tinit, 0), ("tfinal", tfinal, 0), ("deltaT", deltaT, 1)):
+        check_int(f"budget_schedule {name}", value, minimum=low)  # '3' or 1.5 was a TypeError in the arithmetic
+    if target_budget > init_budget:
+        raise AdaLoraBudgetError(f"budget_schedule: target_budget={target_budget} is above init_budget={init_budget}; "
+                                 "AdaLoRA only prunes — give a target at most the initial budget.")
     check_schedule(total_step, tinit, tfinal)
     end = total_step - tfinal  # the step of the final allocation
     if step <= tinit:
