@@ -169,3 +169,15 @@ def adapted_paths(model) -> set[str]:
 
 def assert_close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def peft_to_ours(theirs, make, inputs, path):
+    """Perturb PEFT's adapter (its factors and any head copies), save it to ``path`` and load the file into
+    a fresh ``make()`` with lorakit; return (lorakit's model, PEFT's output on ``inputs()``)."""
+    import lorakit
+
+    perturb(theirs)
+    theirs.eval()
+    want = output(theirs, inputs())
+    theirs.save_pretrained(path)
+    return lorakit.load_adapter(make(), path), want

@@ -8,6 +8,7 @@ independent reference), and checks that the adapter changes the base model's out
 
 import functools
 
+import peft_models as pm
 import pytest
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
@@ -162,11 +163,7 @@ def test_seq_cls_head_both_ways(model, tmp_path):
     # PEFT's SEQ_CLS wrapper passes input_ids: vision/audio models name their head instead
     task = dict(task_type="SEQ_CLS") if "input_ids" in inputs() else dict(modules_to_save=[head])
     theirs = peft.get_peft_model(make(), peft_config(target_modules=targets, **task))
-    perturb(theirs)  # the head copy trains too
-    theirs.eval()
-    want = output(theirs, inputs())
-    theirs.save_pretrained(tmp_path / "p")
-    ours = lorakit.load_adapter(make(), tmp_path / "p")
+    ours, want = pm.peft_to_ours(theirs, make, inputs, tmp_path / "p")  # the head copy trains too
     assert_close(output(ours, inputs()), want)
     # PEFT copies every module whose path ends with the name: DistilBERT's pre_classifier too
     also = ["pre_classifier"] if model == "distilbert-cls" else []

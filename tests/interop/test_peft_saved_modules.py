@@ -11,6 +11,7 @@ from peft_models import (
     output,
     peft,
     peft_config,
+    peft_to_ours,
     perturb,
 )
 
@@ -31,11 +32,7 @@ def test_peft_seq_cls_adapter_loads(model, tmp_path):
     """PEFT writes modules_to_save=['classifier', 'score'] whatever the model has."""
     make, inputs = MODELS[model]
     theirs = peft.get_peft_model(make(), peft_config(target_modules=SEQ_CLS[model], task_type="SEQ_CLS"))
-    perturb(theirs)  # trains the head copy too
-    theirs.eval()
-    want = output(theirs, inputs())
-    theirs.save_pretrained(tmp_path / "p")
-    ours = lorakit.load_adapter(make(), tmp_path / "p")
+    ours, want = peft_to_ours(theirs, make, inputs, tmp_path / "p")  # the head copy trains too
     assert_close(output(ours, inputs()), want)
     # what matched is recorded: only the model's own head
     assert model_state(ours).adapters["default"].config.modules_to_save == [HEAD[model]]

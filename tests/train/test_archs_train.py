@@ -67,7 +67,9 @@ def rows(tmp_path_factory):
     return write_rows(tmp_path_factory.mktemp("rows") / "train.jsonl", data)
 
 
-@pytest.mark.parametrize("name", sorted(ARCHS))
+# GPT-J, GPTBigCode, Starcoder2 and Gemma 2 train the same way; their adapter files are covered both ways by
+# tests/interop/test_peft_archs.py, so the (slower) training runs keep to distinct layouts
+@pytest.mark.parametrize("name", ["bloom", "falcon", "gpt-neox", "mixtral", "opt", "phi", "qwen2-moe"])
 def test_lora_run_writes_an_adapter_peft_reads_identically(name, rows, tmp_path):
     model_dir = _model_dir(tmp_path / "model", *ARCHS[name])
     result = train(quick_args(model_dir, rows, tmp_path / "run"))
