@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import losses
+from ..errors import ConfigError
 from ..losses import unsupported_reason
 from ..quant import autograd4
 
@@ -68,15 +69,17 @@ def estimate_run(model: nn.Module, probe, args, seq_len: int, steps: int) -> Est
     """The estimate for a run of ``steps`` optimizer steps; ``probe()`` runs one micro-batch's
     forward + backward (``args`` is the run's ``TrainArgs``; ``seq_len`` its longest example)."""
     trainable_mb = tensor_mb(p for p in model.parameters() if p.requires_grad)
+    activations = (activation_bytes(model, args.batch_size, seq_len, args.bf16, args.gradient_checkpointing,
+                                    chunked=_chunked_loss(model, args))
+                   + dequantized_weight_bytes(model))
+    check_fits(model, args, seq_len, activations)  # before the probe: it would run the whole micro-batch
     step_seconds = probe_step_seconds(probe) * args.grad_accum
     return Estimate(
         process_mb=current_rss_mb(),
         weights_mb=tensor_mb(list(model.parameters()) + [b for b in model.buffers() if hasattr(b, "_lorakit_params")]),
         gradients_mb=trainable_mb,
         optimizer_mb=optimizer_state_mb(model, getattr(args, "optim", "adamw")),
-        activations_mb=(activation_bytes(model, args.batch_size, seq_len, args.bf16, args.gradient_checkpointing,
-                                         chunked=_chunked_loss(model, args))
-                        + dequantized_weight_bytes(model)) / MB,
+        activations_mb=activations / MB,
         step_seconds=step_seconds,
         total_seconds=step_seconds * steps,
         steps=steps,
@@ -126,6 +129,36 @@ def recompute_kept_bytes(model: nn.Module) -> int:
                 sizes.append(m.in_features * m.out_features * torch.empty(0, dtype=m.compute_dtype).element_size())
         most = max(most, autograd4.kept_bytes(sizes))
     return most
+
+
+def check_fits(model: nn.Module, args, seq_len: int, activations: float) -> None:
+    """Refuse a micro-batch whose activations alone are estimated at more than twice the memory the
+    machine has available (``MemAvailable``): its first forward would be killed by the kernel's
+    out-of-memory killer, with no message and nothing saved. The factor 2 leaves room for the estimate's
+    error (``activation_bytes`` is a formula); CPU runs only (a GPU's memory is not this number)."""
+    param = next(model.parameters(), None)
+    available = available_bytes()
+    if param is None or param.device.type != "cpu" or available is None or activations <= 2 * available:
+        return
+    gib = 1024 ** 3
+    raise ConfigError(
+        f"batch_size={args.batch_size} with sequences of up to {seq_len} tokens: one micro-batch's activations "
+        f"need about {activations / gib:,.1f} GiB (estimated), but this machine has {available / gib:,.1f} GiB "
+        "available, so the first step would be killed for lack of memory. Lower batch_size (grad_accum=N keeps "
+        "the effective batch), or max_length, or set gradient_checkpointing=true."
+    )
+
+
+def available_bytes() -> int | None:
+    """The memory the kernel says new allocations can get (``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def current_rss_mb() -> float:
