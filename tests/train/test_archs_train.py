@@ -12,8 +12,9 @@ import torch
 import transformers as T
 
 from lorakit.errors import ConfigError
-from lorakit.train import TrainArgs, train
+from lorakit.train import train
 
+from . import train_helpers
 from .train_helpers import write_rows
 
 peft = pytest.importorskip("peft", reason="PEFT reads the adapters these runs write")
@@ -51,9 +52,8 @@ def _model_dir(path, cfg_name, model_name, kw):
 
 
 def quick_args(model, data, out, **kw):
-    base = dict(model=str(model), data=str(data), output_dir=str(out), batch_size=4, max_steps=2, lr=5e-2, r=4,
-                lora_alpha=8, target_modules="all-linear", progress=False, threads=1, eval_rows=0, max_length=48)
-    return TrainArgs(**{**base, **kw})
+    return train_helpers.quick_args(model, data, out, **{**dict(max_steps=2, lr=5e-2, target_modules="all-linear",
+                                                                 eval_rows=0, max_length=48), **kw})
 
 
 def _finite_losses(result):

@@ -6,15 +6,13 @@ from __future__ import annotations
 import pytest
 
 from lorakit.errors import ConfigError
-from lorakit.train import TrainArgs, estimate, train
+from lorakit.train import estimate, train
 
-from .train_helpers import write_rows
+from .train_helpers import quick_args, write_rows
 
 
 def _args(model, data, out, **kw):
-    base = dict(model=str(model), data=str(data), output_dir=str(out), batch_size=4, max_steps=1, r=4,
-                lora_alpha=8, progress=False, threads=1, eval_rows=0, max_length=32)
-    return TrainArgs(**{**base, **kw})
+    return quick_args(model, data, out, **{**dict(max_steps=1, eval_rows=0, max_length=32), **kw})
 
 
 @pytest.fixture
