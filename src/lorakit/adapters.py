@@ -134,16 +134,30 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe_merge
     check_bool("safe_merge", safe_merge)
     names = _names(model, names)
     check_merge_untied(model, names)  # a tied weight (lm_head ↔ embed_tokens) is refused
-    plan = [(host, [n for n in names if n in host.lora]) for _, host in lora_layers(model)]
+    plan = [(path, host, [n for n in names if n in host.lora]) for path, host in lora_layers(model)]
     # Every refusal before the first weight changes, so a failure never leaves earlier layers merged:
-    # safe_merge checks all layers first; layers that refuse in-place merges (QuantLinear) go first.
+    # safe_merge checks all layers first; layers that refuse in-place merges (QuantLinear, grouped convs)
+    # go first.
+    plan.sort(key=lambda item: getattr(item[1].kind, "in_place", True))  # stable: False (refusing) first
     if safe_merge:
-        for host, todo in plan:
-            host.check_merge(todo)
-    plan.sort(key=lambda item: getattr(item[0].kind, "in_place", True))  # stable: False (refusing) first
-    for host, todo in plan:
-        host.merge(todo)
+        for path, host, todo in plan:
+            with _naming_module(path):
+                host.check_merge(todo)
+    for path, host, todo in plan:
+        with _naming_module(path):
+            host.merge(todo)
     return model
+
+
+@contextlib.contextmanager
+def _naming_module(path: str):
+    """A layer's refusal (``AdapterStateError``) with the module's path in front, if it lacks it."""
+    try:
+        yield
+    except AdapterStateError as exc:
+        if repr(path) in str(exc):
+            raise
+        raise AdapterStateError(f"module {path!r}: {exc}") from None
 
 
 def unmerge(model: nn.Module) -> nn.Module:

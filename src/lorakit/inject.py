@@ -84,10 +84,10 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
                                          f"adapter: {reason}.")
         try:
             adapter = kind.create(base_kind, base, path, config)
-        except UnsupportedModuleError as exc:  # e.g. a grouped convolution: say which module it is
+        except (UnsupportedModuleError, ConfigError) as exc:  # e.g. a grouped conv's rank: say which module
             if repr(path) in str(exc):
                 raise
-            raise UnsupportedModuleError(f"module {path!r}: {exc}") from None
+            raise type(exc)(f"module {path!r}: {exc}") from None
         if adapter.needs_base_weight and isinstance(module, LoraLayer) and module.merged:
             raise AdapterStateError(
                 f"module {path!r} has merged adapters {module.merged}: a {kind.name} adapter (DoRA, trainable tokens) "
