@@ -66,11 +66,14 @@ def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model without any adapter inside the block (exception-safe).
 
-    Merged adapters are unmerged on entry and merged again on exit, so the block sees the base.
+    Merged adapters are unmerged on entry and merged again on exit, so the block sees the base (PEFT
+    leaves them unmerged after its block). If the block switched the active adapters (``set_adapter``),
+    they stay unmerged, as ``set_adapter`` would have left them.
     """
     hosts = [h for _, h in lora_layers(model)]
     copies = [h for _, h in trainable_copies(model)]
     merged = {id(h): list(h.merged) for h in hosts}
+    active = active_adapters(model)
     was = {id(h): h.disabled for h in [*hosts, *copies]}  # restored on exit: blocks may nest
     for h in hosts:
         h.unmerge()
@@ -80,9 +83,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
+        remerge = active_adapters(model) == active
         for h in hosts:
             h.disabled = was[id(h)]
-            h.merge(merged[id(h)])
+            if remerge:
+                h.merge(merged[id(h)])
         for h in copies:
             h.disabled = was[id(h)]
 

@@ -488,3 +488,18 @@ def test_successor_is_chosen_for_the_whole_model(files):
     layers = states(ours, theirs=False)[2]
     assert lorakit.active_adapters(ours) == ["b"]
     assert {p.rpartition(".")[2]: act for p, (act, _) in layers.items()} == {"q_proj": [], "v_proj": ["b"]}
+
+
+def test_switching_inside_a_disabled_block_leaves_the_merge_out(start, ref):
+    """The block merges again on exit only if the active adapters did not change inside it: a set_adapter
+    there leaves the model running exactly the new adapters, as set_adapter does outside."""
+    ours = copy.deepcopy(start[0])
+    lorakit.merge(ours)
+    with lorakit.disabled(ours):
+        lorakit.set_adapter(ours, "fr")
+    assert lorakit.merged_adapters(ours) == [] and lorakit.active_adapters(ours) == ["fr"]
+    assert_close(output(ours, INPUTS()), ref[frozenset({"fr"})])
+    lorakit.merge(ours)
+    with lorakit.disabled(ours):
+        lorakit.set_adapter(ours, "fr")  # the same adapters: merged again
+    assert lorakit.merged_adapters(ours) == ["fr"]
