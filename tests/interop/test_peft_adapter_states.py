@@ -3,7 +3,7 @@
 Three LoRA adapters written by PEFT (random non-zero A and B; ``it`` adapts fewer modules than ``de`` and
 ``fr``) are loaded into lorakit and into a ``PeftModel``. Hand-picked sequences and 50 seeded random ones
 (set_adapter with a name or a list, merge, unmerge, delete_adapter, load_adapter, the disabled block,
-merge_and_unload, unload; unknown names included) run on both. After every operation:
+per-row adapters, merge_and_unload, unload; unknown names included) run on both. After every operation:
 
 * the adapters, the active adapters (model and per layer) and the merged adapters (per layer) agree;
 * lorakit's output equals ``REF[merged ∪ active]``: a third model (PEFT, every adapter unmerged) running
@@ -51,8 +51,8 @@ NAMES = tuple(SPECS)
 MISSING = "zz"
 # PEFT's error message → the LorakitError lorakit must raise (its message names the adapter)
 PEFT_ERRORS = [
-    (r"does not exist|not found", AdapterNotFoundError),
-    (r"while they are merged", AdapterStateError),
+    (r"does not exist|not found|non-existing", AdapterNotFoundError),
+    (r"while they are merged|there are merged adapters", AdapterStateError),
     (r"already exists", ConfigError),
 ]
 PEFT_UNMERGE_WARNING = "Adapter cannot be set when the model is merged"
@@ -61,8 +61,8 @@ PEFT_SUCCESSOR_WARNING = "was active which is now deleted"
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # set | merge | unmerge | delete | add | disabled | merge_and_unload | unload
-    arg: object = None  # a name, a list of names, or None (merge: the active adapters)
+    kind: str  # set | merge | unmerge | delete | add | disabled | rows | merge_and_unload | unload
+    arg: object = None  # a name, a list of names, None (merge: the active adapters); rows: a name per row
 
     def __repr__(self) -> str:
         return self.kind if self.arg is None else f"{self.kind}({self.arg!r})"
@@ -184,6 +184,17 @@ def run_peft(pm, op: Op, files):
         assert not any(m.merged for m in peft_layers(pm).values())
         if merged:
             pm.base_model.merge_adapter(adapter_names=merged)
+    elif op.kind == "rows":  # PeftModel's forward(adapter_names=...), on the LoraModel
+        try:
+            with pm.base_model._enable_peft_forward_hooks(adapter_names=["__base__" if n is None else n
+                                                                        for n in op.arg]):
+                inside = output(pm.base_model, INPUTS())
+        except ValueError:
+            # PEFT removes its per-row hooks after the block without try/finally: a forward that raises
+            # (merged adapters) leaves them on every layer and later forwards still split the rows
+            for m in peft_layers(pm).values():
+                m._forward_pre_hooks.clear()
+            raise
     elif op.kind == "merge_and_unload":
         pm = pm.merge_and_unload(adapter_names=op.arg)
     elif op.kind == "unload":
@@ -205,6 +216,9 @@ def run_lorakit(model, op: Op, files):
         lorakit.load_adapter(model, files[op.arg], op.arg)
     elif op.kind == "disabled":
         with lorakit.disabled(model):
+            inside = output(model, INPUTS())
+    elif op.kind == "rows":
+        with lorakit.per_row_adapters(model, list(op.arg)):
             inside = output(model, INPUTS())
     elif op.kind == "merge_and_unload":
         model = lorakit.merge_and_unload(model, op.arg)
@@ -282,6 +296,10 @@ def step(ours, theirs, op: Op, files, ref):
     if op.kind == "disabled":
         assert_close(inside_ours, ref[frozenset()])
         assert_close(inside_theirs, ref[frozenset()])
+    if op.kind == "rows":  # row i runs adapter op.arg[i] alone (None: the base)
+        want = torch.stack([ref[frozenset({n} - {None})][i] for i, n in enumerate(op.arg)])
+        assert_close(inside_ours, want)
+        assert_close(inside_theirs, want)
     merged, active = merged_set(ours), lorakit.active_adapters(ours)
     # PEFT's LoraModel: PeftModel.forward reads its own active_adapter, which PEFT leaves naming a deleted
     # adapter after set_adapter(list) + delete_adapter (KeyError); the LoraModel runs the same layers
@@ -321,6 +339,8 @@ HAND_PICKED = {
     "merge_and_unload_missing": [Op("merge_and_unload", [MISSING]), Op("merge_and_unload", ["de", "fr"])],
     "unload_inactive": [S("fr"), Op("unload")],
     "unload_merged": [M(["fr"]), S(["de", "it"]), M(), Op("unload")],
+    "rows_while_merged": [Op("rows", ("fr", None)), M(), Op("rows", ("de", "it")), U(), Op("rows", (MISSING, None)),
+                          Op("rows", ("it", "it"))],
     "set_list_order": [S(["it", "de"]), M(["de"]), M(), U(), S(["fr", "it", "de"])],
 }
 
@@ -337,12 +357,14 @@ def random_op(rng: random.Random) -> Op:
     def names():
         return sorted({name() for _ in range(rng.randint(0, 3))}, key=lambda n: rng.random())
 
-    kind = rng.choices(["set", "set-list", "merge", "merge-names", "unmerge", "delete", "add", "disabled",
-                        "merge_and_unload", "unload"], weights=[16, 10, 12, 8, 10, 12, 10, 6, 3, 2])[0]
+    kind = rng.choices(["set", "set-list", "merge", "merge-names", "unmerge", "delete", "add", "disabled", "rows",
+                        "merge_and_unload", "unload"], weights=[16, 10, 12, 8, 10, 12, 10, 6, 6, 3, 2])[0]
     if kind == "set-list":
         return Op("set", names())
     if kind == "merge-names":
         return Op("merge", names())
+    if kind == "rows":  # INPUTS() has two rows
+        return Op(kind, tuple(rng.choice([*NAMES, None]) if rng.random() > 0.05 else MISSING for _ in range(2)))
     if kind == "merge_and_unload":
         return Op(kind, rng.choice([None, names()]))
     if kind == "add":
