@@ -9,6 +9,7 @@
   such modules are added by full path when the file has tensors for them, and
   :func:`suffix_copy_tensors` writes their (unchanged) weights into lorakit's files, since PEFT's
   loader requires a tensor for every module it copied.
+  Names in ``target_parameters`` that match no parameter are dropped too (PEFT keeps such files).
 * :func:`portable_patterns` — when rank/alpha pattern keys overlap on adapted modules, the file gets
   one exact key per module instead, so PEFT (first key in the file's sorted order wins) and lorakit
   (most specific key wins) read the same values.
@@ -39,19 +40,34 @@ def present_names(model: nn.Module, config: LoraConfig, file_keys=()) -> LoraCon
     saved under a bare-suffix ``modules_to_save`` match added (``file_keys``: the file's normalized
     tensor keys, ``base_model.model.<path>.<param>``); see the module doc.
 
-    Target lists that would become empty are left as they are, so injection reports the problem."""
+    Target lists that would become empty are left as they are, so injection reports the problem (an
+    empty ``target_parameters`` beside module targets is dropped: PEFT saves such files)."""
     paths = [p for p, _ in candidate_modules(model)]
     changes = {}
     if isinstance(config.target_modules, list):
         kept = [n for n in config.target_modules if _matches(n, paths)]
         if kept and kept != config.target_modules:
             changes["target_modules"] = kept
+    params = getattr(config, "target_parameters", None)
+    if params:
+        # PEFT (transformers 5) moves MoE names of target_modules into target_parameters for the whole
+        # model type, and keeps a file whose target_parameters match nothing (BEAM's dense-only layers).
+        names = _parameter_names(model)
+        kept = [n for n in params if _matches(n, names)]
+        if kept != params and (kept or config.target_modules):
+            changes["target_parameters"] = kept or None
     if config.modules_to_save:
         kept = [n for n in config.modules_to_save if _matches(n, paths)]
         kept += _suffix_only_copies(config.modules_to_save, paths, file_keys)
         if kept != config.modules_to_save:
             changes["modules_to_save"] = kept or None
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def _parameter_names(model: nn.Module) -> list[str]:
+    """``<module path>.<parameter>`` of every parameter, wrappers' ``.base_layer`` steps removed (PEFT's
+    ``_inject_parameters`` matches these names)."""
+    return [re.sub(r"(^|\.)(base_layer\.)+", r"\1", n) for n, _ in model.named_parameters()]
 
 
 def refuse_per_expert_names(model: nn.Module, config, source: str) -> None:

@@ -99,12 +99,25 @@ class LoraLayer(nn.Module):
             return out
         if not isinstance(out, torch.Tensor):
             raise _not_a_linear_map(self.base_layer, out)
+        self._check_out_features(out)
         if self.row_adapters is not None:
             return self._forward_rows(x, out)
         for name in self.active:
             if name not in self.merged:
                 out = self._run_adapter(self.lora[name], out, x)
         return out
+
+    def _check_out_features(self, out: torch.Tensor) -> None:
+        """A linear base must give (..., out_features); B's rows are that many. DeepSeek-V4's grouped
+        o_a_proj (an nn.Linear subclass, weight (g·d_g, in/g)) gives (..., g, d_g) from a block-diagonal
+        product, which no ΔW = B·A of the full weight describes."""
+        dims = getattr(self.kind, "dims", None)
+        if self.kind.linear and dims is not None and (out.dim() == 0 or out.shape[-1] != dims(self.base_layer)[1]):
+            raise UnsupportedModuleError(
+                f"a LoRA-wrapped {type(self.base_layer).__name__} returned shape {tuple(out.shape)}, not "
+                f"(..., {dims(self.base_layer)[1]}) = (..., out_features): its forward is not x·Wᵀ (a grouped or "
+                "reshaping projection?), so a LoRA update of its weight cannot be added to its output. Remove it "
+                "from target_modules (with 'all-linear', add its name to exclude_modules).")
 
     def _mask(self, adapter: Adapter, x: torch.Tensor):
         """The adapter's dropout mask for x while training (None: no dropout)."""
