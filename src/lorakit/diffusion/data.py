@@ -69,7 +69,7 @@ def scan(root: str | Path, caption_ext: str = ".txt", missing_caption: str = "er
         for img in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS):
             cap_file = img.with_suffix(caption_ext)
             if cap_file.is_file():
-                caption = cap_file.read_text(encoding="utf-8").strip()
+                caption = read_caption(cap_file)
             elif missing_caption == "skip":
                 ds.skipped.append(img)
                 continue
@@ -84,6 +84,17 @@ def scan(root: str | Path, caption_ext: str = ".txt", missing_caption: str = "er
         raise DataError(f"{root}: no captioned image found ({', '.join(IMAGE_EXTS)} with a {caption_ext} beside "
                         f"each, in the folder or its N_name subfolders); {len(ds.skipped)} skipped without caption.")
     return ds
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text (UTF-8, kohya's encoding); other bytes are a DataError naming file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:  # a raw traceback from the CLI before
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "save the caption as UTF-8.") from None
 
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:

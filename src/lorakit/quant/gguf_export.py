@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .._fs import atomic_write
+from .._fs import atomic_write, check_output_file
 from ..errors import AdapterFileError, ConfigError
 from ..io import read_adapter_config, read_adapter_weights
 from .gguf_read import ARCHS, GGUFFile, arch_for_model_type, qk_row_order, supported_model_types
@@ -129,6 +129,12 @@ def gguf_adapter_tensors(adapter: str | os.PathLike, base: GGUFFile) -> tuple[di
     return out, alpha
 
 
+def adapter_files(adapter: str | os.PathLike) -> list[Path]:
+    """The files of an adapter directory that an output path must never replace."""
+    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    return [Path(adapter) / n for n in names] if isinstance(adapter, (str, os.PathLike)) else []
+
+
 def export_gguf_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike,
                         out_type: str = "f32") -> Path:
     """Write ``adapter`` (a PEFT/lorakit LoRA directory) as a llama.cpp LoRA GGUF at ``out`` for the
@@ -143,13 +149,14 @@ def export_gguf_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base
     if not isinstance(adapter, (str, os.PathLike)):
         raise ConfigError(f"adapter directory {adapter!r:.60}: must be a path (str or pathlib.Path), "
                           f"got a {type(adapter).__name__}.")
+    inputs = [*adapter_files(adapter)] + ([base] if isinstance(base, (str, os.PathLike)) else [])
+    out = check_output_file(out, inputs, "export --out")  # before the base is read: never the base itself
     f = GGUFFile(base)
     try:
         tensors, alpha = gguf_adapter_tensors(adapter, f)
         arch = f.architecture
     finally:
         f.close()
-    out = Path(out)
     dt = np.float32 if out_type == "f32" else np.float16
 
     def write(tmp: str) -> None:
