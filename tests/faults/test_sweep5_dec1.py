@@ -509,3 +509,29 @@ def test_loftq_inject_failing_in_inject_leaves_the_linears(monkeypatch, case):
                                                      loftq_config={"loftq_bits": 4, "loftq_iter": 1}, **kw))
     assert_same(before, picture(model))
     assert all(type(m).__name__ != "QuantLinear" for m in model.modules())
+
+
+# -- quantize_model on a model with merged adapters -----------------------------------------------------------
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_quantize_model_refuses_layers_with_merged_adapters(quant_type):
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a")
+    lorakit.merge(model, ["a"])
+    before = picture(model)
+    # before: ΔW was quantized into the base with the host still saying "merged"; unmerge then raised
+    # AttributeError: 'QuantLinear' object has no attribute 'weight'
+    with pytest.raises(AdapterStateError, match=r"quantize_model: adapters are merged into layers it would quantize: "
+                                                r"model\.layers\.0\.self_attn\.q_proj \(a\).*call lorakit\.unmerge"):
+        lorakit.quantize_model(model, quant_type)
+    assert_same(before, picture(model))
+
+
+def test_quantize_model_may_skip_the_merged_layers():
+    model = tiny_llama()
+    w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a")
+    lorakit.merge(model, ["a"])
+    lorakit.quantize_model(model, skip=["q_proj.base_layer"])  # the merged layers stay float: allowed
+    assert type(model.model.layers[0].self_attn.k_proj).__name__ == "QuantLinear"
+    lorakit.unmerge(model)
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.base_layer.weight.detach(), w0)
