@@ -535,3 +535,30 @@ def test_quantize_model_may_skip_the_merged_layers():
     assert type(model.model.layers[0].self_attn.k_proj).__name__ == "QuantLinear"
     lorakit.unmerge(model)
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.base_layer.weight.detach(), w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, "float16"])
+def test_kohya_state_dict_dtype_is_checked(dtype):
+    from lorakit.diffusion import kohya_state_dict
+
+    parts = _two_adapters()
+    # before: torch.int8 gave all-zero factors; "float16" an AttributeError
+    with pytest.raises(ConfigError, match="LoRA files are written in a floating-point dtype"):
+        kohya_state_dict(parts, "style", dtype)
+
+
+# -- PiSSA / OLoRA conversion: never onto its own initial adapter --------------------------------------------
+@pytest.mark.parametrize("spelling", ["same", "trailing-slash", "dot-dot"])
+def test_save_as_lora_refuses_to_overwrite_the_initial_adapter(tmp_path, spelling):
+    from lorakit.init_conversion import save_as_lora
+
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"), "a")
+    init = tmp_path / "init"
+    lorakit.save_adapter(model, init, "a")
+    files = tree(tmp_path)
+    out = {"same": init, "trailing-slash": str(init) + "/", "dot-dot": tmp_path / "x" / ".." / "init"}[spelling]
+    # before: the converted rank-2r LoRA replaced A0/B0 — a second conversion then had no start to work from
+    with pytest.raises(OutputError, match="is initial_path itself; writing there would replace the initial adapter"):
+        save_as_lora(model, out, init, "a")
+    assert tree(tmp_path) == files

@@ -40,6 +40,7 @@ NETWORK_MODULE = {"lora": "networks.lora"}  # LyCORIS kinds: "lycoris.kohya" wit
 # -- save -----------------------------------------------------------------------------------------
 def kohya_state_dict(pipe: Any, name: str = "default", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """``{key: tensor}`` of adapter ``name`` with kohya/LyCORIS keys (SGM names for SDXL's UNet)."""
+    check_float_dtype(dtype)  # torch.int8 rounded every factor to 0 (save_kohya checked, this did not)
     components = adapter_components(pipe, name)
     if not components:
         raise AdapterNotFoundError(f"no component of the pipeline holds an adapter named {name!r}.")
