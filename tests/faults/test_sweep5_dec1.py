@@ -562,3 +562,41 @@ def test_save_as_lora_refuses_to_overwrite_the_initial_adapter(tmp_path, spellin
     with pytest.raises(OutputError, match="is initial_path itself; writing there would replace the initial adapter"):
         save_as_lora(model, out, init, "a")
     assert tree(tmp_path) == files
+
+
+# -- pickles are never unpickled ---------------------------------------------------------------------------
+class _Trap:
+    """Unpickling this creates ``marker`` (what a malicious .ckpt would do with os.system)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("loader", ["kohya", "diffusers", "diffusers-dir", "gguf"])
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_a_pickled_checkpoint_is_refused_without_being_unpickled(tmp_path, loader, how):
+    import pickle
+
+    marker = tmp_path / "unpickled"
+    name = "pytorch_lora_weights.safetensors" if loader == "diffusers-dir" else "lora.ckpt"
+    f = tmp_path / "d" / name
+    f.parent.mkdir()
+    if how == "pickle":
+        f.write_bytes(pickle.dumps({"lora_unet_x.lora_down.weight": _Trap(marker)}))
+    else:
+        torch.save({"state_dict": {"a": torch.ones(2)}, "trap": _Trap(marker)}, f)
+    assert not marker.exists()
+    if loader == "gguf":
+        from lorakit.errors import QuantizationError
+        from lorakit.quant.gguf_load import load_gguf
+
+        with pytest.raises(QuantizationError, match="not a readable GGUF file"):
+            load_gguf(f)
+    else:
+        _load_refused(f.parent if loader == "diffusers-dir" else f,
+                      r"cannot be read as safetensors .*not a \.safetensors LoRA \(convert \.ckpt/\.pt",
+                      loader="kohya" if loader == "kohya" else "diffusers")
+    assert not marker.exists()
