@@ -600,3 +600,12 @@ def test_a_pickled_checkpoint_is_refused_without_being_unpickled(tmp_path, loade
                       r"cannot be read as safetensors .*not a \.safetensors LoRA \(convert \.ckpt/\.pt",
                       loader="kohya" if loader == "kohya" else "diffusers")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("field", ["preview_prompts", "preview_seeds"])
+def test_image_preview_lists_must_not_be_empty(field):
+    from lorakit.diffusion.train import ImageTrainArgs
+
+    # before: "cannot reshape tensor of 0 elements" / "torch.cat(): expected a non-empty list" after the model loaded
+    with pytest.raises(ConfigError, match=rf"{field}=\[\]: must be a non-empty list"):
+        ImageTrainArgs(data="folder", **{field: []})

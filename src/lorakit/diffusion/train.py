@@ -106,11 +106,12 @@ class ImageTrainArgs:
         for name in ("text_encoder", "buckets", "resume"):
             check_bool(name, getattr(self, name))
         seeds = self.preview_seeds
-        if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
-            raise ConfigError(f"preview_seeds={seeds!r}: must be a list of integers, e.g. [1, 2].")
+        # an empty list was a torch error when the first preview grid was drawn, after the model loaded
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise ConfigError(f"preview_seeds={seeds!r}: must be a non-empty list of integers, e.g. [1, 2].")
         prompts = self.preview_prompts
-        if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
-            raise ConfigError(f"preview_prompts={prompts!r}: must be a list of prompts.")
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(x, str) for x in prompts):
+            raise ConfigError(f"preview_prompts={prompts!r}: must be a non-empty list of prompts, e.g. ['a red circle'].")
         if self.resolution % 8:
             raise ConfigError(f"resolution={self.resolution}: must be a multiple of 8.")
         self.adapter_config()  # validates kind / rank / alpha
