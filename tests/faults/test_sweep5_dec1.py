@@ -609,3 +609,16 @@ def test_image_preview_lists_must_not_be_empty(field):
     # before: "cannot reshape tensor of 0 elements" / "torch.cat(): expected a non-empty list" after the model loaded
     with pytest.raises(ConfigError, match=rf"{field}=\[\]: must be a non-empty list"):
         ImageTrainArgs(data="folder", **{field: []})
+
+
+@pytest.mark.parametrize("ext", ["txt", "", ".", "a/.txt", None])
+def test_caption_ext_is_a_suffix_with_its_dot(shapes, ext):
+    from lorakit.diffusion.data import scan
+    from lorakit.diffusion.train import ImageTrainArgs
+
+    # before: "Invalid suffix 'txt'" (ValueError from pathlib) once the data folder was scanned
+    with pytest.raises(ConfigError, match=r"caption_ext=.*must be (a file suffix with its dot|a string)"):
+        ImageTrainArgs(data=str(shapes), caption_ext=ext)
+    with pytest.raises(DataError, match=r"caption_ext=.*: must be a file suffix with its dot, e\.g\. '\.txt'"):
+        scan(shapes, caption_ext=ext)
+    assert len(scan(shapes, caption_ext=".txt").items) == 2

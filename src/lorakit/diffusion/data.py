@@ -51,6 +51,7 @@ class Dataset:
 def scan(root: str | Path, caption_ext: str = ".txt", missing_caption: str = "error") -> Dataset:
     """Find images and captions under ``root`` (kohya's ``N_name`` folders, or images in ``root`` itself)."""
     root = Path(root)
+    check_caption_ext(caption_ext, DataError)
     if missing_caption not in MISSING:
         raise DataError(f"missing_caption={missing_caption!r}: use one of {', '.join(MISSING)}.")
     if not root.is_dir():
@@ -84,6 +85,13 @@ def scan(root: str | Path, caption_ext: str = ".txt", missing_caption: str = "er
         raise DataError(f"{root}: no captioned image found ({', '.join(IMAGE_EXTS)} with a {caption_ext} beside "
                         f"each, in the folder or its N_name subfolders); {len(ds.skipped)} skipped without caption.")
     return ds
+
+
+def check_caption_ext(ext, error) -> None:
+    """A file suffix like ".txt" (``Path.with_suffix`` raised a bare ValueError on "txt" or "a/.txt")."""
+    if not isinstance(ext, str) or len(ext) < 2 or not ext.startswith(".") or any(c in ext for c in "/\\\x00") \
+            or ext.count(".") != 1:
+        raise error(f"caption_ext={ext!r}: must be a file suffix with its dot, e.g. '.txt' or '.caption'.")
 
 
 def read_caption(path: Path) -> str:

@@ -35,7 +35,7 @@ from ..state import model_state
 from ..train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
 from ..validate import check_bool, check_field_types
 from .config import DiffusionLoraConfig
-from .data import assign_buckets, image_size, load_image, scan
+from .data import assign_buckets, check_caption_ext, image_size, load_image, scan
 from .inject import add_adapter
 from .kohya import save_kohya
 from .models import load_model, require_diffusers
@@ -116,6 +116,7 @@ class ImageTrainArgs:
             raise ConfigError(f"resolution={self.resolution}: must be a multiple of 8.")
         self.adapter_config()  # validates kind / rank / alpha
         check_field_types(self)  # the rest: output_name=3 / model=None were TypeErrors at the end of the run
+        check_caption_ext(self.caption_ext, ConfigError)
         name = str(self.output_name)
         if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
             # "../x" wrote the LoRA outside output_dir, "" a hidden ".safetensors"
