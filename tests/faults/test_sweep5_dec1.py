@@ -622,3 +622,51 @@ def test_caption_ext_is_a_suffix_with_its_dot(shapes, ext):
     with pytest.raises(DataError, match=r"caption_ext=.*: must be a file suffix with its dot, e\.g\. '\.txt'"):
         scan(shapes, caption_ext=ext)
     assert len(scan(shapes, caption_ext=".txt").items) == 2
+
+
+# -- GGUF adapter export: damaged pairs and float16 overflow ------------------------------------------------
+GQ = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _edited_adapter(tmp_path, adapter, tensors=None, config=None):
+    import shutil
+
+    out = tmp_path / "ad"
+    shutil.copytree(adapter, out)
+    if tensors is not None:
+        save_file({**load_file(out / "adapter_model.safetensors"), **tensors}, out / "adapter_model.safetensors")
+    if config is not None:
+        cfg = out / "adapter_config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **config}))
+    return out
+
+
+@pytest.mark.parametrize("a,b", [(torch.tensor(1.0), None), (torch.ones(256), None), (torch.ones(2, 256, 1), None),
+                                 (torch.ones(0, 256), torch.ones(256, 0))], ids=["A-0d", "A-1d", "A-3d", "rank-0"])
+def test_gguf_export_of_a_damaged_pair(tmp_path, gguf_adapter, a, b):
+    from lorakit.quant.gguf_export import export_gguf_adapter
+
+    base, adapter = gguf_adapter
+    tensors = {f"{GQ}.lora_A.weight": a, **({f"{GQ}.lora_B.weight": b} if b is not None else {})}
+    ad = _edited_adapter(tmp_path, adapter, tensors)
+    # before: IndexError (0-d A) / ZeroDivisionError (rank 0) / "belongs to another model" (1-D, 3-D)
+    with pytest.raises(AdapterFileError, match=r"q_proj has lora_A \(.*\) and lora_B .*a LoRA pair is A \(r, in\) and "
+                                               r"B \(out, r\) with r ≥ 1"):
+        export_gguf_adapter(ad, tmp_path / "out.gguf", base)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.parametrize("case", ["large-factor", "large-scale"])
+def test_gguf_export_f16_overflow_is_refused_not_written_as_inf(tmp_path, gguf_adapter, case):
+    from lorakit.quant.gguf_export import export_gguf_adapter
+
+    base, adapter = gguf_adapter
+    if case == "large-factor":
+        ad = _edited_adapter(tmp_path, adapter, {f"{GQ}.lora_B.weight": torch.full((256, 2), 1e6)})
+    else:  # finite factors; the module's scale (α_pattern / (α / r)) folded into B overflows
+        ad = _edited_adapter(tmp_path, adapter, {f"{GQ}.lora_B.weight": torch.full((256, 2), 100.0)},
+                             {"lora_alpha": 1, "alpha_pattern": {"q_proj": 1e5}})
+    with pytest.raises(ConfigError, match=r"blk\.0\.attn_q\.weight\.lora_b.* overflow float16 .*--outtype f32"):
+        export_gguf_adapter(ad, tmp_path / "out.gguf", base, out_type="f16")
+    assert not (tmp_path / "out.gguf").exists()
+    export_gguf_adapter(ad, tmp_path / "out.gguf", base, out_type="f32")  # the fix it names works
