@@ -670,3 +670,20 @@ def test_gguf_export_f16_overflow_is_refused_not_written_as_inf(tmp_path, gguf_a
         export_gguf_adapter(ad, tmp_path / "out.gguf", base, out_type="f16")
     assert not (tmp_path / "out.gguf").exists()
     export_gguf_adapter(ad, tmp_path / "out.gguf", base, out_type="f32")  # the fix it names works
+
+
+@pytest.mark.parametrize("call,kw,msg", [
+    ("diffusers", dict(fold_alpha="no"), "fold_alpha='no': must be true or false"),  # folded α/r before
+    ("kohya", dict(metadata=[1]), r"metadata=\[1\]: must be a mapping"),            # AttributeError before
+    ("kohya", dict(metadata="ss_x"), "metadata='ss_x': must be a mapping"),
+])
+def test_save_options_of_the_wrong_type(tmp_path, call, kw, msg):
+    from lorakit.diffusion import save_diffusers, save_kohya
+
+    parts = _two_adapters()
+    with pytest.raises(ConfigError, match=msg):
+        if call == "kohya":
+            save_kohya(parts, tmp_path / "f.safetensors", "style", **kw)
+        else:
+            save_diffusers(parts, tmp_path / "d", "style", **kw)
+    assert list(tmp_path.iterdir()) == []

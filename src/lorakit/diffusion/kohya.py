@@ -66,6 +66,9 @@ def save_kohya(pipe: Any, path: str | Path, name: str = "default", dtype: torch.
     """Write adapter ``name`` of ``pipe`` to one kohya/LyCORIS ``.safetensors`` file (atomically)."""
     path = check_save_path(path, "LoRA file")
     check_float_dtype(dtype)
+    if metadata is not None and not isinstance(metadata, Mapping):  # a list was an AttributeError
+        raise ConfigError(f"metadata={metadata!r:.60}: must be a mapping of names to values (e.g. "
+                          "{'ss_output_name': 'my_style'}), not a {type(metadata).__name__}.")
     extra = {}
     for k, v in (metadata or {}).items():
         try:

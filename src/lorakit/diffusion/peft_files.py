@@ -29,6 +29,7 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterNotFoundError
 from ..io import check_and_copy
 from ..state import lora_layers
+from ..validate import check_bool
 from .components import components_of
 from .config import DiffusionLoraConfig, lora_config_for
 from .inject import adapter_components, apply_all
@@ -43,6 +44,7 @@ def save_diffusers(pipe: Any, directory: str | Path, name: str = "default", fold
                    dtype: torch.dtype = torch.float32) -> Path:
     """Write adapter ``name`` as ``<directory>/pytorch_lora_weights.safetensors`` (atomically)."""
     directory = check_save_path(directory, "LoRA directory")
+    check_bool("fold_alpha", fold_alpha)  # "no" folded α/r into lora_B
     check_float_dtype(dtype)
     components = adapter_components(pipe, name)
     if not components:
