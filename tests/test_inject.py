@@ -59,9 +59,9 @@ def test_unknown_target_names_it_and_suggests():
 def test_unsupported_module_type():
     with pytest.raises(UnsupportedModuleError, match=r"'model.layers.0.input_layernorm' is a LlamaRMSNorm"):
         lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["input_layernorm"]))
-    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))  # LoRA on it is supported; DoRA is not
     with pytest.raises(UnsupportedModuleError, match="groups=2"):
-        lorakit.inject(grouped, lorakit.LoraConfig(r=2, target_modules=["0"]))
+        lorakit.inject(grouped, lorakit.LoraConfig(r=2, target_modules=["0"], use_dora=True))
 
 
 def test_bias_modes_and_modules_to_save():

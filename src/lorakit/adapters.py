@@ -6,20 +6,23 @@ All functions take the model that :func:`lorakit.inject` returned and change it 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 from torch import nn
 
 from .errors import AdapterNotFoundError, AdapterStateError, ConfigError
-from .state import (
+from .state import (  # noqa: F401  (merged_adapters: re-exported for the public API)
     activate,
     clear_state,
     lora_layers,
+    merged_adapters,
     model_state,
     refresh_trainable,
     require_adapter,
     set_submodule,
     trainable_copies,
+    unmerge_to_switch,
 )
 from .tied import check_merge_untied
 from .validate import check_bool
@@ -36,10 +39,15 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make ``names`` the active adapters; several active adapters add their updates."""
+    """Make ``names`` the active adapters; several active adapters add their updates.
+
+    As PEFT's ``set_adapter``: if adapters are merged, they are unmerged first (with a warning), so the
+    model then runs exactly ``names``; merge again afterwards if wanted. An unknown name changes nothing.
+    """
     names = _name_list(names)
     for n in names:
         require_adapter(model, n)
+    unmerge_to_switch(model, names)
     activate(model, names)
 
 
@@ -58,11 +66,14 @@ def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model without any adapter inside the block (exception-safe).
 
-    Merged adapters are unmerged on entry and merged again on exit, so the block sees the base.
+    Merged adapters are unmerged on entry and merged again on exit, so the block sees the base (PEFT
+    leaves them unmerged after its block). If the block switched the active adapters (``set_adapter``),
+    they stay unmerged, as ``set_adapter`` would have left them.
     """
     hosts = [h for _, h in lora_layers(model)]
     copies = [h for _, h in trainable_copies(model)]
     merged = {id(h): list(h.merged) for h in hosts}
+    active = active_adapters(model)
     was = {id(h): h.disabled for h in [*hosts, *copies]}  # restored on exit: blocks may nest
     for h in hosts:
         h.unmerge()
@@ -72,9 +83,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
+        remerge = active_adapters(model) == active
         for h in hosts:
             h.disabled = was[id(h)]
-            h.merge(merged[id(h)])
+            if remerge:
+                h.merge(merged[id(h)])
         for h in copies:
             h.disabled = was[id(h)]
 
@@ -107,7 +120,33 @@ def per_row_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> I
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (its layers, ``modules_to_save`` copies and record).
+
+    A merged adapter is refused (its update could not be taken out of the weights afterwards). As in PEFT,
+    deleting the only active adapter activates the first remaining one in name order, with a warning.
+    """
     require_adapter(model, name)
+    merged = [p for p, h in lora_layers(model) if name in h.merged]
+    if merged:
+        raise AdapterStateError(f"adapter {name!r} is merged into the base weights ({len(merged)} layer(s), e.g. "
+                                f"{merged[0]!r}); call lorakit.unmerge(model) before deleting it.")
+    st = model_state(model)
+    was_active = name in st.active
+    drop_adapter(model, name)
+    st = model_state(model)
+    if st is None:
+        return
+    if was_active and not st.active:
+        successor = sorted(st.adapters)[0]
+        warnings.warn(f"deleted adapter {name!r} was the active one; {successor!r} (the first remaining adapter "
+                      "by name, as PEFT chooses) is active now. Choose with lorakit.set_adapter(model, names).",
+                      UserWarning, stacklevel=2)
+        activate(model, [successor])
+
+
+def drop_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (checked, not merged) and keep the other active adapters active; no successor
+    is chosen (the rollback of a failed load uses this)."""
     for path, host in reversed(list(lora_layers(model))):  # innermost first (nested ParamHosts)
         if name in host.lora:
             host.remove_adapter(name)
@@ -120,7 +159,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                 set_submodule(model, path, host.original_module)
     st = model_state(model)
     del st.adapters[name]
-    set_adapter(model, [n for n in st.active if n != name])
+    activate(model, [n for n in st.active if n != name])
     if not st.adapters:
         clear_state(model)
 
@@ -134,16 +173,30 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe_merge
     check_bool("safe_merge", safe_merge)
     names = _names(model, names)
     check_merge_untied(model, names)  # a tied weight (lm_head ↔ embed_tokens) is refused
-    plan = [(host, [n for n in names if n in host.lora]) for _, host in lora_layers(model)]
+    plan = [(path, host, [n for n in names if n in host.lora]) for path, host in lora_layers(model)]
     # Every refusal before the first weight changes, so a failure never leaves earlier layers merged:
-    # safe_merge checks all layers first; layers that refuse in-place merges (QuantLinear) go first.
+    # safe_merge checks all layers first; layers that refuse in-place merges (QuantLinear, grouped convs)
+    # go first.
+    plan.sort(key=lambda item: getattr(item[1].kind, "in_place", True))  # stable: False (refusing) first
     if safe_merge:
-        for host, todo in plan:
-            host.check_merge(todo)
-    plan.sort(key=lambda item: getattr(item[0].kind, "in_place", True))  # stable: False (refusing) first
-    for host, todo in plan:
-        host.merge(todo)
+        for path, host, todo in plan:
+            with _naming_module(path):
+                host.check_merge(todo)
+    for path, host, todo in plan:
+        with _naming_module(path):
+            host.merge(todo)
     return model
+
+
+@contextlib.contextmanager
+def _naming_module(path: str):
+    """A layer's refusal (``AdapterStateError``) with the module's path in front, if it lacks it."""
+    try:
+        yield
+    except AdapterStateError as exc:
+        if repr(path) in str(exc):
+            raise
+        raise AdapterStateError(f"module {path!r}: {exc}") from None
 
 
 def unmerge(model: nn.Module) -> nn.Module:

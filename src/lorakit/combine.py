@@ -14,6 +14,11 @@ With weights wᵢ and updates ΔWᵢ = sᵢ·Bᵢ·Aᵢ, per adapted layer:
 
 Layers adapted by only some of the inputs count the others as ΔW = 0 (``linear`` needs every input
 on every layer, with equal ranks).
+
+On a grouped convolution (G groups, B a grouped conv: output group j reads rank rows j of A only) each
+output group is its own low-rank pair, so ``cat`` stacks A's rows group by group and ``svd`` takes the
+SVD of each group's rows of Σ wᵢ ΔWᵢ to svd_rank/G (the best approximation of that form, block by
+block); svd_rank must then be a multiple of G.
 """
 
 from __future__ import annotations
@@ -120,8 +125,11 @@ def _alpha_for(scaling: float, r: int, rslora: bool) -> float:
 
 def _combine_layer(path, host, present, n_inputs, method, svd_rank, weights):
     s0 = float(present[0][0].scaling)
+    g = present[0][0].b_groups  # 1, or a grouped conv's G (B: (out, r/G)); the same for every adapter here
     if method == "cat":
-        a = torch.cat([ad.lora_A.detach().flatten(1) for ad, _ in present], dim=0)
+        # A (r_i, fan_in) as G row blocks; the new A holds block j of every input, then block j + 1, …
+        # (g = 1: plain row stacking), matching B's columns stacked per output row.
+        a = torch.cat([ad.lora_A.detach().flatten(1).unflatten(0, (g, -1)) for ad, _ in present], dim=1).flatten(0, 1)
         b = torch.cat([ad.lora_B.detach().flatten(1) * (w * ad.scaling / s0) if (w * ad.scaling / s0) != 1.0
                        else ad.lora_B.detach().flatten(1) for ad, w in present], dim=1)
         return a, b, s0
@@ -138,7 +146,16 @@ def _combine_layer(path, host, present, n_inputs, method, svd_rank, weights):
         return a, b, s0
     dense = sum(w * ad.delta_2d().detach().float() for ad, w in present)  # (fan_out, fan_in)
     _check_finite(path, (dense,), weights, method)  # the SVD of an inf matrix fails inside torch
-    k = min(svd_rank or max(ad.r for ad, _ in present), *dense.shape)
-    u, sv, vh = torch.linalg.svd(dense, full_matrices=False)
-    root = sv[:k].sqrt()
-    return root[:, None] * vh[:k], u[:, :k] * root, 1.0
+    if svd_rank is not None and svd_rank % g:
+        raise ConfigError(f"combine method 'svd' at {path}: a grouped convolution (groups={g}) needs svd_rank "
+                          f"a multiple of {g} (its B is a grouped conv over the rank channels); got {svd_rank}.")
+    # one SVD per output group's rows (g = 1: the whole matrix), each to rank k/g
+    blocks = dense.chunk(g, dim=0)  # g × (fan_out/g, fan_in)
+    k = min((svd_rank or max(ad.r for ad, _ in present)) // g, *blocks[0].shape)
+    a_parts, b_parts = [], []
+    for block in blocks:
+        u, sv, vh = torch.linalg.svd(block, full_matrices=False)
+        root = sv[:k].sqrt()
+        a_parts.append(root[:, None] * vh[:k])  # (k, fan_in)
+        b_parts.append(u[:, :k] * root)  # (fan_out/g, k)
+    return torch.cat(a_parts), torch.cat(b_parts), 1.0

@@ -347,9 +347,15 @@ def pattern_overlaps(patterns: Mapping[str, Any], paths: list[str]) -> dict[str,
 
 
 def warn_pattern_overlaps(config: Any, paths: list[str]) -> None:
-    """Warn once per pattern dict when several keys match one adapted module (the most specific wins)."""
+    """Warn once per pattern dict when several keys match one adapted module (the most specific wins),
+    and, as PEFT does, when a key matches no adapted module (a typo would otherwise go unnoticed)."""
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = getattr(config, field_name, None) or {}
+        unused = sorted(k for k in patterns if paths and not any(_coverage(k, p) for p in paths))
+        if unused:
+            warnings.warn(f"{field_name}: key(s) {unused} match no adapted module and were ignored; a key "
+                          "matches the end of a module path (e.g. 'q_proj' or 'layers.0.mlp.up_proj').",
+                          stacklevel=3)
         overlaps = pattern_overlaps(patterns, paths)
         if overlaps:
             path, keys = next(iter(overlaps.items()))

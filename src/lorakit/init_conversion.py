@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -32,12 +33,20 @@ from .io import (
 from .state import require_adapter
 
 
-def save_as_lora(model: nn.Module, path: str | Path, initial_path: str | Path,
+def initial_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """A copy of adapter ``adapter_name``'s A and B factors now (PEFT keys): call it right after the
+    adapter was created, and pass the result to :func:`save_as_lora` as ``initial_path``."""
+    return {k: v.detach().float().cpu().clone() for k, v in adapter_tensors(model, adapter_name).items()
+            if k.endswith((".lora_A.weight", ".lora_embedding_A", ".lora_B.weight", ".lora_embedding_B"))}
+
+
+def save_as_lora(model: nn.Module, path: str | Path, initial_path: str | Path | Mapping[str, torch.Tensor],
                  adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` to ``path`` as a rank-2r LoRA on the original weights.
 
     ``initial_path`` is a directory where the same adapter was saved (``lorakit.save_adapter`` or PEFT)
-    right after it was created, before any training: it holds A0 and B0. Returns ``path``.
+    right after it was created, before any training: it holds A0 and B0 — or those tensors themselves,
+    as :func:`initial_factors` returned them. Returns ``path``.
     """
     rec = require_adapter(model, adapter_name)
     config = rec.config
@@ -53,7 +62,8 @@ def save_as_lora(model: nn.Module, path: str | Path, initial_path: str | Path,
             "parametrisation has no rank-2r LoRA form). Train a plain LoRA adapter with init_lora_weights='pissa'/'olora'."
         )
     initial = {}
-    for key, value in read_adapter_weights(initial_path).items():
+    start_tensors = initial_path if isinstance(initial_path, Mapping) else read_adapter_weights(initial_path)
+    for key, value in start_tensors.items():
         norm = normalize_key(key)
         if norm is not None:
             initial[norm] = value
@@ -75,8 +85,9 @@ def save_as_lora(model: nn.Module, path: str | Path, initial_path: str | Path,
         else:  # B' = [B | −B0]: (fan_out, 2r…)
             tensors[key] = torch.cat([value, -start.float()], dim=1).contiguous()
     if problems:
+        where = "the initial factors" if isinstance(initial_path, Mapping) else str(initial_path)
         raise AdapterFileError(
-            f"{initial_path}: this is not the initial state of adapter {adapter_name!r} "
+            f"{where}: this is not the initial state of adapter {adapter_name!r} "
             f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:40])
             + "\nPass the directory saved right after the adapter was created, before training."
         )

@@ -46,6 +46,7 @@ from .state import (  # noqa: F401  (refresh_trainable, bias_parameters: re-expo
     model_state,
     refresh_trainable,
     set_submodule,
+    unmerge_to_switch,
 )
 
 SEQ_CLS_HEADS = ("classifier", "score")  # PEFT's names for a sequence-classification head
@@ -61,8 +62,19 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
     ``kind`` the first kind of ``lorakit.adapter_kinds.ADAPTER_KINDS`` that accepts ``config`` is used.
     The new adapter becomes the active and trainable one; every other parameter is frozen except what
     ``config.bias`` and ``config.modules_to_save`` ask to train. Adapters added earlier stay loaded
-    (inactive); activate several with :func:`lorakit.set_adapter`.
+    (inactive); activate several with :func:`lorakit.set_adapter`. Activating the new adapter is
+    ``set_adapter``'s switch: adapters merged before are unmerged (with a warning), as PEFT's
+    ``add_adapter`` + ``set_adapter``.
     """
+    inject_adapter(model, config, adapter_name, kind)
+    unmerge_to_switch(model, [adapter_name], stacklevel=4)  # last: it changes weights (after every check)
+    return model
+
+
+def inject_adapter(model: nn.Module, config, adapter_name: str, kind: AdapterKind | None) -> None:
+    """:func:`inject` without the final unmerge of merged adapters, for loaders that still fill the new
+    adapter's tensors (and may fail) afterwards: they unmerge once the load has succeeded. Not all or
+    nothing by itself — call it inside a wrapped call."""
     kind = kind_for_config(config) if kind is None else kind
     if not isinstance(kind, AdapterKind):
         raise ConfigError(f"kind={kind!r:.60}: must be an adapter kind of lorakit.adapter_kinds.ADAPTER_KINDS "
@@ -84,10 +96,10 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
                                          f"adapter: {reason}.")
         try:
             adapter = kind.create(base_kind, base, path, config)
-        except UnsupportedModuleError as exc:  # e.g. a grouped convolution: say which module it is
+        except (UnsupportedModuleError, ConfigError) as exc:  # e.g. a grouped conv's rank: say which module
             if repr(path) in str(exc):
                 raise
-            raise UnsupportedModuleError(f"module {path!r}: {exc}") from None
+            raise type(exc)(f"module {path!r}: {exc}") from None
         if adapter.needs_base_weight and isinstance(module, LoraLayer) and module.merged:
             raise AdapterStateError(
                 f"module {path!r} has merged adapters {module.merged}: a {kind.name} adapter (DoRA, trainable tokens) "
@@ -110,7 +122,6 @@ def inject(model: nn.Module, config, adapter_name: str = "default", kind: Adapte
         attach()
     add_trainable_copies(model, copies, adapter_name)
     register_adapter(model, adapter_name, AdapterRecord(config=config, trainable=True, kind=kind.name))
-    return model
 
 
 def with_seq_cls_heads(model: nn.Module, config):

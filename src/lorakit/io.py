@@ -33,18 +33,20 @@ from torch import nn
 from ._fs import atomic_write_many, output_error
 from ._txn import all_or_nothing
 from .adapter_kinds import adapter_kind, kind_for_file
-from .adapters import delete_adapter, set_adapter, set_trainable
+from .adapters import drop_adapter, set_trainable
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterStateError, ConfigError, LorakitError
-from .inject import _excluded, _in_layers, candidate_modules, inject
+from .inject import _excluded, _in_layers, candidate_modules, inject_adapter
 from .peft_compat import portable_patterns, present_names, refuse_per_expert_names, suffix_copy_tensors
 from .state import (
+    activate,
     bias_parameters,
     lora_layers,
     model_state,
     require_adapter,
     require_module,
     trainable_copies,
+    unmerge_to_switch,
 )
 from .validate import check_bool, check_file_ranks, check_float_tensors, read_json_object
 
@@ -242,12 +244,15 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         kind.after_load(model, adapter_name)
 
     return install_adapter(model, path, adapter_name, trainable,
-                           inject_fn=lambda: inject(model, config, adapter_name, kind=kind), fill_fn=fill)
+                           inject_fn=lambda: inject_adapter(model, config, adapter_name, kind=kind), fill_fn=fill)
 
 
+@all_or_nothing
 def install_adapter(model: nn.Module, path, adapter_name: str, trainable: bool, inject_fn, fill_fn) -> nn.Module:
-    """Add an adapter with ``inject_fn()`` and fill it with ``fill_fn()``, all or nothing: on any
-    failure the adapter is removed again and the previously active adapters are restored."""
+    """Add an adapter with ``inject_fn()`` (``inject_adapter``: no unmerge yet) and fill it with
+    ``fill_fn()``, all or nothing: on any failure the adapter is removed again and the previously active
+    adapters are restored. Only then, as :func:`lorakit.inject`, adapters merged before are unmerged
+    (with a warning) so that the model runs the new, active adapter."""
     previous_active = list(model_state(model).active) if model_state(model) else []
     try:
         inject_fn()
@@ -256,11 +261,12 @@ def install_adapter(model: nn.Module, path, adapter_name: str, trainable: bool, 
     try:
         fill_fn()
     except BaseException:
-        delete_adapter(model, adapter_name)
+        drop_adapter(model, adapter_name)  # no successor, no unmerge: the weights were not touched
         if previous_active:
-            set_adapter(model, previous_active)
+            activate(model, previous_active)
         raise
     set_trainable(model, adapter_name, trainable)
+    unmerge_to_switch(model, [adapter_name], stacklevel=5)
     return model
 
 

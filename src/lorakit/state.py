@@ -8,6 +8,7 @@ the model's state dict and disappears with ``merge_and_unload`` / ``unload``.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,28 @@ def activate(model: nn.Module, names: Sequence[str]) -> None:
         # A full copy cannot be summed: the first active adapter that owns one wins.
         host.active = next((n for n in names if n in host.modules_to_save), None)
     refresh_trainable(model)
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters merged into the base weights of at least one layer, in merge order."""
+    out: dict[str, None] = {}
+    for _, host in lora_layers(model):
+        out.update(dict.fromkeys(host.merged))
+    return list(out)
+
+
+def unmerge_to_switch(model: nn.Module, names: Sequence[str], stacklevel: int = 3) -> None:
+    """PEFT's rule when the active adapters change (its ``set_adapter``): merged updates are taken out
+    of the base weights first, with a warning, so the model then runs exactly the active adapters.
+    Call it after every check of the switching call has passed: it changes weights in place."""
+    merged = merged_adapters(model)
+    if not merged:
+        return
+    warnings.warn(f"adapters {merged} are merged into the base weights; activating {list(names)} unmerges them "
+                  "first (as PEFT's set_adapter does). Call lorakit.merge(model) again after switching to merge "
+                  "the new active adapters.", UserWarning, stacklevel=stacklevel)
+    for _, host in lora_layers(model):
+        host.unmerge()
 
 
 # Parameters that belong to adapters or to modules_to_save copies, not to the base model.

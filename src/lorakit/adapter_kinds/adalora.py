@@ -176,6 +176,9 @@ class AdaLoraKind(AdapterKind):
         if base_kind.embedding:
             return ("AdaLoRA adapts linear-like layers and convolutions only (as PEFT). Remove it from "
                     "target_modules, or adapt it with plain LoRA")
+        if base_kind.grouped:
+            return (f"AdaLoRA is not supported on grouped convolutions (groups={base.groups}). Remove it from "
+                    "target_modules, or adapt it with plain LoRA")
         return None
 
     def create(self, base_kind, base, path, config: AdaLoraConfig) -> SVDAdapter:

@@ -152,6 +152,13 @@ class DoraKind(AdapterKind):
         return raw.get("peft_type", "LORA") == "LORA" and bool(raw.get("use_dora"))
 
     def refuses(self, base_kind: BaseKind, base: nn.Module) -> str | None:
+        if base_kind.grouped:
+            # LoRA's update on a grouped conv is a dense conv across groups (GroupedConvKind), so W0 + s·BA
+            # has no (out, in/groups·k) form to normalise per output channel; PEFT 0.21 runs DoRA there but
+            # views its grouped B (out, r/groups) as an (out/groups, r) matrix for the norm, a different
+            # formula than the paper's, so neither its outputs nor a correct DoRA would match the other's.
+            return (f"DoRA is not supported on grouped convolutions (groups={base.groups}). Use plain LoRA "
+                    "(use_dora=False) for this module, or remove it from target_modules")
         return None
 
     def create(self, base_kind: BaseKind, base: nn.Module, path: str, config: LoraConfig) -> DoraAdapter:

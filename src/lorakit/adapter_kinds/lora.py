@@ -5,6 +5,10 @@ This file holds the *one* delta formula of plain LoRA (§4.1):
 
     ΔW = scaling · B · A          (as a (fan_out, fan_in) matrix; kernels flattened into fan_in)
 
+On a grouped convolution B is a grouped 1×…×1 conv (out, r/G, 1…), i.e. the block-diagonal matrix
+``block_diagonal(B, G)`` (out, r), and ΔW is the dense (out, in·k) conv the branch applies
+(``layers/kinds.py``, GroupedConvKind).
+
 Merges, exports, combinations and tests all go through :meth:`LoraAdapter.delta_2d`; the forward
 pass never builds ΔW (it runs x → A → B through the base kind's fused branch, the protocol's
 default ``forward_into``). File tensors: ``lora_A.weight`` / ``lora_B.weight``, or ``lora_embedding_A`` /
@@ -17,13 +21,14 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..layers.kinds import BaseKind, Geometry, init_factors
+from ..layers.kinds import BaseKind, Geometry, block_diagonal, init_factors
 from ..layers.protocol import Adapter, AdapterKind, base_device
 from .weight_inits import init_from_weight
 
 
 class LoraAdapter(Adapter):
-    """Factors ``lora_A`` (r, fan_in…) and ``lora_B`` (fan_out, r…) with a fixed scaling."""
+    """Factors ``lora_A`` (r, fan_in…) and ``lora_B`` (fan_out, r…) — (fan_out, r/G, 1…) on a grouped
+    conv (``b_groups`` = G) — with a fixed scaling."""
 
     def __init__(self, geometry: Geometry, r: int, alpha: float, scaling: float, dropout: float,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
@@ -34,13 +39,15 @@ class LoraAdapter(Adapter):
         self.alpha = alpha
         self.scaling = scaling
         self.dropout = dropout
+        self.b_groups = geometry.b_groups
 
     def reset(self, zero_b: bool, mode: bool | str) -> None:
         init_factors(self.lora_A, self.lora_B, zero_b, mode)
 
     def delta_2d(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """ΔW = scaling · B·A as a (fan_out, fan_in) matrix, in the factors' dtype."""
-        return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)) * self.scaling
+        """ΔW = scaling · B·A as a (fan_out, fan_in) matrix, in the factors' dtype (B block-diagonal on a
+        grouped conv: (fan_out, r/G) -> (fan_out, r))."""
+        return (block_diagonal(self.lora_B.flatten(1), self.b_groups) @ self.lora_A.flatten(1)) * self.scaling
 
     def attach(self, kind: BaseKind, base: nn.Module) -> None:
         """Leave PiSSA/OLoRA's residual in the base: W ← W − s·B0A0 (``weight_inits.py``)."""

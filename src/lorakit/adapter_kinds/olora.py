@@ -99,6 +99,12 @@ class OLoraKind(AdapterKind):
     def accepts_file(self, raw) -> bool:
         return False
 
+    def refuses(self, base_kind, base):
+        if base_kind.grouped:  # its past/new factor blocks are plain (out, R) matrices
+            return (f"O-LoRA is not supported on grouped convolutions (groups={base.groups}). Remove it from "
+                    "target_modules, or adapt it with plain LoRA")
+        return None
+
     def create(self, base_kind, base, path, config: LoraConfig) -> OLoraAdapter:
         r = config.rank_for(path)
         adapter = OLoraAdapter(base_kind.geometry(base, r), r, config.alpha_for(path), config.scaling_for(path),

@@ -73,17 +73,17 @@ def init_from_weight(adapter, base_kind, base, path: str, mode) -> None:
         )
     if not is_weight_init(mode):
         return
+    if not base_kind.linear:
+        raise UnsupportedModuleError(
+            f"module {path!r} is a {type(base).__name__}: init_lora_weights={mode!r} initialises linear layers "
+            "only (as PEFT); remove it from target_modules or use init_lora_weights=True for it in another adapter."
+        )
     if not getattr(base_kind, "in_place", True):
         raise UnsupportedModuleError(
             f"module {path!r} is a quantized {type(base).__name__}: init_lora_weights={mode!r} must write the "
             "residual W − s·B0·A0 into the base weight, which a quantized weight cannot take. Use "
             "init_lora_weights='loftq' with lorakit.quant.loftq.loftq_inject(model, config) on the "
             "full-precision model, or run the init in full precision and quantize the residual model after."
-        )
-    if not base_kind.linear:
-        raise UnsupportedModuleError(
-            f"module {path!r} is a {type(base).__name__}: init_lora_weights={mode!r} initialises linear layers "
-            "only (as PEFT); remove it from target_modules or use init_lora_weights=True for it in another adapter."
         )
     w = base_kind.weight_2d(base).detach()  # (fan_out, fan_in)
     if adapter.r > min(w.shape):  # the SVD / QR has only min(fan_out, fan_in) directions to give

@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 
 from ..errors import ConfigError, LorakitError
@@ -213,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The training loop installs its own handler (stop after the step, save); outside it, SIGTERM
     # ends the command with a message instead of a silent -15.
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    format_before = warnings.formatwarning
+    if not ns.debug:  # lorakit's own warnings read like its other lines, not "/path/file.py:97: UserWarning:"
+        warnings.formatwarning = _one_line_warning
     try:
         return _dispatch(ns)
     except LorakitError as exc:
@@ -233,8 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               "written are intact — continue with --resume auto.", file=sys.stderr)
         return 143
     finally:
+        warnings.formatwarning = format_before
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    own = category is UserWarning or filename.startswith(os.path.dirname(os.path.dirname(__file__)))
+    return f"warning: {message}\n" if own else f"warning: {category.__name__}: {message}\n"
 
 
 def _dispatch(ns) -> int:

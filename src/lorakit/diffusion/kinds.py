@@ -24,8 +24,14 @@ from ..adapter_kinds.loha import LoHaAdapter
 from ..adapter_kinds.lokr import LoKrAdapter, LoKrKind
 from ..adapter_kinds.lora import LoraAdapter
 from ..adapter_kinds.lycoris_config import LoHaConfig, LoKrConfig
-from ..inject import inject
+from ..inject import inject_adapter
 from .config import DiffusionLoraConfig, lora_config_for, patterns_for
+
+
+def inject(module: nn.Module, config, name: str, kind=None) -> None:
+    """Add adapter ``name`` to one pipeline component, leaving fused (merged) adapters merged as diffusers
+    does — not lorakit.inject's unmerge on switching; ``apply_all`` snapshots and restores the component."""
+    inject_adapter(module, config, name, kind)
 
 
 def effective_scaling(adapter: nn.Module) -> float:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModuleError
+from ..errors import AdapterStateError, ConfigError, UnsupportedModuleError
 from .branch import fusion_enabled, lora_linear_branch, lora_linear_fused
 from .dropout import apply_mask
 from .embed_scale import check_scaled_forward, embed_scale
@@ -40,7 +40,18 @@ class Geometry:
     """Shapes of the LoRA factors for one base module and rank r."""
 
     a_shape: tuple[int, ...]  # e.g. (r, in_features)
-    b_shape: tuple[int, ...]  # e.g. (out_features, r)
+    b_shape: tuple[int, ...]  # e.g. (out_features, r); (out, r/b_groups, 1…) for a grouped conv's B
+    #: B is a grouped 1×…×1 conv over the r rank channels (PEFT's LoRA on a grouped conv): output group j
+    #: reads rank channels [j·r/g, (j+1)·r/g) only, so as a matrix B is block-diagonal (see block_diagonal).
+    b_groups: int = 1
+
+
+def block_diagonal(b_2d: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped B (fan_out, r/groups) as the dense (fan_out, r) matrix it applies: row block j (the
+    fan_out/groups rows of output group j) sits in column block j, zeros elsewhere."""
+    if groups == 1:
+        return b_2d
+    return torch.block_diag(*b_2d.chunk(groups, dim=0))
 
 
 class BaseKind:
@@ -55,8 +66,11 @@ class BaseKind:
     transposed = False
     #: a linear projection: selected by ``target_modules="all-linear"``.
     linear = False
-    #: the weight can take ``W += ΔW`` in place (False for quantized bases).
+    #: the weight can take ``W += ΔW`` in place (False for quantized bases and grouped convolutions).
     in_place = True
+    #: B is a grouped conv (``Geometry.b_groups`` > 1 possible): the LoRA update is a dense convolution
+    #: across the base's groups, which its grouped weight cannot hold (no merge; DoRA / AdaLoRA refuse).
+    grouped = False
 
     def matches(self, module: nn.Module) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
@@ -220,16 +234,12 @@ class ConvKind(BaseKind):
         return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
     def geometry(self, module, r):
-        if module.groups != 1:
-            raise UnsupportedModuleError(
-                f"{type(module).__name__} with groups={module.groups}: LoRA on grouped convolutions "
-                "is not supported; remove this module from target_modules."
+        if module.groups != 1:  # kind_of() gives grouped convs GroupedConvKind; a caller naming this kind
+            raise UnsupportedModuleError(  # for one (loralib's Conv layers) is refused
+                f"{type(module).__name__} with groups={module.groups}: this LoRA layer takes groups=1 "
+                "convolutions only; wrap it with lorakit.inject (PEFT's grouped-conv LoRA) instead."
             )
-        if module.padding_mode != "zeros":
-            raise UnsupportedModuleError(
-                f"{type(module).__name__} with padding_mode={module.padding_mode!r}: only 'zeros' is "
-                "supported; remove this module from target_modules."
-            )
+        _check_padding_mode(module)
         k = tuple(module.kernel_size)
         ones = (1,) * len(k)
         return Geometry((r, module.in_channels, *k), (module.out_channels, r, *ones))
@@ -238,21 +248,79 @@ class ConvKind(BaseKind):
         conv = self._fns[a.dim() - 2]
         dt = base_out.dtype
         x = apply_mask(x, mask)
+        # (N, in, *L) -A-> (N, r, *L') -B-> (N, out, *L'); B is grouped (groups = module.groups) only
+        # on GroupedConvKind, whose geometry made B (out, r/groups, 1…).
         xa = conv(x.to(dt), a.to(dt), None, module.stride, module.padding, module.dilation)
-        return base_out + conv(xa, b.to(dt)) * scaling
+        return base_out + conv(xa, b.to(dt), groups=module.groups) * scaling
 
     def to_layout(self, module, delta_2d):
         return delta_2d.reshape(module.weight.shape)
 
     def weight_2d(self, module):
-        return module.weight.flatten(1)  # (out, in, *k) -> (out, in·k)
+        return module.weight.flatten(1)  # (out, in/groups, *k) -> (out, in/groups·k)
 
     def apply_weight(self, module, x, weight_2d):
         w = weight_2d.reshape(module.weight.shape)
-        return self._fns[w.dim() - 2](x.to(w.dtype), w, None, module.stride, module.padding, module.dilation)
+        return self._fns[w.dim() - 2](x.to(w.dtype), w, None, module.stride, module.padding, module.dilation,
+                                      module.groups)
 
 
-KINDS: tuple[BaseKind, ...] = (LinearKind(), Conv1DKind(), EmbeddingKind(), ConvKind())
+def _check_padding_mode(module: nn.Module) -> None:
+    if module.padding_mode != "zeros":
+        raise UnsupportedModuleError(
+            f"{type(module).__name__} with padding_mode={module.padding_mode!r}: only 'zeros' is "
+            "supported; remove this module from target_modules."
+        )
+
+
+class GroupedConvKind(ConvKind):
+    """``nn.Conv1d/2d/3d`` with groups = G > 1 (depthwise when G = in_channels), in PEFT's form:
+
+    A is a dense conv with the base's kernel, stride, padding and dilation, in → r channels (r, in, *k);
+    B a grouped 1×…×1 conv, r → out in G groups (out, r/G, 1…), so r must be a multiple of G (PEFT's
+    rule; depthwise: of the channel count). The update is therefore a dense conv
+    ΔW = s·block_diagonal(B)·A (out, in·k) that reads every input channel — it has no place in the
+    base's grouped weight (out, in/G, *k), so it is never merged (PEFT refuses too); the adapter runs
+    as a branch, ``unload`` removes it. (PEFT's A also drops the base's dilation, which breaks its
+    forward on dilated convs; lorakit keeps it, as for groups = 1.)
+    """
+
+    name = "grouped_conv"
+    grouped = True
+    in_place = False
+
+    def matches(self, module):
+        return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1
+
+    def geometry(self, module, r):
+        _check_padding_mode(module)
+        g = module.groups
+        if r % g:
+            fix = g * max(1, round(r / g))
+            raise ConfigError(
+                f"{type(module).__name__} with groups={g}: LoRA rank r={r} is not a multiple of groups (PEFT's "
+                f"rule: lora_B is a grouped conv over the r rank channels). Set r (or rank_pattern for this "
+                f"module) to a multiple of {g}, e.g. {fix}, or remove the module from target_modules."
+            )
+        k = tuple(module.kernel_size)
+        return Geometry((r, module.in_channels, *k), (module.out_channels, r // g, *(1,) * len(k)), b_groups=g)
+
+    def _refuse_merge(self, module):
+        return AdapterStateError(
+            f"cannot merge a LoRA update into {type(module).__name__}({module.in_channels}, {module.out_channels}, "
+            f"groups={module.groups}): on a grouped convolution LoRA's A reads every input channel, so its update "
+            f"is a dense conv that the grouped weight (out, in/groups, k…) cannot hold (PEFT refuses too). Keep "
+            "the adapter unmerged (it runs beside the base), or lorakit.unload(model) to remove it."
+        )
+
+    def to_layout(self, module, delta_2d):
+        raise self._refuse_merge(module)
+
+    def add_to_weight(self, module, delta):
+        raise self._refuse_merge(module)
+
+
+KINDS: tuple[BaseKind, ...] = (LinearKind(), Conv1DKind(), EmbeddingKind(), GroupedConvKind(), ConvKind())
 
 
 def kind_of(module: nn.Module) -> BaseKind | None:
@@ -268,7 +336,7 @@ def kind_of(module: nn.Module) -> BaseKind | None:
 
 
 def supported_type_names() -> Sequence[str]:
-    return ("nn.Linear", "transformers Conv1D", "nn.Embedding", "nn.Conv1d/2d/3d", "lorakit QuantLinear")
+    return ("nn.Linear", "transformers Conv1D", "nn.Embedding", "nn.Conv1d/2d/3d (also grouped)", "lorakit QuantLinear")
 
 
 def init_factors(a: torch.Tensor, b: torch.Tensor, zero_b: bool, mode: bool | str) -> None:

@@ -29,7 +29,7 @@ from .._fs import atomic_write
 from ..adapter_kinds.sliced import slice_rows
 from ..config import LoraConfig
 from ..errors import AdapterFileError, ConfigError
-from ..inject import candidate_modules, inject
+from ..inject import candidate_modules, inject_adapter
 from ..io import install_adapter
 from ..layers.host import LoraLayer
 from ..layers.kinds import kind_of
@@ -276,7 +276,7 @@ def load_lora_state_dict(model: nn.Module, checkpoint, lora_alpha: float, adapte
                                "trained on (same architecture and sizes), with its enable_lora / modules_to_save.")
     config = _config_for(plan, float(lora_alpha))
     install_adapter(model, where, adapter_name, trainable,
-                    inject_fn=lambda: inject(model, config, adapter_name),
+                    inject_fn=lambda: inject_adapter(model, config, adapter_name, None),
                     fill_fn=lambda: _fill(model, plan, adapter_name))
     return model
 

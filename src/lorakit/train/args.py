@@ -25,6 +25,8 @@ SELF = "self"  # replay_data=self: the base model's own prompts and answers
 #: The ``--method`` names: the keys of ``train.methods.METHODS``, the one table of methods (it does not
 #: import this module, so ``method`` is checked against it on construction).
 METHOD_NAMES = tuple(METHODS)
+#: The methods whose adapter is a plain ``LoraConfig`` built from the run's LoRA settings.
+WEIGHT_INIT_METHODS = ("lora", "loraplus")
 
 
 def _f(default: Any, help: str, *, factory: Any = None) -> Any:
@@ -70,6 +72,17 @@ class TrainArgs:
     use_rslora: bool = _f(False, "scale by alpha/sqrt(r) (rank-stabilized LoRA)")
     use_dora: bool = _f(False, "DoRA (Liu et al. 2024): a trained magnitude per output row times the LoRA-"
                                "updated direction (PEFT's use_dora)")
+    init_lora_weights: bool | str = _f(True, "how the adapter starts (PEFT's init_lora_weights): true (B = 0), gaussian, "
+                                         "pissa, pissa_niter_N or olora (the base keeps the residual; the saved "
+                                         "adapter is converted to a rank-2r LoRA of the original weights)")
+    layers_to_transform: list[int] | None = _f(None, "adapt only these layer indices (comma-separated, e.g. 0,1; "
+                                                     "PEFT's layers_to_transform)")
+    layers_pattern: list[str] | None = _f(None, "with layers_to_transform: the name of the layer list, e.g. layers "
+                                                "(PEFT's layers_pattern; default: the first numbered path segment)")
+    rank_pattern: dict[str, int] = _f(None, "per-module ranks, e.g. rank_pattern.mlp=16 (regex → r, PEFT's "
+                                            "rank_pattern)", factory=dict)
+    alpha_pattern: dict[str, float] = _f(None, "per-module alphas, e.g. alpha_pattern.mlp=32 (regex → alpha)",
+                                         factory=dict)
     fused_slices: dict[str, Any] = _f(None, "LoRA on chosen slices of fused projections, e.g. "
                                             "fused_slices.c_attn=[true,false,true] (docs/LORALIB.md)", factory=dict)
     loraplus_ratio: float = _f(16.0, "LoRA+: B's learning rate = ratio x A's (method=loraplus)")
@@ -232,9 +245,13 @@ class TrainArgs:
         if not isinstance(self.method, str) or self.method not in METHOD_NAMES:
             raise ConfigError(f"method={self.method!r}: not a lorakit method; choose one of "
                               f"{', '.join(METHOD_NAMES)} (e.g. method=lora).")
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.strip().lower() in ("true", "false"):
+            self.init_lora_weights = self.init_lora_weights.strip().lower() == "true"  # the flag's form
+        self._check_lora_shape_options()
         if self.method != "full":  # the targets, checked now as the method's LoraConfig checks them at inject
             LoraConfig(target_modules=self.target_modules, exclude_modules=self.exclude_modules,
-                       modules_to_save=self.modules_to_save)
+                       modules_to_save=self.modules_to_save, fused_slices=self.fused_slices,
+                       **self.lora_shape_options())
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options={self.method_options!r}: must be a mapping of option → value.")
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
@@ -274,6 +291,34 @@ class TrainArgs:
             raise ConfigError("quant_skip / quant_modules only apply with quant=nf4|fp4|int8; set quant or drop them.")
 
     # -- conveniences ---------------------------------------------------------------------------
+    def lora_shape_options(self) -> dict[str, Any]:
+        """The LoraConfig fields of the adapter's start and shape that only method lora/loraplus take."""
+        return dict(init_lora_weights=self.init_lora_weights, layers_to_transform=self.layers_to_transform,
+                    layers_pattern=self.layers_pattern, rank_pattern=self.rank_pattern,
+                    alpha_pattern=self.alpha_pattern)
+
+    def _check_lora_shape_options(self) -> None:
+        init = self.init_lora_weights
+        set_ = [k for k, v in self.lora_shape_options().items() if v not in (True, None, {}, [])]
+        if set_ and self.method not in WEIGHT_INIT_METHODS:
+            raise ConfigError(f"{', '.join(set_)}: method={self.method} builds its adapter its own way; these "
+                              f"options are for method={' or '.join(WEIGHT_INIT_METHODS)} (drop them, or change "
+                              "method).")
+        if init == "loftq":
+            raise ConfigError("init_lora_weights=loftq is not a lorakit train option: LoftQ quantizes the full-"
+                              "precision weights itself while it builds the factors. Use the Python API "
+                              "(lorakit.quant.loftq.loftq_inject on the unquantized model, docs/QUANT.md), or "
+                              "quant=nf4 with init_lora_weights=true or gaussian.")
+        if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+            if self.quant != "none":
+                raise ConfigError(f"init_lora_weights={init} with quant={self.quant}: {init} writes the residual "
+                                  "W − s·B0·A0 into the base weights, which a quantized base cannot take. Train "
+                                  "without quant, or use init_lora_weights=true with quant.")
+            if self.use_dora:
+                raise ConfigError(f"init_lora_weights={init} with use_dora=true: the saved adapter is rewritten "
+                                  "as a plain LoRA of the original weights, which a DoRA magnitude has no form "
+                                  "for. Drop one of the two.")
+
     @property
     def builtin_task(self) -> str | None:
         """``TASK`` when ``data`` is ``builtin:TASK``."""

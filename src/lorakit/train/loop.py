@@ -182,7 +182,7 @@ def _train(args: TrainArgs, hooks: list[TrainHook], closing: ExitStack, mode: st
 
     # -- resume ---------------------------------------------------------------------------------------
     start_step, history, before = 0, [], {}
-    fp = {**fingerprint(args, world), **resume_checks.data_digests(args)}
+    fp = {**fingerprint(args, world), **resume_checks.data_digests(args), **setup.fingerprint}
     if resume_path is not None:
         path = resume_path
         state = resume_checks.resume_from(path, model=unwrapped, optimizer=optimizer, hooks=all_hooks,

@@ -11,6 +11,7 @@ and adding one entry to the table.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,12 @@ from typing import Any
 
 from torch import nn
 
+from ..adapter_kinds.weight_inits import is_weight_init
 from ..adapters import merge_and_unload
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hooks import TrainHook
+from ..init_conversion import initial_factors, save_as_lora
 from ..inject import inject
 from ..io import save_adapter
 from ..validate import check_bool
@@ -50,6 +53,8 @@ class MethodSetup:
         save: writes the final artifact: ``save(model, directory, tokenizer)``; default
             ``lorakit.save_adapter`` (PEFT format).
         artifact: the name of the artifact's sub-directory of ``output_dir``.
+        fingerprint: settings of the built adapter a checkpoint must agree with to resume (beside the
+            run's own, ``setup.fingerprint``), e.g. a digest of PiSSA's recomputed starting factors.
     """
 
     model: nn.Module
@@ -57,6 +62,7 @@ class MethodSetup:
     param_groups: list[dict[str, Any]] | None = None
     save: Callable[[nn.Module, Path, Any], None] = _save_adapter
     artifact: str = "adapter"
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
 MethodBuilder = Callable[[nn.Module, RunArgs], MethodSetup]
@@ -90,19 +96,45 @@ def lora_config(args: RunArgs, **overrides: Any) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
+def _inject_lora(model: nn.Module, args: RunArgs) -> MethodSetup:
+    """Method lora's adapter, with the run's start (``init_lora_weights``) and shape options.
+
+    PiSSA / OLoRA (Meng et al. 2024 §3; Büyükakyüz 2024) start from factors of W's SVD / QR and leave
+    the residual W − s·B0·A0 in the base, so the trained factors only fit the residual model. The
+    artifact is therefore written as PEFT's ``path_initial_model_for_weight_conversion`` (and
+    LLaMA-Factory's ``pissa_convert``) write it: a rank-2r LoRA of the original weights,
+    [B | −B0]·[A ; A0] (``init_conversion.save_as_lora``), which ``lorakit eval/merge/generate`` and
+    PEFT apply to the untouched base. Checkpoints keep the raw factors: a resume runs the init again on
+    the original weights, and a digest of the starting factors (in the fingerprint) refuses a resume
+    whose SVD / QR came out differently (another thread count or CPU).
+    """
+    config = lora_config(args, **args.lora_shape_options())
+    inject(model, config)
+    setup = MethodSetup(model)
+    if is_weight_init(config.init_lora_weights):
+        start = initial_factors(model)
+        digest = hashlib.sha256()
+        for key in sorted(start):
+            digest.update(key.encode())
+            digest.update(start[key].numpy().tobytes())
+        setup.fingerprint = {"initial_factors_sha256": digest.hexdigest()}
+        setup.save = lambda m, path, tokenizer: save_as_lora(m, path, start)
+    return setup
+
+
 # -- the methods ------------------------------------------------------------------------------------
 def _lora(model: nn.Module, args: RunArgs) -> MethodSetup:
     _no_options(args)
-    inject(model, lora_config(args))
-    return MethodSetup(model)
+    return _inject_lora(model, args)
 
 
 def _loraplus(model: nn.Module, args: RunArgs) -> MethodSetup:
     _no_options(args)
-    inject(model, lora_config(args))
-    groups = loraplus_param_groups(model, args.lr, ratio=args.loraplus_ratio,
-                                   embedding_lr=args.loraplus_embedding_lr, weight_decay=args.weight_decay)
-    return MethodSetup(model, param_groups=groups)
+    setup = _inject_lora(model, args)
+    setup.param_groups = loraplus_param_groups(model, args.lr, ratio=args.loraplus_ratio,
+                                               embedding_lr=args.loraplus_embedding_lr,
+                                               weight_decay=args.weight_decay)
+    return setup
 
 
 def _full(model: nn.Module, args: RunArgs) -> MethodSetup:

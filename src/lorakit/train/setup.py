@@ -253,7 +253,9 @@ def fingerprint(args: TrainArgs, world_size: int) -> dict[str, Any]:
     fp["world_size"] = world_size
     # Settings that change which rows train (or, quant_head, the frozen head's dtype and so every loss),
     # recorded only when set, so older checkpoints still resume.
-    for key, off in (("eval_split", 0.0), ("columns", {}), ("system_prompt", "auto"), ("quant_head", "bf16")):
+    for key, off in (("eval_split", 0.0), ("columns", {}), ("system_prompt", "auto"), ("quant_head", "bf16"),
+                     ("init_lora_weights", True), ("layers_to_transform", None), ("layers_pattern", None),
+                     ("rank_pattern", {}), ("alpha_pattern", {})):
         if getattr(args, key) != off:
             fp[key] = getattr(args, key)
     return fp
