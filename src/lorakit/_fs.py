@@ -6,11 +6,12 @@ truncated mix, because ``os.replace`` is atomic on POSIX within one filesystem.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,8 +77,40 @@ def is_write_failure(exc: BaseException) -> bool:
 
 def output_error(exc: BaseException, path: str | os.PathLike) -> OutputError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return OutputError(f"{path}: cannot be written ({reason}). Free disk space, or choose a writable "
-                       "directory (e.g. --output-dir elsewhere).")
+    errno_ = exc.errno if isinstance(exc, OSError) else None
+    if errno_ == errno.EISDIR:  # the path is a directory: no amount of free space helps
+        fix = "give the path of a file, not a directory"
+    elif errno_ in (errno.EEXIST, errno.ENOTDIR):  # mkdir / open under a path component that is a file
+        fix = "a part of the path is a file, not a directory; choose another path"
+    else:
+        fix = "Free disk space, or choose a writable directory (e.g. --output-dir elsewhere)"
+    return OutputError(f"{path}: cannot be written ({reason}). {fix[0].upper()}{fix[1:]}.")
+
+
+def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), what: str = "output") -> Path:
+    """Refuse an output *file* path before any work is done: not a path, an existing directory, a path
+    under a file, or one of the call's own input files (writing there would replace the input the call
+    reads — a base model, an adapter). Returns the path."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise OutputError(f"{what} {path!r}: give the path of the file to write (str or pathlib.Path).")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"{what} {path}: is a directory; give the path of a file to write (inside it, or "
+                          "elsewhere).")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputError(f"{what} {path}: {blocker} is a file, not a directory; choose another path.")
+    for given in inputs:
+        if _same_file(path, Path(given).expanduser()):
+            raise OutputError(f"{what} {path}: is the input file {given}; writing it would replace the input. "
+                              "Choose another output path.")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def _umask() -> int:

@@ -15,13 +15,14 @@ Exact up to rounding; on a quantized base the difference Q(W_res) vs Q(W) remain
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import AdapterFileError, AdapterStateError
+from .errors import AdapterFileError, AdapterStateError, OutputError
 from .io import (
     adapter_tensors,
     normalize_key,
@@ -49,6 +50,11 @@ def save_as_lora(model: nn.Module, path: str | Path, initial_path: str | Path | 
     """
     rec = require_adapter(model, adapter_name)
     config = rec.config
+    if isinstance(path, (str, os.PathLike)) and isinstance(initial_path, (str, os.PathLike)) \
+            and Path(path).resolve() == Path(initial_path).resolve():
+        # the converted adapter would replace A0/B0, the only record of the start it is converted against
+        raise OutputError(f"{path}: is initial_path itself; writing there would replace the initial adapter "
+                          "(A0, B0). Save the converted LoRA to another directory.")
     if getattr(config, "use_dora", False) or rec.kind != "lora":
         raise AdapterStateError(
             f"adapter {adapter_name!r} is a {'DoRA' if getattr(config, 'use_dora', False) else rec.kind} adapter: "

@@ -42,10 +42,25 @@ def train_command(config: str | None, flags: dict[str, str], overrides: Sequence
     layers = [("the embedded defaults", EMBEDDED_DEFAULTS if demo else {}),
               (f"recipe {config}", recipe), ("the command-line flags", flags), ("key=value arguments", extra)]
     args = build(TrainArgs, *layers)
-    result = train(args)
+    owned = not _process_group_up()  # under torchrun, accelerate forms the group inside train()
+    try:
+        result = train(args)
+    finally:
+        if owned and _process_group_up():
+            # Leave the group before the interpreter exits: a gloo group left to static destruction can
+            # abort the process ("terminate called without an active exception") after a good run.
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     if result.interrupted:
         return 143 if result.signal == signal.SIGTERM else 130
     return 0
+
+
+def _process_group_up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def eval_command(data: str, adapter: str | None, model: str | None, max_length: int, batch_size: int,

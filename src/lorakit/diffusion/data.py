@@ -51,6 +51,7 @@ class Dataset:
 def scan(root: str | Path, caption_ext: str = ".txt", missing_caption: str = "error") -> Dataset:
     """Find images and captions under ``root`` (kohya's ``N_name`` folders, or images in ``root`` itself)."""
     root = Path(root)
+    check_caption_ext(caption_ext, DataError)
     if missing_caption not in MISSING:
         raise DataError(f"missing_caption={missing_caption!r}: use one of {', '.join(MISSING)}.")
     if not root.is_dir():
@@ -69,7 +70,7 @@ def scan(root: str | Path, caption_ext: str = ".txt", missing_caption: str = "er
         for img in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS):
             cap_file = img.with_suffix(caption_ext)
             if cap_file.is_file():
-                caption = cap_file.read_text(encoding="utf-8").strip()
+                caption = read_caption(cap_file)
             elif missing_caption == "skip":
                 ds.skipped.append(img)
                 continue
@@ -84,6 +85,24 @@ def scan(root: str | Path, caption_ext: str = ".txt", missing_caption: str = "er
         raise DataError(f"{root}: no captioned image found ({', '.join(IMAGE_EXTS)} with a {caption_ext} beside "
                         f"each, in the folder or its N_name subfolders); {len(ds.skipped)} skipped without caption.")
     return ds
+
+
+def check_caption_ext(ext, error) -> None:
+    """A file suffix like ".txt" (``Path.with_suffix`` raised a bare ValueError on "txt" or "a/.txt")."""
+    if not isinstance(ext, str) or len(ext) < 2 or not ext.startswith(".") or any(c in ext for c in "/\\\x00") \
+            or ext.count(".") != 1:
+        raise error(f"caption_ext={ext!r}: must be a file suffix with its dot, e.g. '.txt' or '.caption'.")
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text (UTF-8, kohya's encoding); other bytes are a DataError naming file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:  # a raw traceback from the CLI before
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "save the caption as UTF-8.") from None
 
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from .._txn import restore, snapshot
+from ..errors import ConfigError
 from ..state import model_state
 from .components import components_of
 from .config import DiffusionLoraConfig
@@ -37,8 +38,14 @@ def plan_targets(components: Mapping[str, nn.Module], config: DiffusionLoraConfi
 def add_adapter(pipe: Any, config: DiffusionLoraConfig, name: str = "default") -> dict[str, nn.Module]:
     """Add adapter ``name`` (trainable, active) to the UNet and — with ``config.text_encoder`` — the
     text encoder(s) of ``pipe``; returns the adapted components."""
+    if not isinstance(config, DiffusionLoraConfig):  # a dict had no attribute 'unet'
+        raise ConfigError(f"add_adapter: config must be a DiffusionLoraConfig (e.g. DiffusionLoraConfig(rank=8)), "
+                          f"not a {type(config).__name__}.")
     components = components_of(pipe)
     plan = plan_targets(components, config)
+    if not plan:  # e.g. unet=False, text_encoder=True on a pipeline without a text encoder: a silent no-op before
+        raise ConfigError(f"add_adapter: nothing to adapt — unet={config.unet}, text_encoder={config.text_encoder} "
+                          f"and the pipeline has {sorted(components)}; set unet=True or pass the text encoder(s).")
     kind = FILE_KINDS[config.kind]
     apply_all(components, name, {c: (lambda m, per=per: kind.inject(m, per, config, name)) for c, per in plan.items()})
     return {c: components[c] for c in plan}

@@ -197,7 +197,14 @@ def tensor_problems(mod: str, group: dict[str, torch.Tensor]) -> list[str]:
                 out.append(f"{key} = {value}: alpha must be a finite number > 0")
         elif t.dim() not in (2, 4) or 0 in t.shape:
             out.append(f"{key}: shape {tuple(t.shape)} is not a 2-D (Linear) or 4-D (conv) factor with non-zero sizes")
+        elif suffix in MATRIX_ONLY and t.dim() != 2:  # read as (rows, cols) below: a ValueError before
+            out.append(f"{key}: shape {tuple(t.shape)}; LoKr's {suffix} is always a 2-D matrix (only lokr_w2 / "
+                       "lokr_w2_b hold a conv kernel)")
     return out
+
+
+#: LoKr factors LyCORIS always writes as matrices, for Linear and conv modules alike.
+MATRIX_ONLY = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a"})
 
 
 def classify(group: dict[str, torch.Tensor]):

@@ -23,7 +23,7 @@ from torch import nn
 
 from .._fs import atomic_write
 from ..adapters import set_trainable
-from ..errors import AdapterFileError, AdapterNotFoundError, ConfigError
+from ..errors import AdapterFileError, AdapterNotFoundError, AdapterStateError, ConfigError
 from ..io import check_and_copy
 from ..state import lora_layers
 from ..validate import check_float_tensors
@@ -40,6 +40,7 @@ NETWORK_MODULE = {"lora": "networks.lora"}  # LyCORIS kinds: "lycoris.kohya" wit
 # -- save -----------------------------------------------------------------------------------------
 def kohya_state_dict(pipe: Any, name: str = "default", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """``{key: tensor}`` of adapter ``name`` with kohya/LyCORIS keys (SGM names for SDXL's UNet)."""
+    check_float_dtype(dtype)  # torch.int8 rounded every factor to 0 (save_kohya checked, this did not)
     components = adapter_components(pipe, name)
     if not components:
         raise AdapterNotFoundError(f"no component of the pipeline holds an adapter named {name!r}.")
@@ -63,8 +64,11 @@ def kohya_state_dict(pipe: Any, name: str = "default", dtype: torch.dtype = torc
 def save_kohya(pipe: Any, path: str | Path, name: str = "default", dtype: torch.dtype = torch.float32,
                metadata: Mapping[str, Any] | None = None) -> Path:
     """Write adapter ``name`` of ``pipe`` to one kohya/LyCORIS ``.safetensors`` file (atomically)."""
-    path = Path(path)
+    path = check_save_path(path, "LoRA file")
     check_float_dtype(dtype)
+    if metadata is not None and not isinstance(metadata, Mapping):  # a list was an AttributeError
+        raise ConfigError(f"metadata={metadata!r:.60}: must be a mapping of names to values (e.g. "
+                          "{'ss_output_name': 'my_style'}), not a {type(metadata).__name__}.")
     extra = {}
     for k, v in (metadata or {}).items():
         try:
@@ -73,6 +77,7 @@ def save_kohya(pipe: Any, path: str | Path, name: str = "default", dtype: torch.
             raise ConfigError(f"metadata[{k!r}]={v!r}: not a string and not JSON-serializable ({exc}); pass strings, "
                               "numbers, lists or dicts.") from None
     tensors = kohya_state_dict(pipe, name, dtype)
+    check_finite_for_save(tensors, name, path)
     meta = kohya_metadata(pipe, name, tensors)
     meta.update(extra)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -101,6 +106,23 @@ def kohya_metadata(pipe: Any, name: str, tensors: Mapping[str, torch.Tensor]) ->
 # -- load -----------------------------------------------------------------------------------------
 def _rank(spec) -> int:
     return spec[0] if isinstance(spec, tuple) else spec.r
+
+
+def check_save_path(path: Any, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConfigError(f"{what} {path!r:.60}: give the path to write as a str or pathlib.Path.")
+    return Path(path)
+
+
+def check_finite_for_save(tensors: Mapping[str, torch.Tensor], name: str, path: Path) -> None:
+    """The loaders refuse NaN/inf factors, so a file holding them (a diverged run, or a factor that overflows
+    the save dtype) would be one that neither lorakit nor ComfyUI/A1111 can use: refuse before writing."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and t.numel()
+           and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())]
+    if bad:
+        raise AdapterStateError(f"adapter {name!r} not saved to {path}: its tensors hold NaN or inf values: "
+                                f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}. The run diverged (use an earlier "
+                                "checkpoint), or the factors overflow the save dtype (save with dtype=torch.float32).")
 
 
 def check_float_dtype(dtype) -> None:

@@ -84,6 +84,10 @@ def tiny_model(seed: int = 0) -> ImageModel:
     return ImageModel(unet.eval(), vae.eval(), te.eval(), HashTokenizer(1000, 16), sched, "tiny")
 
 
+#: The subfolders of a diffusers Stable Diffusion folder that an image run reads.
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
 def load_model(source: str, seed: int = 0) -> ImageModel:
     """``tiny`` or a local diffusers Stable Diffusion 1.x/2.x folder (model_index.json, unet/, vae/, ...)."""
     if source == "tiny":
@@ -92,6 +96,11 @@ def load_model(source: str, seed: int = 0) -> ImageModel:
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"model={source!r}: not 'tiny' and not a local diffusers pipeline folder (no "
                           "model_index.json); download the base model with diffusers first.")
+    missing = [sub for sub in PIPELINE_PARTS if not (path / sub).is_dir()]
+    if missing:  # transformers read a missing local folder as a hub repo id ("Repo id must be in the form …")
+        raise ConfigError(f"model={source!r}: the pipeline folder has no {', '.join(f'{m}/' for m in missing)} "
+                          f"(it needs {', '.join(f'{m}/' for m in PIPELINE_PARTS)}); download the whole pipeline with "
+                          "diffusers (DiffusionPipeline.from_pretrained(...).save_pretrained(folder)).")
     d = require_diffusers()
     from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -12,6 +12,7 @@ that ignore the metadata — the same ΔW either way.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -28,11 +29,12 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterNotFoundError
 from ..io import check_and_copy
 from ..state import lora_layers
+from ..validate import check_bool
 from .components import components_of
 from .config import DiffusionLoraConfig, lora_config_for
 from .inject import adapter_components, apply_all
 from .kinds import FILE_KINDS, effective_scaling, tensor_problems
-from .kohya import _fit, check_float_dtype, check_tensors, read_file
+from .kohya import _fit, check_finite_for_save, check_float_dtype, check_save_path, check_tensors, read_file
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -41,6 +43,8 @@ METADATA_KEY = "lora_adapter_metadata"
 def save_diffusers(pipe: Any, directory: str | Path, name: str = "default", fold_alpha: bool = False,
                    dtype: torch.dtype = torch.float32) -> Path:
     """Write adapter ``name`` as ``<directory>/pytorch_lora_weights.safetensors`` (atomically)."""
+    directory = check_save_path(directory, "LoRA directory")
+    check_bool("fold_alpha", fold_alpha)  # "no" folded α/r into lora_B
     check_float_dtype(dtype)
     components = adapter_components(pipe, name)
     if not components:
@@ -66,7 +70,8 @@ def save_diffusers(pipe: Any, directory: str | Path, name: str = "default", fold
             per[path] = (r, float(r) if fold_alpha else alpha)
         cfg = lora_config_for(per).to_peft_dict()
         meta.update({f"{comp}.{k}": v for k, v in cfg.items()})
-    out = Path(directory) / WEIGHT_NAME
+    out = directory / WEIGHT_NAME
+    check_finite_for_save(tensors, name, out)
     header = {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True, default=list)}
     atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=header))
     return out
@@ -107,16 +112,24 @@ def load_diffusers(pipe: Any, path: str | Path, name: str = "default", trainable
     if problems:
         raise AdapterFileError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20])
                                + "\nIs it a LoRA for another pipeline (SD 1.x / SDXL / another model)?")
+    if not groups:  # load_kohya refuses an empty file; this one loaded nothing and said nothing
+        raise AdapterFileError(f"{path}: holds no LoRA tensors (<component>.<path>.lora_A/lora_B.weight); it is not a "
+                               "diffusers LoRA file.")
     check_tensors(path, {f"{comp}.{mpath}": g for comp, per in groups.items() for mpath, g in per.items()})
     steps = {}
     for comp, per_path in groups.items():
         cfg = LoraConfig.from_peft_dict(meta[comp], source=f"{path} metadata {comp}") if comp in meta else None
+        if cfg is not None and cfg.use_dora:  # read as plain LoRA before: the magnitude vector silently dropped
+            raise AdapterFileError(f"{path}: metadata {METADATA_KEY} says {comp}.use_dora=true; DoRA diffusion LoRAs "
+                                   "are not implemented in lorakit — load it with diffusers/PEFT, or retrain as LoRA.")
         plan = {}
         for mpath, g in per_path.items():
             if "lora_A.weight" not in g:
                 raise AdapterFileError(f"{path}: {comp}.{mpath} has lora_B but no lora_A; the file is incomplete.")
             r = int(g["lora_A.weight"].shape[0])
             alpha = alphas.get((comp, mpath), cfg.alpha_for(mpath) if cfg else float(r))
+            if cfg is not None and cfg.use_rslora:  # rsLoRA (Kalajdzievski 2023): s = α/√r = (α·√r)/r
+                alpha *= math.sqrt(r)
             plan[mpath] = (r, alpha)
 
         def step(module, comp=comp, plan=plan, per_path=per_path):

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 from .._fs import atomic_write, atomic_write_text
 from ..adapters import disabled
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, OutputError, TrainingError
 from ..state import model_state
 from ..train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
-from ..validate import check_bool
+from ..validate import check_bool, check_field_types
 from .config import DiffusionLoraConfig
-from .data import assign_buckets, load_image, scan
+from .data import assign_buckets, check_caption_ext, image_size, load_image, scan
 from .inject import add_adapter
 from .kohya import save_kohya
 from .models import load_model, require_diffusers
@@ -106,14 +106,22 @@ class ImageTrainArgs:
         for name in ("text_encoder", "buckets", "resume"):
             check_bool(name, getattr(self, name))
         seeds = self.preview_seeds
-        if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
-            raise ConfigError(f"preview_seeds={seeds!r}: must be a list of integers, e.g. [1, 2].")
+        # an empty list was a torch error when the first preview grid was drawn, after the model loaded
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise ConfigError(f"preview_seeds={seeds!r}: must be a non-empty list of integers, e.g. [1, 2].")
         prompts = self.preview_prompts
-        if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
-            raise ConfigError(f"preview_prompts={prompts!r}: must be a list of prompts.")
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(x, str) for x in prompts):
+            raise ConfigError(f"preview_prompts={prompts!r}: must be a non-empty list of prompts, e.g. ['a red circle'].")
         if self.resolution % 8:
             raise ConfigError(f"resolution={self.resolution}: must be a multiple of 8.")
         self.adapter_config()  # validates kind / rank / alpha
+        check_field_types(self)  # the rest: output_name=3 / model=None were TypeErrors at the end of the run
+        check_caption_ext(self.caption_ext, ConfigError)
+        name = str(self.output_name)
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            # "../x" wrote the LoRA outside output_dir, "" a hidden ".safetensors"
+            raise ConfigError(f"output_name={self.output_name!r}: must be a file name without a directory part "
+                              "(e.g. 'my_style'); the LoRA is written as OUTPUT_DIR/<output_name>.safetensors.")
 
     def adapter_config(self) -> DiffusionLoraConfig:
         conv = self.conv_rank or None
@@ -170,7 +178,12 @@ def _batch_plan(order: list[int], sizes: list[tuple[int, int]], batch: int, seed
 def train_image(args: ImageTrainArgs, log=print) -> ImageTrainResult:
     DDPMScheduler = require_diffusers().DDPMScheduler
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():  # found only when the first preview was written, after loading
+        raise OutputError(f"output_dir {str(out)!r} is a file, not a directory; give a directory for the run's "
+                          "previews, checkpoints and LoRA.")
     ds = scan(args.data, args.caption_ext, args.missing_caption)
+    for it in ds.items:  # every image's header before anything is written (a bad one stopped the loop midway)
+        image_size(it.image)
     sizes = assign_buckets(ds, args.resolution, args.buckets)
     order = ds.expanded()
     model = load_model(args.model, args.seed)

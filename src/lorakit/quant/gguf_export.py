@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .._fs import atomic_write
+from .._fs import atomic_write, check_output_file
 from ..errors import AdapterFileError, ConfigError
 from ..io import read_adapter_config, read_adapter_weights
 from .gguf_read import ARCHS, GGUFFile, arch_for_model_type, qk_row_order, supported_model_types
@@ -110,9 +110,12 @@ def gguf_adapter_tensors(adapter: str | os.PathLike, base: GGUFFile) -> tuple[di
                 + ". llama.cpp cannot apply it: retrain without this target (target_modules / exclude_modules), "
                 "or merge the adapter instead."
             )
-        r = a.shape[0]
         out_f, in_f = base.shape(name)[0], base.shape(name)[-1]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, r):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] == 0:  # a 0-d A was an IndexError, rank 0 a ZeroDivisionError
+            raise AdapterFileError(f"{adapter}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; a LoRA "
+                                   "pair is A (r, in) and B (out, r) with r ≥ 1. The file is damaged; save it again.")
+        r = a.shape[0]
+        if a.shape[1] != in_f or b.shape != (out_f, r):
             raise ConfigError(
                 f"{adapter}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but {name} in "
                 f"{base.path} is ({out_f}, {in_f}); the adapter belongs to another model. Pass --base with the GGUF "
@@ -129,6 +132,12 @@ def gguf_adapter_tensors(adapter: str | os.PathLike, base: GGUFFile) -> tuple[di
     return out, alpha
 
 
+def adapter_files(adapter: str | os.PathLike) -> list[Path]:
+    """The files of an adapter directory that an output path must never replace."""
+    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    return [Path(adapter) / n for n in names] if isinstance(adapter, (str, os.PathLike)) else []
+
+
 def export_gguf_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike,
                         out_type: str = "f32") -> Path:
     """Write ``adapter`` (a PEFT/lorakit LoRA directory) as a llama.cpp LoRA GGUF at ``out`` for the
@@ -143,14 +152,21 @@ def export_gguf_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base
     if not isinstance(adapter, (str, os.PathLike)):
         raise ConfigError(f"adapter directory {adapter!r:.60}: must be a path (str or pathlib.Path), "
                           f"got a {type(adapter).__name__}.")
+    inputs = [*adapter_files(adapter)] + ([base] if isinstance(base, (str, os.PathLike)) else [])
+    out = check_output_file(out, inputs, "export --out")  # before the base is read: never the base itself
     f = GGUFFile(base)
     try:
         tensors, alpha = gguf_adapter_tensors(adapter, f)
         arch = f.architecture
     finally:
         f.close()
-    out = Path(out)
     dt = np.float32 if out_type == "f32" else np.float16
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name
+        data = {name: t.numpy().astype(dt) for name, t in tensors.items()}
+    overflow = [name for name, x in data.items() if not np.isfinite(x).all()]
+    if overflow:  # written as inf before; the factors themselves are finite (the adapter loader checks)
+        raise ConfigError(f"{adapter}: {', '.join(overflow[:4])} overflow float16 (|value| > 65504 after the module's "
+                          "scale is folded into lora_b); export with --outtype f32.")
 
     def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch)
@@ -158,8 +174,8 @@ def export_gguf_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         w.add_name(Path(adapter).name)
-        for name, t in tensors.items():
-            w.add_tensor(name, t.numpy().astype(dt))
+        for name, t in data.items():
+            w.add_tensor(name, t)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

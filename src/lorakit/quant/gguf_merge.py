@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._fs import atomic_write, atomic_write_json
+from .._fs import atomic_write, atomic_write_json, check_output_file
 from ..errors import ConfigError, QuantizationError
 from ..io import load_adapter, read_adapter_config
 from ..layers.host import LoraLayer
 from ..state import lora_layers, trainable_copies
 from .gguf_codecs import DENSE, FORMATS, dequantize
-from .gguf_export import _adapter_model_type
+from .gguf_export import _adapter_model_type, adapter_files
 from .gguf_load import load_gguf
 from .gguf_read import GGUFFile, arch_for_model_type, qk_row_order, supported_model_types
 from .linear import QuantLinear
@@ -91,6 +91,7 @@ def merge_gguf(adapter: str | os.PathLike, out: str | os.PathLike, base: str | o
     if out_type not in OUT_TYPES:
         raise ConfigError(f"out_type={out_type!r}: use one of {', '.join(OUT_TYPES)}.")
     path = base_gguf(adapter, base)
+    out = check_output_file(out, [path, *adapter_files(adapter)], "merge --out")
     f = GGUFFile(path)
     try:
         spec = f.require_supported()

@@ -27,6 +27,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .._txn import all_or_nothing
 from ..adapter_kinds.dora import DoraAdapter
 from ..config import LoraConfig
 from ..errors import ConfigError, UnsupportedModuleError
@@ -53,6 +54,7 @@ def loftq_decompose(w: torch.Tensor, r: int, scaling: float, n_iter: int = 1, bl
     return q, (right * k).contiguous(), (left * k).contiguous()
 
 
+@all_or_nothing  # the swapped-in QuantLinear bases go back to nn.Linear if inject fails
 def loftq_inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
                  compute_dtype: torch.dtype = torch.float32, double_quant: bool = False,
                  blocksize: int = 64) -> nn.Module:

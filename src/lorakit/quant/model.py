@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .._txn import all_or_nothing
-from ..errors import QuantizationError
+from ..errors import AdapterStateError, QuantizationError
+from ..state import lora_layers
 from .linear import QUANT_TYPES, QuantLinear, check_compute_dtype
 from .nf4 import check_blocksize
 
@@ -85,6 +86,17 @@ def linears_to_quantize(model: nn.Module, skip: Iterable[str] = (), quantize_hea
     return chosen
 
 
+def check_no_merged_adapters(model: nn.Module, linears: set[int]) -> None:
+    """A merged adapter's ΔW would be quantized into the base, and its host would still list it as merged:
+    unmerge could then never subtract it (a QuantLinear has no float weight — an AttributeError before)."""
+    merged = [f"{path} ({', '.join(host.merged)})" for path, host in lora_layers(model)
+              if host.merged and id(host.base_layer) in linears]
+    if merged:
+        raise AdapterStateError(f"quantize_model: adapters are merged into layers it would quantize: {', '.join(merged[:4])}"
+                                f"{' …' if len(merged) > 4 else ''}; call lorakit.unmerge(model) first (or "
+                                "lorakit.merge_and_unload(model) to quantize the merged weights as a plain model).")
+
+
 @all_or_nothing
 def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                    compute_dtype: torch.dtype = torch.bfloat16, skip: Iterable[str] = (),
@@ -100,7 +112,9 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
     for name, flag in (("double_quant", double_quant), ("quantize_head", quantize_head)):
         if not isinstance(flag, bool):  # "no" would read as True (quantize_head="no" quantized the head)
             raise QuantizationError(f"{name}={flag!r}: must be True or False.")
-    for path, linear in linears_to_quantize(model, skip, quantize_head):
+    todo = list(linears_to_quantize(model, skip, quantize_head))
+    check_no_merged_adapters(model, {id(linear) for _, linear in todo})
+    for path, linear in todo:
         if linear.weight.device.type == "meta":
             raise QuantizationError(f"{path}: the weight is on the meta device; load the model's weights first.")
         qlinear = QuantLinear.from_linear(linear, quant_type, double_quant, blocksize, compute_dtype)
