@@ -17,7 +17,17 @@ file, both ways.
 import peft_models as pm
 import pytest
 import torch
-from peft_models import VOCAB, _ids, _seeded, adapted_paths, assert_close, lorakit_config, output, peft, peft_config
+from peft_models import (
+    VOCAB,
+    _ids,
+    _seeded,
+    adapted_paths,
+    assert_close,
+    lorakit_config,
+    output,
+    peft,
+    peft_config,
+)
 
 import lorakit
 from lorakit.errors import TargetNotFoundError, UnsupportedModuleError
