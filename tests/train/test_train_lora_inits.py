@@ -185,3 +185,38 @@ def test_flag_forms(tiny_lm, instr_file, tmp_path):
     assert args.init_lora_weights is False and args.layers_to_transform == [0, 1]
     assert args.rank_pattern == {"q_proj": 2} and args.alpha_pattern == {"mlp": 4.5}
     assert build(TrainArgs, ("yaml", {"init_lora_weights": "pissa_niter_4"})).init_lora_weights == "pissa_niter_4"
+
+
+# -- LoHa / LoKr as methods ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method, kw", [
+    ("loha", {}),
+    ("loha", dict(rank_pattern={"q_proj": 2}, layers_to_transform=[1])),
+    ("lokr", {}),
+    ("lokr", dict(method_options={"decompose_both": True}, r=2)),
+    ("lokr", dict(method_options={"decompose_factor": 4}, alpha_pattern={"down_proj": 2.0})),
+])
+def test_lycoris_methods_write_peft_adapters(tiny_lm, instr_file, tmp_path, method, kw):
+    hook = LogitsAtEnd()
+    result = train(quick_args(tiny_lm, instr_file, tmp_path / "run", method=method, max_steps=2, eval_rows=0,
+                              **kw), hooks=[hook])
+    art = result.output_dir / "adapter"
+    cfg = json.loads((art / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == method.upper() and cfg["r"] == kw.get("r", 4) and cfg["alpha"] == 8
+    got = _peft_logits(tiny_lm, art)  # PEFT's own LoHa / LoKr layers on the untouched base
+    assert not torch.allclose(got, _base_logits(tiny_lm), atol=1e-4)  # it trained
+    torch.testing.assert_close(got, hook.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="loha", use_dora=True), "use_dora: LoRA options that method=loha"),
+    (dict(method="lokr", lora_dropout=0.1), "lora_dropout"),
+    (dict(method="loha", use_rslora=True), "use_rslora"),
+    (dict(method="lokr", init_lora_weights="pissa"), "init_lora_weights"),
+    (dict(method="loha", quant="nf4"), "quantized"),
+    (dict(method="loha", method_options={"decompose_both": True}), "takes no method_options"),
+    (dict(method="lokr", method_options={"factor": 2}), "unknown method_options"),
+])
+def test_lycoris_methods_refuse_lora_only_settings(tiny_lm, instr_file, tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        train(quick_args(tiny_lm, instr_file, tmp_path / "run", **kw))
+    assert not (tmp_path / "run").exists()

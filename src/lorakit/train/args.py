@@ -27,6 +27,8 @@ SELF = "self"  # replay_data=self: the base model's own prompts and answers
 METHOD_NAMES = tuple(METHODS)
 #: The methods whose adapter is a plain ``LoraConfig`` built from the run's LoRA settings.
 WEIGHT_INIT_METHODS = ("lora", "loraplus")
+#: The LyCORIS kinds, which take the run's r / lora_alpha / targets and the layer and pattern options.
+LYCORIS_METHODS = ("loha", "lokr")
 
 
 def _f(default: Any, help: str, *, factory: Any = None) -> Any:
@@ -57,7 +59,9 @@ class TrainArgs:
                                 "eval_data is given, e.g. 0.05")
     system_prompt: str = _f("auto", "system turn for conversations rendered by a chat template that have none: "
                                      "auto = the template's own default, '' = an empty one, or the text to use")
-    method: str = _f("lora", "fine-tuning method: lora, loraplus, full, adalora, olora or expand (LLaMA-Pro)")
+    method: str = _f("lora", "fine-tuning method: lora, loraplus, full, adalora, olora, expand (LLaMA-Pro), "
+                             "loha or lokr (LyCORIS; r and lora_alpha are theirs, method_options.decompose_both "
+                             "/ decompose_factor for lokr)")
     method_options: dict[str, Any] = _f(None, "extra options for the method (YAML mapping, or "
                                               "method_options.KEY=VALUE)", factory=dict)
     # -- LoRA (names as in lorakit.LoraConfig) ----------------------------------------------------
@@ -300,6 +304,18 @@ class TrainArgs:
     def _check_lora_shape_options(self) -> None:
         init = self.init_lora_weights
         set_ = [k for k, v in self.lora_shape_options().items() if v not in (True, None, {}, [])]
+        if self.method in LYCORIS_METHODS:
+            lora_only = dict(init_lora_weights=init is not True, use_dora=self.use_dora, use_rslora=self.use_rslora,
+                             lora_dropout=self.lora_dropout != 0, fused_slices=bool(self.fused_slices))
+            bad = [k for k, on in lora_only.items() if on]
+            if self.quant != "none":
+                raise ConfigError(f"method={self.method} with quant={self.quant}: LoHa / LoKr adapt nn.Linear and "
+                                  "nn.Conv2d bases only, not quantized ones (nor does PEFT's). Drop quant, or "
+                                  "use method=lora for QLoRA.")
+            if bad:
+                raise ConfigError(f"{', '.join(bad)}: LoRA options that method={self.method} does not have (PEFT's "
+                                  f"{self.method.upper()} has no such field); drop them, or use method=lora.")
+            set_ = []
         if set_ and self.method not in WEIGHT_INIT_METHODS:
             raise ConfigError(f"{', '.join(set_)}: method={self.method} builds its adapter its own way; these "
                               f"options are for method={' or '.join(WEIGHT_INIT_METHODS)} (drop them, or change "

@@ -1,4 +1,4 @@
-"""Fine-tuning methods by name: ``--method lora|loraplus|full|adalora|olora|expand``.
+"""Fine-tuning methods by name: ``--method lora|loraplus|full|adalora|olora|expand|loha|lokr``.
 
 A method is a function ``build(model, args) -> MethodSetup``: it prepares the model (injects
 adapters, unfreezes what trains) and says which hooks, optimizer parameter groups and artifact
@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from ..adapter_kinds.lycoris_config import LoHaConfig, LoKrConfig
 from ..adapter_kinds.weight_inits import is_weight_init
 from ..adapters import merge_and_unload
 from ..config import LoraConfig
@@ -135,6 +136,32 @@ def _loraplus(model: nn.Module, args: RunArgs) -> MethodSetup:
                                                embedding_lr=args.loraplus_embedding_lr,
                                                weight_decay=args.weight_decay)
     return setup
+
+
+#: LoKr's ``method_options`` (PEFT's LoKrConfig fields of the same names).
+LOKR_OPTIONS = ("decompose_both", "decompose_factor")
+
+
+def _lycoris_config(args: RunArgs) -> LoHaConfig | LoKrConfig:
+    """LoHa / LoKr (Hyeon-Woo et al. 2022 §3.2; Yeh et al. 2024, LyCORIS §3): the run's r, lora_alpha,
+    targets and shape options; LoKr also takes ``method_options`` decompose_both / decompose_factor."""
+    common = dict(r=args.r, alpha=args.lora_alpha, target_modules=args.target_modules,
+                  exclude_modules=args.exclude_modules, modules_to_save=args.modules_to_save,
+                  layers_to_transform=args.layers_to_transform, layers_pattern=args.layers_pattern,
+                  rank_pattern=args.rank_pattern, alpha_pattern=args.alpha_pattern)
+    if args.method == "loha":
+        _no_options(args)
+        return LoHaConfig(**common)
+    opts = dict(args.method_options or {})
+    unknown = sorted(set(opts) - set(LOKR_OPTIONS))
+    if unknown:
+        raise ConfigError(f"method lokr: unknown method_options {unknown}; valid: {', '.join(LOKR_OPTIONS)}.")
+    return LoKrConfig(**common, **opts)
+
+
+def _lycoris(model: nn.Module, args: RunArgs) -> MethodSetup:
+    inject(model, _lycoris_config(args))
+    return MethodSetup(model)
 
 
 def _full(model: nn.Module, args: RunArgs) -> MethodSetup:
@@ -268,6 +295,8 @@ METHODS: dict[str, Method] = {
     "adalora": Method(_adalora, adalora_config),
     "olora": Method(_olora, _olora_options),
     "expand": Method(_expand, _expand_options),
+    "loha": Method(_lycoris, _lycoris_config),
+    "lokr": Method(_lycoris, _lycoris_config),
 }
 
 #: Each method's ``method_options`` check (a view of :data:`METHODS`, for callers that want only that part).
